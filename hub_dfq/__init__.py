@@ -1,0 +1,29 @@
+"""hub-dfq: data-free quantization and BN-statistics audits for Hugging Face Hub vision models.
+
+Public API, one entry point per job::
+
+    import hub_dfq
+    model = hub_dfq.load_model("default")          # or "timm/resnet18.a1_in1k", "local-dir:PATH"
+    data = hub_dfq.load_images("default")          # or a Hub dataset id, parquet, image folder
+    hub_dfq.evaluate_accuracy(model, data)          # {"top1": .., "top5": .., "n": ..}
+"""
+
+from .data import ImageData, iter_batches, load_images
+from .errors import HubDfqError
+from .evaluation import evaluate_accuracy
+from .models import ModelSource, Preprocess, VisionModel, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HubDfqError",
+    "ImageData",
+    "ModelSource",
+    "Preprocess",
+    "VisionModel",
+    "__version__",
+    "evaluate_accuracy",
+    "iter_batches",
+    "load_images",
+    "load_model",
+]

@@ -1,0 +1,149 @@
+"""BatchNorm statistics: what a model remembers of its training data, and distances to it.
+
+One implementation, two uses: synthesis optimises inputs until the batch moments at every BN input
+match the running statistics (differentiable moments), and audits stream real data through the
+model and accumulate the same moments in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "reduce_dims",
+    "batch_moments",
+    "ChannelMoments",
+    "capture_bn_inputs",
+    "running_moments",
+    "gaussian_kl",
+    "symmetric_kl",
+    "wasserstein2",
+    "zeroq_l2",
+    "DIVERGENCES",
+    "layer_divergence",
+]
+
+BNLayers = Sequence[tuple[str, nn.Module]]
+
+
+def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions a BatchNorm reduces over: all but the channel dimension 1."""
+    return (0,) + tuple(range(2, x.dim()))
+
+
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a BN input, in one pass (differentiable)."""
+    var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+def running_moments(layers: BNLayers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(running_mean, running_var)`` of each layer, detached, in float32."""
+    return [(bn.running_mean.detach().float(), bn.running_var.detach().float()) for _, bn in layers]
+
+
+@dataclass
+class ChannelMoments:
+    """Streaming per-channel count, sum and sum of squares in float64.
+
+    Float64 sums make streaming exact enough that adding batches one by one equals a one-shot
+    computation over the concatenation (to ~1e-12 relative).
+    """
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    @classmethod
+    def zeros(cls, channels: int) -> "ChannelMoments":
+        return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        dims = reduce_dims(x)
+        x64 = x.detach().to(torch.float64)
+        self.count += x.numel() // x.shape[1]
+        self.sum += x64.sum(dim=dims).cpu()
+        self.sumsq += x64.square().sum(dim=dims).cpu()
+
+    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
+        return ChannelMoments(self.count + other.count, self.sum + other.sum, self.sumsq + other.sumsq)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Biased variance (what BN normalises a batch with)."""
+        return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0.0)
+
+
+@contextmanager
+def capture_bn_inputs(layers: BNLayers, *, detach: bool = False) -> Iterator[list[torch.Tensor | None]]:
+    """Record the input of every BN layer during forward passes inside the ``with`` block.
+
+    Yields a list with one slot per layer that each forward pass overwrites. Hooks are always
+    removed on exit, also when the block raises.
+    """
+    slots: list[torch.Tensor | None] = [None] * len(layers)
+
+    def make_hook(i: int):
+        def hook(_module, args):
+            slots[i] = args[0].detach() if detach else args[0]
+
+        return hook
+
+    handles = [bn.register_forward_pre_hook(make_hook(i)) for i, (_, bn) in enumerate(layers)]
+    try:
+        yield slots
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- divergences between N(mu_p, var_p) (the model's memory) and N(mu_q, var_q) (the data) ------
+# All are per channel and broadcast; eps keeps dead channels (var 0) finite.
+
+def gaussian_kl(mu_p: torch.Tensor, var_p: torch.Tensor, mu_q: torch.Tensor, var_q: torch.Tensor,
+                eps: float = 1e-5) -> torch.Tensor:
+    """KL(N(mu_p, var_p) || N(mu_q, var_q)), the paper's BNS loss with p = running statistics."""
+    var_p = var_p + eps
+    var_q = var_q + eps
+    return 0.5 * (torch.log(var_q / var_p) + (var_p + (mu_p - mu_q).square()) / var_q - 1.0)
+
+
+def symmetric_kl(mu_p, var_p, mu_q, var_q, eps: float = 1e-5) -> torch.Tensor:
+    """Half the sum of both KL directions (Jeffreys divergence / 2)."""
+    return 0.5 * (gaussian_kl(mu_p, var_p, mu_q, var_q, eps) + gaussian_kl(mu_q, var_q, mu_p, var_p, eps))
+
+
+def wasserstein2(mu_p, var_p, mu_q, var_q, eps: float = 0.0) -> torch.Tensor:
+    """Squared 2-Wasserstein distance between the two 1-D Gaussians."""
+    return (mu_p - mu_q).square() + (torch.sqrt(var_p + eps) - torch.sqrt(var_q + eps)).square()
+
+
+def zeroq_l2(mu_p, var_p, mu_q, var_q, eps: float = 1e-5) -> torch.Tensor:
+    """ZeroQ's layer distance ||mu_p - mu_q||_2 + ||sigma_p - sigma_q||_2 over the channels (a scalar)."""
+    return torch.linalg.vector_norm(mu_p - mu_q) + torch.linalg.vector_norm(
+        torch.sqrt(var_p + eps) - torch.sqrt(var_q + eps))
+
+
+# Per-channel divergences, averaged over channels in reports.
+DIVERGENCES = {"kl": gaussian_kl, "symmetric_kl": symmetric_kl, "w2": wasserstein2}
+
+
+def layer_divergence(name: str, running: tuple[torch.Tensor, torch.Tensor],
+                     observed: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Channel-averaged divergence ``name`` between running and observed moments of one layer."""
+    fn = DIVERGENCES[name]
+    mu_p, var_p = (t.double() for t in running)
+    mu_q, var_q = (t.double().to(mu_p.device) for t in observed)
+    value = fn(mu_p, var_p, mu_q, var_q).mean().item()
+    return value if math.isfinite(value) else float("inf")
+

@@ -1,0 +1,30 @@
+"""``hub-dfq eval MODEL --dataset DATA``: top-1 / top-5 accuracy."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_dataset_options, add_model_arguments, dataset_kwargs, load_model_from_args, write_json
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("eval", help="top-1 / top-5 accuracy of a model on a labelled dataset")
+    add_model_arguments(parser)
+    add_dataset_options(parser, default="default")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    parser.add_argument("--json", help="also write {top1, top5, n} to this file ('-' for stdout)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import load_images
+    from ..evaluation import evaluate_accuracy
+
+    model = load_model_from_args(args)
+    data = load_images(args.dataset, **dataset_kwargs(args))
+    result = evaluate_accuracy(model, data, batch_size=args.batch_size)
+    print(f"{model.source.spec} on {data.spec} ({data.split or 'all'}): top-1 {result['top1']:.2f}%  "
+          f"top-5 {result['top5']:.2f}%  ({result['n']} images"
+          + (f", {result['skipped']} unreadable skipped" if result["skipped"] else "") + ")")
+    write_json(args.json, {"model": model.source.spec, "dataset": data.spec, "split": data.split, **result})
+    return 0

@@ -1,0 +1,55 @@
+"""Every error hub-dfq raises on purpose.
+
+Each class also inherits the builtin it stands for, so callers can catch either. Messages name the
+offending value and say what to do instead; the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+
+class HubDfqError(Exception):
+    """Base class of every error hub-dfq raises deliberately."""
+
+
+class ModelSpecError(HubDfqError, ValueError):
+    """A model spec that no adapter understands."""
+
+
+class ModelNotFoundError(HubDfqError, FileNotFoundError):
+    """A model folder, file or Hub repository that does not exist or cannot be reached."""
+
+
+class UnsafeCheckpointError(HubDfqError, RuntimeError):
+    """A checkpoint that could only be read by unpickling arbitrary code."""
+
+
+class UnsupportedModelError(HubDfqError, ValueError):
+    """A model that is not an image classifier, or lacks what a stage needs (e.g. BatchNorm)."""
+
+
+class DatasetError(HubDfqError, ValueError):
+    """A dataset spec, split or column that cannot be used."""
+
+
+class ImageDecodeError(HubDfqError, ValueError):
+    """One image that cannot be decoded."""
+
+
+class ConfigError(HubDfqError, ValueError):
+    """An argument or configuration value out of range."""
+
+
+class OutputExistsError(HubDfqError, FileExistsError):
+    """An output folder that holds another run's results."""
+
+
+class DivergedError(HubDfqError, FloatingPointError):
+    """An optimisation that produced NaN or Inf."""
+
+
+class CheckpointError(HubDfqError, ValueError):
+    """A saved checkpoint that is corrupted, truncated or from a newer hub-dfq."""
+
+
+class PublishError(HubDfqError, RuntimeError):
+    """An upload to the Hub that failed; the local files are untouched."""

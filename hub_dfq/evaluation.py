@@ -1,0 +1,81 @@
+"""Top-1 / top-5 accuracy of a model on a labelled image dataset."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import ImageData, iter_batches, load_images
+from .errors import DatasetError
+from .models.vision_model import VisionModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_accuracy", "label_mapping"]
+
+
+def label_mapping(model_labels: list[str], data_labels: list[str] | None) -> torch.Tensor | None:
+    """Index map dataset label -> model class when both name the same classes in another order."""
+    if not data_labels or list(model_labels) == list(data_labels):
+        return None
+    lookup = {name.strip().lower(): i for i, name in enumerate(model_labels)}
+    try:
+        return torch.tensor([lookup[name.strip().lower()] for name in data_labels])
+    except KeyError:
+        logger.warning("dataset label names differ from the model's; comparing label indices as they are")
+        return None
+
+
+@torch.inference_mode()
+def evaluate_accuracy(
+    model: VisionModel,
+    data: ImageData | Any,
+    *,
+    batch_size: int = 128,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Top-1 and top-5 accuracy (in percent) of ``model`` on the labelled images of ``data``.
+
+    Args:
+        model: the classifier (its preprocessing is applied to the images).
+        data: an :class:`ImageData` or anything :func:`load_images` accepts.
+        batch_size: images per forward pass.
+        forward: replaces ``model.module`` (e.g. a quantized model) while keeping the preprocessing.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"top1": .., "top5": .., "n": .., "skipped": ..}``.
+
+    Raises:
+        DatasetError: the dataset has no label column.
+    """
+    if not isinstance(data, ImageData):
+        data = load_images(data)
+    if data.label_column is None:
+        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name it with --label-column)")
+    remap = label_mapping(model.labels, data.label_names)
+    forward = forward or model.module
+    device = model.device
+    k = min(5, model.num_classes)
+    top1 = top5 = n = skipped = 0
+    bar = tqdm(total=data.num_rows, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
+        skipped += len(batch.skipped)
+        bar.update(len(batch.indices) + len(batch.skipped))
+        if not batch.indices:
+            continue
+        labels = batch.labels if remap is None else remap[batch.labels]
+        logits = forward(batch.pixel_values.to(device)).float().cpu()
+        topk = logits.topk(k, dim=-1).indices
+        top1 += (topk[:, 0] == labels).sum().item()
+        top5 += (topk == labels[:, None]).any(dim=-1).sum().item()
+        n += len(labels)
+        bar.set_postfix(top1=f"{100.0 * top1 / n:.2f}")
+    bar.close()
+    if n == 0:
+        raise DatasetError(f"{data.spec}: no readable images to evaluate ({skipped} skipped)")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n": n, "skipped": skipped}

@@ -1,0 +1,82 @@
+"""transformers image classifiers (``AutoModelForImageClassification``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .checkpoints import check_weights_present, unsafe_checkpoint_error
+from .preprocess import Preprocess
+from .vision_model import ModelSource, VisionModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LogitsModule", "load_transformers_folder"]
+
+
+class LogitsModule(nn.Module):
+    """Makes a transformers classifier a plain ``pixel_values -> logits`` module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _default_processor_preprocess(config) -> Preprocess:
+    size = int(getattr(config, "image_size", 224) or 224)
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    logger.warning("no preprocessor_config.json; assuming %dx%d inputs with ImageNet mean/std", size, size)
+    return Preprocess(input_size=(channels, size, size), mean=(0.485, 0.456, 0.406)[:channels],
+                      std=(0.229, 0.224, 0.225)[:channels], resize=(size, size))
+
+
+def load_transformers_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False) -> VisionModel:
+    """Load a folder saved by ``save_pretrained`` (``config.json`` with ``model_type``)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UnsupportedModelError(
+                f"{source.spec} needs custom code from its repository; pass trust_remote_code=True "
+                "(--trust-remote-code) only if you trust its authors"
+            ) from err
+        raise UnsupportedModelError(f"transformers cannot read the config of {source.spec}: {err}") from err
+    remote = bool(getattr(config, "auto_map", None)) and trust_remote_code
+    if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and not remote:
+        raise UnsupportedModelError(
+            f"{source.spec} is a {config.model_type!r} model, which is not an image classifier "
+            "(AutoModelForImageClassification): hub-dfq needs one that outputs class logits"
+        )
+    check_weights_present(folder)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        unsafe = unsafe_checkpoint_error(folder, err)
+        if unsafe is not None:
+            raise unsafe from err
+        raise
+    if (folder / "preprocessor_config.json").is_file():
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        preprocess = Preprocess.from_image_processor(processor, num_channels=int(getattr(config, "num_channels", 3)))
+    else:
+        preprocess = _default_processor_preprocess(config)
+    id2label = getattr(config, "id2label", None) or {}
+    labels = [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(config.num_labels)]
+    return VisionModel(
+        module=LogitsModule(model).eval(),
+        preprocess=preprocess,
+        labels=labels,
+        source=source,
+        config=config.to_dict(),
+        library_model=model,
+    )
