@@ -1,0 +1,199 @@
+"""Quantization configuration as data: frozen dataclasses, checked on construction, JSON round-trip.
+
+A :class:`QuantScheme` says how one layer is quantized (bit widths, range finders); a
+:class:`QuantConfig` says which scheme every layer gets: a default, the first/last-layer policy and
+per-module overrides selected by glob patterns on qualified module names (mixed precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+
+__all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS", "WEIGHT_OBSERVERS", "ACT_OBSERVERS"]
+
+MIN_BITS, MAX_BITS = 2, 8
+WEIGHT_OBSERVERS = ("minmax", "mse")
+ACT_OBSERVERS = ("minmax", "percentile", "mse")
+
+
+def check_bits(value: Any, what: str) -> int:
+    """``value`` as an int bit width in [2, 8], or a :class:`ConfigError` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS} bits, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one layer is quantized.
+
+    Args:
+        weights: weight bit width (2-8), symmetric, one scale per output channel.
+        activations: bit width (2-8) of the activations entering the layer, one scale per tensor
+            (unsigned after ReLU, asymmetric with a zero point otherwise).
+        weight_observer: weight range finder, ``"minmax"`` or ``"mse"``.
+        act_observer: activation range finder, ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        percentile: upper percentile kept by the ``"percentile"`` observer (the lower one mirrors it).
+        enabled: ``False`` keeps the layer in full precision.
+    """
+
+    weights: int = 4
+    activations: int = 4
+    weight_observer: str = "mse"
+    act_observer: str = "mse"
+    percentile: float = 99.99
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.weights, "weight bits")
+        check_bits(self.activations, "activation bits")
+        if self.weight_observer not in WEIGHT_OBSERVERS:
+            raise ConfigError(f"weight_observer must be one of {WEIGHT_OBSERVERS}, got {self.weight_observer!r}")
+        if self.act_observer not in ACT_OBSERVERS:
+            raise ConfigError(f"act_observer must be one of {ACT_OBSERVERS}, got {self.act_observer!r}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
+
+    def replace(self, **changes: Any) -> "QuantScheme":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown quantization scheme field(s) {sorted(unknown)}; "
+                              f"known: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+
+def _freeze_overrides(overrides: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """Normalise ``{pattern: QuantScheme | {field: value}}`` (or pairs) into a hashable tuple."""
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    frozen = []
+    for pattern, change in items:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"override patterns must be non-empty glob strings, got {pattern!r}")
+        if isinstance(change, QuantScheme):
+            change = dataclasses.asdict(change)
+        elif isinstance(change, tuple):
+            change = dict(change)
+        if not isinstance(change, Mapping):
+            raise ConfigError(f"override for {pattern!r} must be a QuantScheme or a dict of its fields, got {change!r}")
+        QuantScheme().replace(**change)  # validates field names and values now, not at use
+        frozen.append((pattern, tuple(sorted(change.items()))))
+    return tuple(frozen)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which scheme each layer of a model gets.
+
+    Resolution order for a module ``name``: ``default``; then ``first_last_bits`` for the first
+    weight layer (the one reading the image) and the last one (the classifier); then every
+    override whose glob pattern matches ``name``, in order (later ones win).
+
+    Args:
+        default: scheme of every quantized layer.
+        first_last_bits: weight and input-activation bits of the first and last weight layers;
+            ``None`` treats them like the others.
+        residual_bits: bits of the operands of residual additions. Integer inference engines keep
+            the residual stream in int8 even when convolutions read 4-bit inputs; ``None`` uses the
+            activation bits of the default scheme.
+        overrides: ``{glob pattern: QuantScheme or {field: value}}``, e.g.
+            ``{"layer3.*": {"weights": 8}}`` (globs, not regular expressions).
+        include: globs of module names to quantize (default all).
+        exclude: globs of module names to keep in full precision.
+
+    Raises:
+        ConfigError: a bit width outside 2-8, an unknown observer or override field.
+
+    Example:
+        >>> cfg = QuantConfig(default=QuantScheme(weights=4, activations=4), overrides={"layer1.*": {"weights": 8}})
+        >>> cfg.scheme_for("layer1.0.conv1").weights
+        8
+    """
+
+    default: QuantScheme = field(default_factory=QuantScheme)
+    first_last_bits: int | None = 8
+    residual_bits: int | None = 8
+    overrides: Any = ()
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.default, Mapping):
+            object.__setattr__(self, "default", QuantScheme(**self.default))
+        if not isinstance(self.default, QuantScheme):
+            raise ConfigError(f"default must be a QuantScheme, got {type(self.default).__name__}")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first/last layer bits")
+        if self.residual_bits is not None:
+            check_bits(self.residual_bits, "residual bits")
+        object.__setattr__(self, "overrides", _freeze_overrides(self.overrides))
+        for attr in ("include", "exclude"):
+            value = getattr(self, attr)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{attr} must be glob strings, got {value!r}")
+            object.__setattr__(self, attr, value)
+
+    # ---- resolution --------------------------------------------------------------------------
+    def selected(self, name: str) -> bool:
+        """Whether ``name`` passes the include/exclude globs."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def scheme_for(self, name: str, *, first: bool = False, last: bool = False) -> QuantScheme:
+        """The scheme of module ``name`` (see the class docstring for the order)."""
+        scheme = self.default
+        if (first or last) and self.first_last_bits is not None:
+            scheme = scheme.replace(weights=self.first_last_bits, activations=self.first_last_bits)
+        for pattern, change in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                scheme = scheme.replace(**dict(change))
+        return scheme
+
+    def residual_scheme(self, name: str) -> QuantScheme:
+        """Scheme of the operands of the residual addition ``name`` (overrides apply too)."""
+        scheme = self.default
+        if self.residual_bits is not None:
+            scheme = scheme.replace(activations=self.residual_bits)
+        for pattern, change in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                scheme = scheme.replace(**dict(change))
+        return scheme
+
+    # ---- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "default": dataclasses.asdict(self.default),
+            "first_last_bits": self.first_last_bits,
+            "residual_bits": self.residual_bits,
+            "overrides": {pattern: dict(change) for pattern, change in self.overrides},
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown quantization config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        if "default" in data:
+            data["default"] = QuantScheme(**data["default"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"quantization config is not valid JSON: {err}") from err
+        return cls.from_dict(data)
