@@ -8,6 +8,7 @@ Public API, one entry point per job::
     hub_dfq.evaluate_accuracy(model, data)          # {"top1": .., "top5": .., "n": ..}
 """
 
+from .audit import AuditReport, audit
 from .data import ImageData, iter_batches, load_images
 from .errors import HubDfqError
 from .evaluation import evaluate_accuracy
@@ -16,12 +17,14 @@ from .models import ModelSource, Preprocess, VisionModel, load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
     "HubDfqError",
     "ImageData",
     "ModelSource",
     "Preprocess",
     "VisionModel",
     "__version__",
+    "audit",
     "evaluate_accuracy",
     "iter_batches",
     "load_images",

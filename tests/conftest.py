@@ -16,7 +16,7 @@ os.environ.pop("HF_TOKEN", None)
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["hub_server"] if (Path(__file__).parent / "hub_server.py").exists() else []
+pytest_plugins = ["hub_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

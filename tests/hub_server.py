@@ -17,6 +17,24 @@ Fixtures:
 
 Tokens (module constants, also attributes of the server): WRITE_TOKEN (user `tester`, writes `tester/*` and
 `test-org/*`), READ_TOKEN (user `reader`, read-only), OTHER_WRITE_TOKEN (user `other`, writes `other/*`).
+No token => 401 on writes; unknown token => 401 everywhere; foreign namespace / read-only token => 403;
+private repos => RepoNotFound (401 anonymous, 404 authenticated) for everyone but the namespace's members.
+
+Server helpers (see hubserver/server.py):
+    hub.url                                   endpoint, same as os.environ["HF_ENDPOINT"]
+    hub.fail_next(path_regex, status=500, times=1, method=None, message=None)
+        next matching request(s) fail and change nothing. huggingface_hub RETRIES 408/429/5xx on most calls
+        (not on the commit POST): use a 4xx or times>=6 there. Regexes: LFS_UPLOAD_PATH, LFS_BATCH_PATH,
+        PREUPLOAD_PATH, COMMIT_PATH, RESOLVE_PATH.   hub.clear_failures(), hub.pending_failures
+    hub.list_files(repo_id, repo_type="model", revision="main") -> {path: bytes}   (includes .gitattributes)
+    hub.file_entries(...) -> {path: {"size", "lfs", "sha256", "blob_id"}}
+    hub.commits(repo_id, repo_type="model", revision="main") -> [{"oid", "parent", "title", "message",
+        "author", "date", "files"}], newest first (the first commit is the Hub's "initial commit")
+    hub.head(repo_id, repo_type, revision) -> sha;  hub.refs(...);  hub.repo_exists(...);  hub.is_private(...)
+    hub.create_repo(repo_id, repo_type="model", private=False, exist_ok=False)       seeding without HTTP
+    hub.upload_files(repo_id, {path: bytes | str}, repo_type="model", revision="main", message=..., delete=())
+    hub.new_repo_id(name="repo", namespace="tester") -> a never-used id;  hub.reset()
+    hub.requests -> [(method, path?query, status)] of every request served since the last reset()
 """
 
 from __future__ import annotations

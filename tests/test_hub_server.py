@@ -290,3 +290,22 @@ def test_transformers_reads_from_local_hub(hub, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained("tester/tiny-config", cache_dir=tmp_path)
     assert cfg.model_type == "resnet" and cfg.hidden_sizes == [8, 16]
     assert any("/tester/tiny-config/resolve/" in path for _, path, _ in hub.requests)
+
+
+def test_lfs_upload_checks_sha256_and_size(hub):
+    import hashlib
+
+    HfApi(token=WRITE_TOKEN).create_repo("tester/lfs")
+    data = os.urandom(100)
+    oid = hashlib.sha256(data).hexdigest()
+    batch_url = f"{hub.url}/tester/lfs.git/info/lfs/objects/batch"
+    headers = {"Authorization": f"Bearer {WRITE_TOKEN}", "Accept": "application/vnd.git-lfs+json"}
+    payload = {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": 100}]}
+    obj = get_session().post(batch_url, json=payload, headers=headers).json()["objects"][0]
+    href = obj["actions"]["upload"]["href"]
+    assert get_session().put(href, content=os.urandom(100)).status_code == 400  # wrong sha256
+    assert get_session().put(href, content=data[:50]).status_code == 400  # wrong size
+    assert get_session().put(href, content=data).status_code == 200
+    again = get_session().post(batch_url, json=payload, headers=headers).json()["objects"][0]
+    assert "actions" not in again  # already uploaded: nothing to do
+    assert get_session().post(batch_url, json=payload).status_code == 401

@@ -132,6 +132,13 @@ class WeightQuantizer(nn.Module):
         return self.integer_weight(weight) * self._view(self.scale, weight)
 
     @torch.no_grad()
+    def thaw(self, weight: nn.Parameter) -> None:
+        """Undo :meth:`freeze`: set ``weight`` to the dequantized integers, so nearest rounding gives them back."""
+        if self.frozen:
+            weight.copy_(self.weight_int.to(weight.dtype) * self._view(self.scale, weight))
+            self.weight_int = None
+
+    @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> None:
         """Fix the integer weights (hard rounding) in ``weight_int``; drop the rounding parameters."""
         soft, self.soft = self.soft, False
@@ -168,6 +175,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.mode = "quant"
         self.observer = None
+        self.observer_method = "mse"
+        self.percentile = 99.99
         self.drop_prob = 0.0
         self.calibrated = False
 

@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -29,6 +30,15 @@ LFS_BATCH_PATH = r"\.git/info/lfs/objects/batch$"
 COMMIT_PATH = r"^/api/(models|datasets|spaces)/[^/]+/[^/]+/commit/"
 PREUPLOAD_PATH = r"^/api/(models|datasets|spaces)/[^/]+/[^/]+/preupload/"
 RESOLVE_PATH = r"/resolve/"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # client hang-ups are normal
+            super().handle_error(request, client_address)
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class HubServer:
         self._fail_lock = threading.Lock()
         self._tickets: dict[str, tuple[tuple[str, str], str, int]] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path with query, status), in order
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _QuietServer | None = None
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self.add_user(WRITE_TOKEN, WRITE_USER, orgs=(ORG,), can_write=True)
@@ -70,9 +80,7 @@ class HubServer:
         if self._httpd is not None:
             return self
         handler = type("BoundHubHandler", (Handler,), {"hub": self})
-        ThreadingHTTPServer.request_queue_size = 64
-        httpd = ThreadingHTTPServer((self.host, self._port), handler)
-        httpd.daemon_threads = True
+        httpd = _QuietServer((self.host, self._port), handler)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="local-hf-hub", daemon=True)

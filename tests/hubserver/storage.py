@@ -168,7 +168,7 @@ class Repo:
         if m:
             return self.prs.get(int(m.group(1)))
         if re.fullmatch(r"[0-9a-f]{7,40}", rev):
-            hits = [oid for oid in self.commits if oid.startswith(rev)]
+            hits = [oid for oid in list(self.commits) if oid.startswith(rev)]
             if len(hits) == 1:
                 return hits[0]
         return None

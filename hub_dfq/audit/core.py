@@ -1,0 +1,411 @@
+"""``audit``: how close candidate datasets are to what a model's BN layers remember."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from ..data import ImageData, iter_batches, load_images
+from ..errors import ConfigError, DatasetError, UnsupportedModelError
+from ..models.vision_model import VisionModel
+from . import references as refs
+from .moments import MomentAccumulator, bn_layers_with_stats, reference_moments
+from .scores import METRICS, aggregate, bootstrap_ci, layer_divergences, similarity
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["audit", "AuditReport", "CandidateResult", "MAX_LISTED_SKIPPED"]
+
+# A broken dataset could skip millions of rows; the report lists the first ones and counts all.
+MAX_LISTED_SKIPPED = 1000
+REFERENCE_MODES = ("auto", "gaussian", "none")
+
+DataLike = Any  # str | PathLike | datasets.Dataset | IterableDataset | DatasetDict | ImageData
+
+
+@dataclass
+class CandidateResult:
+    """Audit of one dataset (or reference). ``divergence`` is ``None`` when no image was readable."""
+
+    dataset: str
+    n_images: int
+    n_skipped: int
+    divergence: float | None
+    divergences: dict[str, float | None]
+    ci: tuple[float, float] | None
+    layers: dict[str, float]
+    layers_detail: dict[str, dict[str, float]]
+    batch_scores: list[float]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    similarity: float | None = None
+    similarity_ci: tuple[float, float] | None = None
+    rank: int | None = None
+    split: str | None = None
+
+    @property
+    def batch_summary(self) -> dict[str, float | int] | None:
+        """Mean, spread and quantiles of the batch-level scores."""
+        if not self.batch_scores:
+            return None
+        t = torch.tensor(self.batch_scores, dtype=torch.float64)
+        q = torch.quantile(t, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+        return {"n": len(self.batch_scores), "mean": t.mean().item(),
+                "std": t.std().item() if len(t) > 1 else 0.0, "min": t.min().item(), "p05": q[0],
+                "median": q[1], "p95": q[2], "max": t.max().item()}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ci"] = list(self.ci) if self.ci else None
+        data["similarity_ci"] = list(self.similarity_ci) if self.similarity_ci else None
+        data["batch_summary"] = self.batch_summary
+        return data
+
+
+@dataclass
+class AuditReport:
+    """Everything an audit measured; :meth:`save` writes ``audit.json``, ``audit.md`` and a plot."""
+
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    references: dict[str, Any]
+    candidates: list[CandidateResult]
+
+    def ranking(self) -> list[CandidateResult]:
+        """Candidates from most to least similar (unscorable ones left out)."""
+        return sorted((c for c in self.candidates if c.rank is not None), key=lambda c: c.rank)
+
+    def __getitem__(self, dataset: str) -> CandidateResult:
+        for c in self.candidates:
+            if c.dataset == dataset:
+                return c
+        raise KeyError(f"no candidate {dataset!r}; candidates are {[c.dataset for c in self.candidates]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "settings": self.settings, "references": self.references,
+                "ranking": [c.dataset for c in self.ranking()],
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+    def save(self, out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, str]:
+        """Write the report files into ``out_dir``; returns their paths by kind."""
+        from .report import write_report
+
+        return write_report(self, out_dir, plot=plot)
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def _check_model(model: VisionModel) -> list:
+    layers = bn_layers_with_stats(model.bn_layers)
+    if not layers:
+        raise UnsupportedModelError(
+            f"{model.source.spec} has no BatchNorm layers with running statistics: audits compare data with the "
+            "BN statistics a model learnt in training, so they need a model with BatchNorm (e.g. a ResNet, "
+            "MobileNet or EfficientNet; not a ViT or a LayerNorm ConvNeXt)")
+    return layers
+
+
+def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor], *, score_batch: int, metric: str,
+                bootstrap: int, seed: int) -> MomentAccumulator:
+    acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
+                            bootstrap=bootstrap, seed=seed)
+    with torch.inference_mode(), acc:
+        for x in batches:
+            if x.shape[0] == 0:
+                continue
+            model.module(x.to(model.device, non_blocking=True))
+            acc.step()
+    acc.finish()
+    return acc
+
+
+def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipped: list, n_skipped: int,
+               split: str | None = None) -> CandidateResult:
+    names = [n for n, _ in acc.layers]
+    if acc.n_images == 0:
+        return CandidateResult(name, 0, n_skipped, None, {m: None for m in METRICS}, None, {}, {}, [],
+                               skipped[:MAX_LISTED_SKIPPED], split=split)
+    moments = acc.moments()
+    per_metric = {m: layer_divergences(moments, running, m) for m in METRICS}
+    detail = {n: {m: per_metric[m][i] for m in METRICS} for i, n in enumerate(names)}
+    ci = bootstrap_ci(acc.bootstrap_moments(), running, metric)
+    return CandidateResult(
+        dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=aggregate(per_metric[metric]),
+        divergences={m: aggregate(v) for m, v in per_metric.items()}, ci=ci,
+        layers=dict(zip(names, per_metric[metric])), layers_detail=detail, batch_scores=acc.batch_scores(),
+        skipped=skipped[:MAX_LISTED_SKIPPED], split=split)
+
+
+def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
+                   progress: bool) -> Iterator[torch.Tensor]:
+    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    try:
+        for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
+            counter[0] += len(batch.skipped)
+            for index, error in batch.skipped:
+                if len(skipped) < MAX_LISTED_SKIPPED:
+                    skipped.append({"index": index, "error": error})
+            bar.update(len(batch.indices) + len(batch.skipped))
+            if batch.indices:
+                yield batch.pixel_values
+    finally:
+        bar.close()
+
+
+def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None, batch_size: int = 64,
+                 score_batch: int = 64, metric: str = "kl", bootstrap: int = 200, seed: int = 0,
+                 progress: bool = False) -> CandidateResult:
+    """Stream ``data`` through ``model`` and score its BN-input moments (no reference points).
+
+    Raises:
+        UnsupportedModelError: the model has no BN layer with running statistics.
+        DatasetError: the dataset has no rows at all.
+    """
+    layers = _check_model(model)
+    skipped: list = []
+    counter = [0]
+    batches = _image_batches(model, data, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
+    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    if acc.n_images == 0 and counter[0] == 0:
+        raise DatasetError(f"{name or data.spec} is empty: there are no images to audit")
+    if acc.n_images == 0:
+        logger.warning("%s: none of its %d images could be read", name or data.spec, counter[0])
+    return _summarise(name or data.spec, acc, reference_moments(layers), metric=metric, skipped=skipped,
+                      n_skipped=counter[0], split=data.split)
+
+
+def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name: str, score_batch: int = 64,
+                    metric: str = "kl", bootstrap: int = 200, seed: int = 0) -> CandidateResult:
+    """Score already-normalised input batches (used for the reference points)."""
+    layers = _check_model(model)
+    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    return _summarise(name, acc, reference_moments(layers), metric=metric, skipped=[], n_skipped=0)
+
+
+# ---- references --------------------------------------------------------------------------------
+
+def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, batch_size: int, score_batch: int,
+               metric: str, bootstrap: int, seed: int, cache: bool) -> dict[str, Any] | None:
+    """Measure (or read from the cache) one reference point; ``None`` if it cannot be made."""
+    method = "gaussian"
+    synthetic = None
+    if kind == "near":
+        synthetic = refs.synth_near_dataset(model, n=n, seed=seed) if _synth_available() else None
+        method = "hub_dfq.synth bns" if synthetic is not None or _synth_available() else "internal bns"
+    settings = {"kind": kind, "method": method, "n": n, "steps": steps if method == "internal bns" else None,
+                "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
+    key = refs.reference_key(layers, model.preprocess, settings)
+    if cache and (hit := refs.load_cached(key)) is not None:
+        logger.info("audit reference %s read from the cache (%s)", kind, key)
+        return {**hit, "cached": True}
+    logger.info("measuring the %s reference (%s, %d images)", kind, method, n)
+    if kind == "far":
+        result = measure_tensors(model, refs.gaussian_batches(model.input_size, n=n, batch_size=batch_size, seed=seed),
+                                 name="gaussian noise", score_batch=score_batch, metric=metric,
+                                 bootstrap=bootstrap, seed=seed)
+    elif synthetic is not None:
+        data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
+        result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, score_batch=score_batch,
+                              metric=metric, bootstrap=bootstrap, seed=seed)
+    else:
+        # Optimise first, measure after: the hooks must not see the optimisation steps.
+        batches = list(refs.bns_batches(model, n=n, batch_size=min(batch_size, n), steps=steps, seed=seed))
+        result = measure_tensors(model, batches,
+                                 name="bns synthetic", score_batch=score_batch, metric=metric, bootstrap=bootstrap,
+                                 seed=seed)
+    entry = {"method": method, "settings": settings, **result.to_dict()}
+    if cache:
+        refs.store_cached(key, entry)
+    return {**entry, "cached": False}
+
+
+def _synth_available() -> bool:
+    try:
+        from .. import synth
+
+        return hasattr(synth, "synthesize")
+    except ImportError:
+        return False
+
+
+# ---- the public verb ---------------------------------------------------------------------------
+
+def _candidates(data: DataLike | Sequence[DataLike] | Mapping[str, DataLike]) -> list[tuple[str | None, Any]]:
+    single = (str, os.PathLike, ImageData, datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict,
+              datasets.IterableDatasetDict)
+    if isinstance(data, Mapping) and not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return [(str(k), v) for k, v in data.items()]
+    if isinstance(data, single):
+        return [(None, data)]
+    return [(None, d) for d in data]
+
+
+def _open(name: str | None, spec: Any, load_kwargs: dict[str, Any]) -> tuple[str, ImageData]:
+    if isinstance(spec, ImageData):
+        data = spec
+        if load_kwargs.get("limit") is not None:
+            data = load_images(spec.dataset, limit=load_kwargs["limit"], image_column=spec.image_column,
+                               label_column=spec.label_column)
+            data.spec, data.split = spec.spec, spec.split
+    else:
+        data = load_images(spec, **load_kwargs)
+    if name is None:
+        name = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else data.spec
+    return name, data
+
+
+def audit(
+    model: VisionModel | str,
+    data: DataLike | Sequence[DataLike] | Mapping[str, DataLike],
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    score_batch: int = 64,
+    metric: str = "kl",
+    references: str | Mapping[str, float] = "auto",
+    reference_images: int = 256,
+    reference_steps: int = 200,
+    bootstrap: int = 200,
+    seed: int = 0,
+    split: str | None = None,
+    image_column: str | None = None,
+    streaming: bool = False,
+    cache: bool = True,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> AuditReport:
+    """Score how close each candidate dataset is to the data the model was trained on.
+
+    Every image goes through the model's eval preprocessing and forward pass; at the input of every
+    BatchNorm layer the per-channel count, sum and sum of squares are accumulated in float64
+    (streaming: a dataset is never held in memory) and compared with the layer's running
+    statistics. Labels are never needed.
+
+    Args:
+        model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
+        data: one dataset (anything :func:`hub_dfq.load_images` takes, or an ``ImageData``), a list
+            of them, or a mapping ``name -> dataset`` (names label the report).
+        limit: audit only the first ``limit`` images of each candidate.
+        batch_size: images per forward pass.
+        score_batch: images per batch-level score and per bootstrap unit.
+        metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"`` or ``"w2"``; all
+            three are reported per layer.
+        references: ``"auto"`` (Gaussian noise as "far", BNS synthetic data as "near"),
+            ``"gaussian"`` (noise only: one-point normalisation), ``"none"``, or a mapping
+            ``{"far": d, "near": d}`` of known reference divergences.
+        reference_images: images per reference point.
+        reference_steps: optimisation steps of the built-in BNS fallback (used only when
+            ``hub_dfq.synth`` is not installed).
+        bootstrap: bootstrap replicates of the confidence interval (0: no interval).
+        seed: seed of the reference points and the bootstrap.
+        split: dataset split (default: test, then validation, then train).
+        image_column: column holding the images (auto-detected).
+        streaming: stream Hub datasets instead of downloading them.
+        cache: read and write reference points in :func:`hub_dfq.audit.references.cache_dir`.
+        out_dir: also write ``audit.json``, ``audit.md`` and ``audit_layers.png`` there.
+        progress: show progress bars.
+
+    Returns:
+        An :class:`AuditReport`; ``report.ranking()`` lists candidates from closest to farthest.
+
+    Raises:
+        UnsupportedModelError: the model has no BatchNorm layer with running statistics.
+        DatasetError: a candidate cannot be opened or is empty.
+        ConfigError: an argument is out of range.
+
+    Example:
+        >>> report = hub_dfq.audit("default", ["default", "parquet:my_photos.parquet"], limit=500)
+        >>> [(c.dataset, round(c.similarity, 2)) for c in report.ranking()]
+    """
+    from ..models import load_model
+
+    if batch_size < 1 or score_batch < 1:
+        raise ConfigError(f"batch sizes must be positive, got batch_size={batch_size}, score_batch={score_batch}")
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; use one of {list(METRICS)}")
+    if bootstrap < 0 or reference_images < 1 or reference_steps < 0:
+        raise ConfigError("bootstrap, reference_images and reference_steps must be non-negative (images >= 1)")
+    if not isinstance(references, Mapping) and references not in REFERENCE_MODES:
+        raise ConfigError(f"references must be one of {list(REFERENCE_MODES)} or a mapping {{'far': .., 'near': ..}},"
+                          f" got {references!r}")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(os.fspath(model))
+    layers = _check_model(model)
+
+    # Open every candidate first: a wrong spec fails in seconds, not after the first audits.
+    load_kwargs = {"split": split, "limit": limit, "image_column": image_column, "streaming": streaming}
+    opened = [_open(name, spec, load_kwargs) for name, spec in _candidates(data)]
+    if not opened:
+        raise DatasetError("no dataset to audit: pass at least one")
+    seen: dict[str, int] = {}
+    for i, (name, d) in enumerate(opened):  # unique names, so the report's keys are unambiguous
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            opened[i] = (f"{name} #{seen[name]}", d)
+
+    common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    reference_info: dict[str, Any] = {"far": None, "near": None}
+    if isinstance(references, Mapping):
+        reference_info = {k: ({"divergence": float(references[k]), "method": "given"} if references.get(k) is not None
+                              else None) for k in ("far", "near")}
+    elif references != "none":
+        kinds = ("far", "near") if references == "auto" else ("far",)
+        for kind in kinds:
+            reference_info[kind] = _reference(model, layers, kind, n=reference_images, steps=reference_steps,
+                                              batch_size=batch_size, cache=cache, **common)
+    far = (reference_info["far"] or {}).get("divergence")
+    near = (reference_info["near"] or {}).get("divergence")
+    if far is not None and near is not None and 0 < near < far:
+        normalisation = "two-point: similarity = log(far / d) / log(far / near)"
+    elif far is not None:
+        normalisation = "one-point: similarity = 1 - d / far"
+    else:
+        normalisation = None
+
+    results = []
+    for name, d in opened:
+        result = measure_data(model, d, name=name, batch_size=batch_size, progress=progress, **common)
+        results.append(result)
+    for r in results + [reference_info[k] for k in ("far", "near") if isinstance(reference_info[k], dict)]:
+        _attach_similarity(r, far=far, near=near)
+    for rank, r in enumerate(sorted((r for r in results if r.divergence is not None), key=lambda r: r.divergence), 1):
+        r.rank = rank
+
+    report = AuditReport(
+        model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
+               "input_size": list(model.input_size)},
+        settings={"limit": limit, "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
+                  "references": references if isinstance(references, str) else "given",
+                  "reference_images": reference_images, "bootstrap": bootstrap, "seed": seed, "split": split,
+                  "normalisation": normalisation, "aggregate": "mean over BN layers of the channel-mean divergence"},
+        references=reference_info,
+        candidates=results,
+    )
+    if out_dir is not None:
+        report.save(out_dir)
+    return report
+
+
+def _attach_similarity(result: CandidateResult | dict, *, far: float | None, near: float | None) -> None:
+    get = (lambda k: result.get(k)) if isinstance(result, dict) else (lambda k: getattr(result, k))
+    div, ci = get("divergence"), get("ci")
+    sim = similarity(div, far=far, near=near) if div is not None else None
+    sim_ci = None
+    if ci and sim is not None:
+        lo, hi = similarity(ci[1], far=far, near=near), similarity(ci[0], far=far, near=near)
+        sim_ci = (lo, hi) if lo is not None and hi is not None else None
+    if isinstance(result, dict):
+        result["similarity"], result["similarity_ci"] = sim, list(sim_ci) if sim_ci else None
+    else:
+        result.similarity, result.similarity_ci = sim, sim_ci
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

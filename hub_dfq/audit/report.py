@@ -1,0 +1,181 @@
+"""Audit reports: ``audit.json`` (machine-readable), ``audit.md`` (for people), ``audit_layers.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core import AuditReport
+
+__all__ = ["write_report", "to_json", "to_markdown", "plot_layers"]
+
+HOW_TO_READ = """\
+## How to read it
+
+- **divergence** (lower = closer): at the input of every BatchNorm layer, the candidate's per-channel
+  mean and variance (accumulated over all its images) are compared with the running statistics the
+  layer kept from the training data, as Gaussians: `{metric_doc}` per channel, averaged over channels,
+  then averaged over layers. 0 would mean the BN layers see exactly the statistics they were trained on.
+- **similarity** puts the divergence `d` on the model's own scale: {normalisation_doc}
+  The references are measured on the same model: *far* = Gaussian noise in the model's input space
+  (it ignores everything the model learnt), *near* = the model's own BNS synthetic data (inputs
+  optimised to match its BN statistics, as close as data-free inputs get). A similarity near or
+  above 1 means "as close as the model's own synthetic data"; near 0 means "no closer than noise";
+  negative means farther than noise. It is not clipped.
+- **95% CI**: percentile bootstrap of the divergence over batches of {score_batch} images (Poisson
+  weights, {bootstrap} replicates, seed {seed}). Non-overlapping intervals mean the ranking is not
+  a fluke of which images were drawn.
+- **batch-level scores**: the divergence of each batch of {score_batch} images on its own. Small
+  batches score higher than the pooled divergence (their moments are noisier), so compare batch
+  scores with batch scores, e.g. to flag drifting batches in deployment.
+- The divergence depends on the model: compare candidates on one model, not across models. Data
+  that differs from the training data in ways the BN statistics do not capture (e.g. a different
+  label mix with the same low-level statistics) can score close; a low divergence is evidence,
+  not proof, that the data resembles the training data.
+"""
+
+_METRIC_DOC = {
+    "kl": "KL(N(running_mean, running_var) || N(mean, var))",
+    "symmetric_kl": "(KL(p||q) + KL(q||p)) / 2 with p = N(running), q = N(data)",
+    "w2": "(mu_p - mu_q)^2 + (sigma_p - sigma_q)^2 (squared 2-Wasserstein)",
+}
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: tuples become lists, NaN and infinities become ``null``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(report: "AuditReport") -> str:
+    return json.dumps(_clean(report.to_dict()), indent=2, allow_nan=False) + "\n"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits}f}"
+
+
+def _row(rank: Any, c: dict[str, Any]) -> str:
+    ci = c.get("ci")
+    sim_ci = c.get("similarity_ci")
+    batches = c.get("batch_summary") or {}
+    return (f"| {rank} | `{c['dataset']}` | {c.get('n_images', '–')} | {c.get('n_skipped', 0)} | "
+            f"{_fmt(c.get('divergence'))} | {'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '–'} | "
+            f"{_fmt(c.get('similarity'), 3)} | "
+            f"{'[' + _fmt(sim_ci[0], 3) + ', ' + _fmt(sim_ci[1], 3) + ']' if sim_ci else '–'} | "
+            f"{_fmt(batches.get('median'))} [{_fmt(batches.get('p05'))}, {_fmt(batches.get('p95'))}] |")
+
+
+def to_markdown(report: "AuditReport") -> str:
+    data = _clean(report.to_dict())
+    s = data["settings"]
+    model = data["model"]
+    lines = [f"# BN-statistics audit of `{model['spec']}`", ""]
+    if model.get("url"):
+        lines += [f"Model: [{model.get('repo_id')}]({model['url']})", ""]
+    lines += [f"{len(model['bn_layers'])} BatchNorm layers, metric `{s['metric']}`, batches of {s['score_batch']} "
+              f"images" + (f", at most {s['limit']} images per dataset" if s.get("limit") else "") + ".", "",
+              "## Ranking (closest first)", "",
+              "| rank | dataset | images | skipped | divergence | 95% CI | similarity | similarity CI | "
+              "batch-level median [p5, p95] |",
+              "|---:|---|---:|---:|---:|---|---:|---|---|"]
+    by_name = {c["dataset"]: c for c in data["candidates"]}
+    for name in data["ranking"]:
+        lines.append(_row(by_name[name]["rank"], by_name[name]))
+    for c in data["candidates"]:
+        if c["rank"] is None:
+            lines.append(_row("–", c) + " no readable image")
+    lines += ["", "## Reference points", "", "| reference | method | images | divergence | similarity | cached |",
+              "|---|---|---:|---:|---:|---|"]
+    for kind in ("near", "far"):
+        r = data["references"].get(kind)
+        if r:
+            lines.append(f"| {kind} | {r.get('method', '–')} | {r.get('n_images', '–')} | {_fmt(r.get('divergence'))} | "
+                         f"{_fmt(r.get('similarity'), 3)} | {r.get('cached', '–')} |")
+        else:
+            lines.append(f"| {kind} | not measured | – | – | – | – |")
+    normalisation = s.get("normalisation")
+    if normalisation and normalisation.startswith("two-point"):
+        norm_doc = "`similarity = log(far / d) / log(far / near)` (1 at *near*, 0 at *far*, linear in log d)."
+    elif normalisation:
+        norm_doc = ("`similarity = 1 - d / far` (one-point normalisation: no synthetic *near* reference was "
+                    "measured, so 0 is noise and 1 a perfect match).")
+    else:
+        norm_doc = "not computed (no reference points were measured)."
+    lines += ["", HOW_TO_READ.format(metric_doc=_METRIC_DOC[s["metric"]], normalisation_doc=norm_doc,
+                                     score_batch=s["score_batch"], bootstrap=s["bootstrap"], seed=s["seed"])]
+    lines += ["## Most divergent layers", "", "| dataset | top layers (divergence) |", "|---|---|"]
+    for c in data["candidates"]:
+        top = sorted(((v if v is not None else math.inf, k) for k, v in c["layers"].items()), reverse=True)[:3]
+        lines.append(f"| `{c['dataset']}` | " + ", ".join(f"`{k}` ({_fmt(v, 3)})" for v, k in top) + " |")
+    skipped = [c for c in data["candidates"] if c["n_skipped"]]
+    lines += ["", "## Skipped images", ""]
+    if not skipped:
+        lines.append("None: every image was readable.")
+    for c in skipped:
+        listed = c["skipped"]
+        lines.append(f"- `{c['dataset']}`: {c['n_skipped']} unreadable image(s) skipped"
+                     + (f" (first {len(listed)} listed)" if len(listed) < c["n_skipped"] else "") + ":")
+        lines += [f"  - row {item['index']}: {item['error']}" for item in listed]
+    lines += ["", "Per-layer divergences: `audit_layers.png` and `layers` in `audit.json`.", ""]
+    return "\n".join(lines)
+
+
+def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
+    """Per-layer divergence of every candidate (and the references), log scale, layers in forward order."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # never needs a display
+    from matplotlib import pyplot as plt
+
+    names = report.model["bn_layers"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 3), 4.5), dpi=110)
+    x = list(range(len(names)))
+    series = [(c.dataset, c.layers) for c in report.ranking()]
+    for kind, style in (("near", ":"), ("far", "--")):
+        r = report.references.get(kind)
+        if r and r.get("layers"):
+            series.append((f"{kind} reference ({r.get('method')})", r["layers"], style))
+    for item in series:
+        label, layers = item[0], item[1]
+        style = item[2] if len(item) > 2 else "-"
+        ys = [max(layers.get(n, math.nan) or math.nan, 1e-8) for n in names]
+        ax.plot(x, ys, style, marker="." if style == "-" else None, label=label, linewidth=1.2)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel(f"divergence ({report.settings['metric']}, channel mean)")
+    ax.set_title(f"BN-input divergence per layer: {report.model['spec']}")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=6, ncol=2 if len(series) > 8 else 1, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: "AuditReport", out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, str]:
+    """Write ``audit.json``, ``audit.md`` and (with ``plot``) ``audit_layers.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "audit.json", "markdown": out / "audit.md"}
+    for kind, text in (("json", to_json(report)), ("markdown", to_markdown(report))):
+        tmp = paths[kind].with_name(paths[kind].name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(paths[kind])
+    if plot:
+        paths["plot"] = out / "audit_layers.png"
+        plot_layers(report, paths["plot"])
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,105 @@
+"""Post-training calibration: weight scales from the weights, activation ranges from data.
+
+Also the switches every later stage uses: :func:`quant_mode` turns quantization off (the folded
+full-precision model, the teacher of reconstruction and distillation) or on, and
+:func:`freeze_weights` fixes the integer weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .modules import QuantModule
+from .observers import ActObserver, activation_range, weight_scale
+from .quantizers import ActQuantizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["quant_mode", "calibrate_weights", "calibrate_activations", "freeze_weights", "iter_tensor_batches",
+           "quant_layers", "act_quantizers"]
+
+
+def quant_layers(module: nn.Module) -> list[tuple[str, QuantModule]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantModule)]
+
+
+def act_quantizers(module: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, ActQuantizer)]
+
+
+@contextmanager
+def quant_mode(module: nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Turn every weight and activation quantizer of ``module`` off (or on) inside the block."""
+    saved = [(q, q.mode) for _, q in act_quantizers(module)]
+    saved_w = [(m.weight_quantizer, m.weight_quantizer.enabled) for _, m in quant_layers(module)]
+    for q, _ in saved:
+        q.mode = "quant" if enabled else "off"
+    for wq, _ in saved_w:
+        wq.enabled = enabled
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+        for wq, state in saved_w:
+            wq.enabled = state
+
+
+def iter_tensor_batches(data: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(data), batch_size):
+        yield data[start:start + batch_size]
+
+
+@torch.no_grad()
+def calibrate_weights(module: nn.Module) -> None:
+    """Set every weight quantizer's per-channel scales with its scheme's observer (minmax or MSE)."""
+    for _, layer in quant_layers(module):
+        wq = layer.weight_quantizer
+        wq.set_scale(weight_scale(layer.weight, wq.bits, method=layer.scheme.weight_observer))
+
+
+@torch.no_grad()
+def calibrate_activations(module: nn.Module, data: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
+                          progress: bool = False) -> None:
+    """Observe every activation quantizer's input on ``data`` (full-precision pass) and set its range.
+
+    Args:
+        module: a prepared model.
+        data: normalised inputs ``(N, C, H, W)``.
+        batch_size: images per forward pass.
+        seed: seed of the observers' value sampling.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: a quantizer saw no values (the data never reached it).
+    """
+    quantizers = act_quantizers(module)
+    for i, (_, q) in enumerate(quantizers):
+        q.observer = ActObserver(seed=seed + i)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    with quant_mode(module, enabled=False):
+        for _, q in quantizers:
+            q.mode = "observe"
+        for batch in tqdm(list(iter_tensor_batches(data, batch_size)), desc="calibrate", disable=not progress,
+                          leave=False):
+            module(batch.to(device))
+    for name, q in quantizers:
+        low, high = activation_range(q.observer, q.bits, signed=q.signed, method=q.observer_method,
+                                     percentile=q.percentile)
+        q.set_range(low, high)
+        q.observer = None
+        logger.debug("%s: range [%.4g, %.4g], scale %.4g, zero point %d", name, *q.range(), float(q.scale),
+                     int(q.zero_point))
+
+
+@torch.no_grad()
+def freeze_weights(module: nn.Module) -> None:
+    """Fix the integer weights of every quantized layer (hard rounding)."""
+    for _, layer in quant_layers(module):
+        layer.weight_quantizer.freeze(layer.weight)

@@ -1,0 +1,108 @@
+"""Calibration data: any image dataset through the model's preprocessing, or synthetic images.
+
+Synthetic data comes from :func:`hub_dfq.synth.synthesize` (BN-statistics synthesis and its
+baselines), which caches its output so repeated runs do not regenerate it. Everything ends up as
+one normalised tensor ``(N, C, H, W)`` plus a provenance record for cards and JSON reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import torch
+
+from ..data import ImageData, iter_batches, load_images
+from ..errors import ConfigError, DatasetError
+from ..models.vision_model import VisionModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SYNTHETIC_METHODS", "calibration_tensor", "images_to_tensor"]
+
+SYNTHETIC_METHODS = ("gaussian", "inception", "bns", "bns+i")
+
+
+def images_to_tensor(model: VisionModel, data: ImageData, *, limit: int | None = None,
+                     batch_size: int = 128) -> torch.Tensor:
+    """Preprocess up to ``limit`` images of ``data`` into one ``(N, C, H, W)`` tensor.
+
+    Raises:
+        DatasetError: no readable image.
+    """
+    chunks, count, skipped = [], 0, 0
+    for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
+        skipped += len(batch.skipped)
+        if batch.indices:
+            chunks.append(batch.pixel_values)
+            count += len(batch.indices)
+        if limit is not None and count >= limit:
+            break
+    if not chunks:
+        raise DatasetError(f"calibration set {data.spec} has no readable images ({skipped} unreadable)")
+    if skipped:
+        logger.warning("calibration set %s: %d unreadable images skipped", data.spec, skipped)
+    tensor = torch.cat(chunks)
+    return tensor[:limit] if limit is not None else tensor
+
+
+def _synthesize(model: VisionModel, method: str, n: int, *, seed: int, options: dict[str, Any]):
+    try:
+        from ..synth import synthesize
+    except ImportError:
+        synthesize = None
+    if synthesize is None:
+        if method == "gaussian":
+            # Until the synthesis module exists: standard normal noise in the model's input space.
+            generator = torch.Generator().manual_seed(seed)
+            return torch.randn(n, *model.input_size, generator=generator), {"method": "gaussian", "n": n, "seed": seed,
+                                                                            "generator": "torch.randn"}
+        raise ConfigError(f"calibration {method!r} needs hub_dfq.synth, which this installation lacks: "
+                          "pass a dataset (real or synthetic folder) or 'gaussian'")
+    result = synthesize(model, method, n, seed=seed, **options)
+    dataset = result if isinstance(result, (datasets.Dataset, ImageData)) else getattr(result, "dataset", result)
+    data = dataset if isinstance(dataset, ImageData) else load_images(dataset)
+    provenance = {"method": method, "n": n, "seed": seed, **{k: v for k, v in options.items() if k != "progress"}}
+    return images_to_tensor(model, data, limit=n), provenance
+
+
+def calibration_tensor(model: VisionModel, calibration: Any, *, size: int | None, seed: int = 0,
+                       synth_options: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Resolve ``calibration`` into normalised inputs and a provenance record.
+
+    Args:
+        model: the float model (its preprocessing is applied).
+        calibration: a synthetic method (``"gaussian"``, ``"inception"``, ``"bns"``, ``"bns+i"``), a
+            dataset spec :func:`hub_dfq.load_images` understands, an :class:`ImageData`, a
+            ``datasets.Dataset``, or a tensor of normalised inputs.
+        size: number of images (``None``: all of a dataset; required for synthetic methods).
+        seed: seed of synthetic generation.
+        synth_options: extra keyword arguments of :func:`hub_dfq.synth.synthesize`.
+
+    Returns:
+        ``(inputs, provenance)``.
+
+    Raises:
+        ConfigError: a synthetic method without a size, or an unusable value.
+        DatasetError: an empty dataset or one without readable images.
+    """
+    if size is not None and size <= 0:
+        raise ConfigError(f"calibration size must be positive, got {size}")
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 4 or tuple(calibration.shape[1:]) != tuple(model.input_size):
+            raise ConfigError(f"calibration tensor must be (N, {', '.join(map(str, model.input_size))}), "
+                              f"got {tuple(calibration.shape)}")
+        if len(calibration) == 0:
+            raise DatasetError("calibration tensor is empty")
+        data = calibration[:size] if size else calibration
+        return data.float(), {"kind": "tensor", "n": len(data)}
+    if isinstance(calibration, str) and calibration.lower() in SYNTHETIC_METHODS:
+        method = calibration.lower()
+        tensor, provenance = _synthesize(model, method, size or 256, seed=seed, options=dict(synth_options or {}))
+        return tensor, {"kind": "synthetic", **provenance}
+    data = calibration if isinstance(calibration, ImageData) else load_images(calibration, limit=size)
+    if data.num_rows == 0:
+        raise DatasetError(f"calibration set {data.spec} is empty")
+    tensor = images_to_tensor(model, data, limit=size)
+    return tensor, {"kind": "dataset", "spec": data.spec, "split": data.split, "n": len(tensor)}

@@ -1,0 +1,147 @@
+"""Quantized counterparts of weight layers, and the registry that maps float classes to them.
+
+A quantized layer owns its float weight and bias (BN already folded in) and a
+:class:`~hub_dfq.quant.quantizers.WeightQuantizer`; activation quantizers are separate modules
+placed in the graph (one tensor may feed several layers). The bias is put on the int32 grid of
+``input_scale * weight_scale``, as an integer convolution adds it to its accumulator.
+
+The registry is keyed by the float class and resolved through the class hierarchy, so subclasses
+are covered; a subclass that redefines ``forward`` (e.g. timm's ``Conv2dSame``) is not, because
+swapping it would change what it computes: register it explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantScheme
+from .fold import overrides_forward
+from .quantizers import ActQuantizer, WeightQuantizer, round_ste
+
+__all__ = ["register_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantModule"]
+
+_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_qmodule(float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: use the decorated class for ``float_cls`` (and subclasses keeping its forward)."""
+
+    def wrap(qcls: type[nn.Module]) -> type[nn.Module]:
+        _REGISTRY[float_cls] = qcls
+        return qcls
+
+    return wrap
+
+
+def qmodule_for(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized class for ``module``, or ``None`` when it has none."""
+    if isinstance(module, QuantModule):
+        return None
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            if cls is not type(module) and overrides_forward(module, (cls,)):
+                return None
+            return _REGISTRY[cls]
+    return None
+
+
+class QuantModule:
+    """Mixin of the quantized weight layers: fake-quantized weight and int32-grid bias."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quantizer: WeightQuantizer
+    scheme: QuantScheme
+
+    def _init_quant(self, scheme: QuantScheme, channels: int) -> None:
+        self.scheme = scheme
+        self.weight_quantizer = WeightQuantizer(scheme.weights, channels)
+        self.__dict__["_input_quantizer"] = None  # a reference, not a child: it lives in the graph
+
+    @property
+    def input_quantizer(self) -> ActQuantizer | None:
+        return self.__dict__.get("_input_quantizer")
+
+    @input_quantizer.setter
+    def input_quantizer(self, quantizer: ActQuantizer | None) -> None:
+        self.__dict__["_input_quantizer"] = quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        quantizer = self.input_quantizer
+        if (self.bias is None or quantizer is None or quantizer.mode != "quant"
+                or not self.weight_quantizer.enabled):
+            return self.bias
+        scale = quantizer.scale.abs().clamp_min(1e-8) * self.weight_quantizer.scale
+        return round_ste(self.bias / scale) * scale
+
+    def bias_int(self) -> torch.Tensor | None:
+        """The int32 bias an integer implementation adds to its accumulator (``None`` without bias)."""
+        quantizer = self.input_quantizer
+        if self.bias is None or quantizer is None:
+            return None
+        scale = quantizer.scale.detach().abs().clamp_min(1e-8) * self.weight_quantizer.scale.detach()
+        return torch.round(self.bias.detach() / scale).to(torch.int32)
+
+
+def _copy_params(dst: nn.Module, src: nn.Module) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+    dst.to(src.weight.device)
+
+
+@register_qmodule(nn.Conv2d)
+class QuantConv2d(QuantModule, nn.Conv2d):
+    """``nn.Conv2d`` with per-output-channel weight quantization."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, scheme: QuantScheme) -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, dtype=conv.weight.dtype)
+        _copy_params(q, conv)
+        q._init_quant(scheme, conv.out_channels)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+
+
+@register_qmodule(nn.Conv1d)
+class QuantConv1d(QuantModule, nn.Conv1d):
+    """``nn.Conv1d`` with per-output-channel weight quantization."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d, scheme: QuantScheme) -> "QuantConv1d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, dtype=conv.weight.dtype)
+        _copy_params(q, conv)
+        q._init_quant(scheme, conv.out_channels)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+
+
+@register_qmodule(nn.Linear)
+class QuantLinear(QuantModule, nn.Linear):
+    """``nn.Linear`` with per-output-feature weight quantization."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        _copy_params(q, linear)
+        q._init_quant(scheme, linear.out_features)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())

@@ -1,0 +1,332 @@
+"""Turn a float model into a quantization-ready graph: trace, fold BN, swap layers, place quantizers.
+
+The model is traced with ``torch.fx`` so that every place where an integer graph quantizes a tensor
+is explicit: the input of every conv/linear and both operands of every residual addition.
+Quantizers are shared where several layers read the same tensor at the same bit width inside one
+block. Layers with parameters that have no quantized counterpart are reported by name and left in
+full precision, never silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UnsupportedModelError
+from ..models.vision_model import BN_TYPES
+from .config import QuantConfig
+from .fold import fold_batchnorms
+from .modules import QuantModule, qmodule_for
+from .quantizers import ActQuantizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ActPoint", "PrepareReport", "Prepared", "prepare", "block_paths", "ACT_QUANTIZERS"]
+
+ACT_QUANTIZERS = "act_quantizers"  # the container module holding every activation quantizer
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+# Ops that move or select values without computing new ones: a quantized tensor stays on its grid.
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout)
+_KEEP_SIGN_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, F.pad, F.max_pool2d, F.adaptive_max_pool2d,
+                        F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, F.dropout)
+_KEEP_SIGN_METHODS = ("view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
+                      "mean", "__getitem__")
+_KEEP_SIGN_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                      nn.AdaptiveMaxPool2d, nn.Flatten)
+
+
+@dataclass
+class ActPoint:
+    """One activation quantizer: where it sits and what it reads.
+
+    Args:
+        name: its module name under ``act_quantizers``.
+        source: the graph node whose output it quantizes.
+        consumers: qualified names of the layers (or ``BLOCK.add`` nodes) reading its output.
+        kind: ``"input"`` (of a conv/linear) or ``"residual"`` (operand of an addition).
+        bits: bit width.
+        signed: asymmetric with a zero point (``False``: unsigned after a ReLU).
+        block: the block it belongs to (for block-wise reconstruction).
+    """
+
+    name: str
+    source: str
+    consumers: list[str]
+    kind: str
+    bits: int
+    signed: bool
+    block: str
+
+
+@dataclass
+class PrepareReport:
+    """What was quantized, folded, excluded and left in float (and why)."""
+
+    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folded_bn: list[str] = field(default_factory=list)
+    unfolded_bn: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    residual_adds: list[str] = field(default_factory=list)
+    act_points: list[ActPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["act_points"] = [asdict(p) for p in self.act_points]
+        return data
+
+
+@dataclass
+class Prepared:
+    """A prepared graph: the module, its report and the block each node belongs to."""
+
+    module: fx.GraphModule
+    report: PrepareReport
+    node_blocks: dict[str, str]
+
+
+class _Tracer(fx.Tracer):
+    """Keeps BN, registered weight layers and timm's untraceable modules as leaves."""
+
+    def __init__(self) -> None:
+        functions: tuple = ()
+        self._notrace_modules: tuple = ()
+        try:  # timm knows which of its layers fx cannot trace
+            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+
+            functions = tuple(get_notrace_functions())
+            self._notrace_modules = tuple(get_notrace_modules())
+        except ImportError:  # pragma: no cover - older timm
+            pass
+        super().__init__(autowrap_functions=functions)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, BN_TYPES) or qmodule_for(m) is not None or isinstance(m, QuantModule):
+            return True
+        if self._notrace_modules and isinstance(m, self._notrace_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def block_paths(module: nn.Module) -> set[str]:
+    """Qualified names of the blocks: children of the root and of containers that are not containers."""
+    paths: set[str] = set()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in parent.named_children():
+            path = prefix + name
+            if isinstance(child, _CONTAINERS):
+                visit(child, path + ".")
+            else:
+                paths.add(path)
+
+    visit(module, "")
+    return paths
+
+
+def _trace(module: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(module)
+    except Exception as err:  # fx raises many types for dynamic control flow
+        raise UnsupportedModelError(
+            f"cannot trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}); quantization "
+            "needs a static graph to place the integer quantizers: use a timm/CNN model without data-dependent "
+            "control flow") from err
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _node_block(node: fx.Node, blocks: set[str]) -> str | None:
+    if "hub_dfq_block" in node.meta:
+        return node.meta["hub_dfq_block"]
+    for path in (node.meta.get("nn_module_stack") or {}):
+        qualname = node.meta["nn_module_stack"][path][0] if isinstance(node.meta["nn_module_stack"][path], tuple) else path
+        if qualname in blocks:
+            return qualname
+    return None
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(node, fx.Node) and hasattr(node.meta.get("tensor_meta"), "shape")
+
+
+def _strip_identity(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """Follow no-op nodes (Identity, Dropout in eval, contiguous) back to the tensor they forward."""
+    while True:
+        if node.op == "call_module" and isinstance(modules.get(node.target), _IDENTITY_MODULES):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is F.dropout:
+            node = node.args[0]
+        elif node.op == "call_method" and node.target == "contiguous":
+            node = node.args[0]
+        else:
+            return node
+
+
+def _nonnegative(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> bool:
+    """Whether a node's output is >= 0 by construction (after a ReLU, through ops that keep the sign)."""
+    if not isinstance(node, fx.Node) or depth > 64:
+        return False
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    if node.op == "call_function":
+        if node.target in (F.relu, torch.relu, F.relu6):
+            return True
+        if node.target is F.pad and node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0) not in (0, 0.0, None):
+            return False
+        if node.target in _KEEP_SIGN_FUNCTIONS:
+            return bool(args) and _nonnegative(args[0], modules, depth + 1)
+        if node.target in _ADD_FUNCTIONS:
+            return len(args) == 2 and all(_nonnegative(a, modules, depth + 1) for a in args)
+        return False
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return True
+        return node.target in _KEEP_SIGN_METHODS and bool(args) and _nonnegative(args[0], modules, depth + 1)
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if isinstance(module, _RELU_MODULES):
+            return True
+        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], _RELU_MODULES):
+            return True
+        return isinstance(module, _KEEP_SIGN_MODULES) and bool(args) and _nonnegative(args[0], modules, depth + 1)
+    return False
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tensor) -> Prepared:
+    """Trace a copy of ``module`` and make it a quantized graph (quantizers not yet calibrated).
+
+    Args:
+        module: the float model (not modified).
+        config: which layers get which scheme.
+        example_input: one input batch, used to tell tensors from other values in the graph.
+
+    Returns:
+        A :class:`Prepared` graph, its report and the block of every node.
+
+    Raises:
+        UnsupportedModelError: the model cannot be traced or has no conv/linear layer to quantize.
+    """
+    float_module = copy.deepcopy(module).eval()
+    blocks = block_paths(float_module)
+    gm = _trace(float_module)
+    report = PrepareReport()
+    report.folded_bn, report.unfolded_bn = fold_batchnorms(gm)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    modules = dict(gm.named_modules())
+
+    # ---- swap weight layers ------------------------------------------------------------------
+    weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and qmodule_for(modules[n.target]) is not None]
+    if not weight_nodes:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no convolution or linear layer to quantize (found "
+            f"{sorted({type(m).__name__ for m in modules.values() if list(m.parameters(recurse=False))})})")
+    first, last = weight_nodes[0].target, weight_nodes[-1].target
+    swapped: dict[str, fx.Node] = {}
+    for node in weight_nodes:
+        name, float_layer = node.target, modules[node.target]
+        scheme = config.scheme_for(name, first=name == first, last=name == last)
+        if not config.selected(name) or not scheme.enabled:
+            report.excluded.append(name)
+            continue
+        if name in swapped:  # one module called twice: its input scales could differ, keep it float
+            report.unsupported.append(f"{name} ({type(float_layer).__name__}, called more than once)")
+            continue
+        qlayer = qmodule_for(float_layer).from_float(float_layer, scheme)
+        parent, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, child, qlayer)
+        swapped[name] = node
+        report.quantized[name] = {"type": type(float_layer).__name__, "weights": scheme.weights,
+                                  "activations": scheme.activations, "first": name == first, "last": name == last}
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = modules[node.target]
+        if isinstance(m, QuantModule) or node.target in report.excluded or isinstance(m, BN_TYPES):
+            continue
+        if any(True for _ in m.parameters()):
+            report.unsupported.append(f"{node.target} ({type(m).__name__})")
+    report.unsupported += [f"{name} (BatchNorm not after a convolution)" for name in report.unfolded_bn]
+
+    # ---- place activation quantizers ---------------------------------------------------------
+    container = nn.Module()
+    gm.add_module(ACT_QUANTIZERS, container)
+    shared: dict[tuple, tuple[fx.Node, ActPoint, ActQuantizer]] = {}
+    node_blocks: dict[str, str] = {}
+
+    def add_point(consumer: fx.Node, arg: fx.Node, scheme, kind: str, consumer_name: str, suffix: str):
+        bits = scheme.activations
+        block = _node_block(consumer, blocks) or ""
+        source = _strip_identity(arg, modules)
+        signed = not _nonnegative(source, modules)
+        key = (source.name, bits, signed, block)
+        if key in shared:
+            qnode, point, quantizer = shared[key]
+            point.consumers.append(consumer_name)
+        else:
+            qname = _sanitize(consumer_name) + suffix
+            quantizer = ActQuantizer(bits, signed=signed)
+            quantizer.observer_method, quantizer.percentile = scheme.act_observer, scheme.percentile
+            container.add_module(qname, quantizer)
+            with gm.graph.inserting_before(consumer):
+                qnode = gm.graph.call_module(f"{ACT_QUANTIZERS}.{qname}", (source,))
+            qnode.meta["hub_dfq_block"] = block
+            qnode.meta["tensor_meta"] = source.meta.get("tensor_meta")
+            point = ActPoint(qname, source.name, [consumer_name], kind, bits, signed, block)
+            shared[key] = (qnode, point, quantizer)
+            report.act_points.append(point)
+        consumer.replace_input_with(arg, qnode)
+        return quantizer
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(modules.get(node.target), QuantModule):
+            layer = modules[node.target]
+            if node.args and isinstance(node.args[0], fx.Node):
+                layer.input_quantizer = add_point(node, node.args[0], layer.scheme, "input",
+                                                  node.target, "_in")
+        elif _is_add(node):
+            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(operands) != 2 or not all(_is_tensor(a) for a in operands):
+                continue
+            block = _node_block(node, blocks)
+            name = f"{block}.{node.name}" if block else node.name
+            scheme = config.residual_scheme(name)
+            if not config.selected(name) or not scheme.enabled:
+                report.excluded.append(name)
+                continue
+            report.residual_adds.append(name)
+            for i, operand in enumerate(operands):
+                add_point(node, operand, scheme, "residual", name, f"_in{i}")
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    for node in gm.graph.nodes:
+        block = _node_block(node, blocks)
+        if block is not None:
+            node_blocks[node.name] = block
+    if report.unsupported:
+        logger.warning("left in full precision (no integer equivalent): %s", "; ".join(report.unsupported))
+    return Prepared(gm, report, node_blocks)

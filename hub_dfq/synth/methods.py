@@ -1,0 +1,197 @@
+"""Generating one batch of images: Gaussian noise, or inputs optimised for a method's loss.
+
+All methods work in the model's normalised input space and project onto the valid pixel box after
+every step, so the images written as uint8 PNG are (up to rounding) the images optimised. The
+model is used through a private copy: frozen parameters (no weight gradients), channels-last
+memory, optional bf16 autocast; the caller's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DivergedError, UnsupportedModelError
+from ..models import VisionModel
+from .bns import StopForward, bn_loss
+from .config import BN_METHODS, METHODS, SynthConfig
+from .priors import cosine_lr, jitter_flip, l2_prior, total_variation
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BatchResult", "BatchGenerator", "check_model_supports"]
+
+
+@dataclass
+class BatchResult:
+    """One generated batch.
+
+    Attributes:
+        pixels: ``uint8`` images ``(B, C, H, W)``, exactly what is stored.
+        labels: class index per image (target, or the model's prediction on ``pixels``).
+        start: per-layer BN divergence of the initial batch (empty for models without BN).
+        end: per-layer BN divergence of the stored ``pixels``.
+        losses: optimisation loss at each step.
+    """
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    start: dict[str, float]
+    end: dict[str, float]
+    losses: list[float]
+
+
+def check_model_supports(model: VisionModel, method: str) -> None:
+    """Refuse BN methods for models without BatchNorm layers, naming the methods that work."""
+    if method not in METHODS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if method in BN_METHODS and not model.bn_layers:
+        working = ", ".join(m for m in METHODS if m not in BN_METHODS)
+        raise UnsupportedModelError(
+            f"{model.source.spec} has no BatchNorm layers, so method {method!r} has no statistics to match: "
+            f"use one of {working}")
+
+
+class BatchGenerator:
+    """Generates batches for one :class:`SynthConfig` on one model.
+
+    Args:
+        model: the source model (left unchanged).
+        config: the run's arguments.
+    """
+
+    def __init__(self, model: VisionModel, config: SynthConfig):
+        check_model_supports(model, config.method)
+        self.model = model
+        self.config = config
+        self.device = model.device
+        module = copy.deepcopy(model.module).eval()
+        module.requires_grad_(False)  # only the inputs are optimised: no weight gradients at all
+        self.channels_last = model.preprocess.input_size[0] > 0 and next(iter(module.parameters()), None) is not None
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        by_name = dict(module.named_modules())
+        self.bn_layers = [(name, by_name[name]) for name, _ in model.bn_layers]
+        low, high = model.preprocess.valid_range()
+        self.low, self.high = low.to(self.device), high.to(self.device)
+        self.jitter = config.priors.jitter
+        if self.jitter is None:
+            self.jitter = max(1, model.input_size[-1] // 16)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised inputs -> ``uint8`` pixels (rounded, clamped)."""
+        unit = self.model.preprocess.denormalize(x.detach().float()).clamp(0.0, 1.0)
+        return unit.mul(255.0).round().to(torch.uint8).contiguous()
+
+    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``uint8`` pixels -> normalised inputs, as the model's preprocessing computes them."""
+        return self.model.preprocess.normalize(pixels.float().div(255.0))
+
+    @torch.no_grad()
+    def measure(self, x: torch.Tensor, *, logits: bool) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Per-layer BN divergence (float32) of a batch, and its logits when asked."""
+        if not self.bn_layers:
+            out = self.module(self._layout(x)) if logits else None
+            return {}, out
+        with bn_loss(self.bn_layers, loss=self.config.loss, stop_after_last=not logits) as state:
+            try:
+                out = self.module(self._layout(x))
+            except StopForward:
+                out = None
+            return state.per_layer(), out
+
+    def initial(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Gaussian N(0, 1) inputs in the normalised space, projected onto the valid box."""
+        shape = (batch, *self.model.input_size)
+        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        return torch.maximum(torch.minimum(x, self.high), self.low)
+
+    # ---- one batch ---------------------------------------------------------------------------
+    def generate(self, targets: torch.Tensor, generator: torch.Generator, *,
+                 on_step: Callable[[int, float], None] | None = None, where: str = "") -> BatchResult:
+        """Generate ``len(targets)`` images.
+
+        Args:
+            targets: class index per image (used by inception and bns+i).
+            generator: CPU random generator of the shard; all randomness is drawn from it.
+            on_step: called with ``(step, loss)`` after each optimisation step.
+            where: text naming the batch, for error messages.
+
+        Raises:
+            DivergedError: the loss became NaN or Inf; nothing of the batch is returned.
+        """
+        cfg = self.config
+        x0 = self.initial(len(targets), generator)
+        start, _ = self.measure(x0, logits=False)
+        losses: list[float] = []
+        x = x0
+        if cfg.method != "gaussian" and cfg.iters > 0:
+            x, losses = self._optimise(x0, targets.to(self.device), generator, on_step, where)
+        pixels = self.to_pixels(x)
+        end, logits = self.measure(self.from_pixels(pixels), logits=True)
+        labels = targets.clone() if cfg.has_targets else logits.argmax(-1).cpu()
+        return BatchResult(pixels.cpu(), labels.cpu(), start, end, losses)
+
+    def _optimise(self, x0, targets, generator, on_step, where):
+        cfg, priors = self.config, self.config.priors
+        x = self._layout(x0.clone()).requires_grad_(True)
+        optimiser = torch.optim.Adam([x], lr=cfg.lr)
+        need_logits = cfg.has_targets
+        use_bn = cfg.method in BN_METHODS
+        losses: list[float] = []
+        hooks = bn_loss(self.bn_layers, loss=cfg.loss, stop_after_last=not need_logits) if use_bn else nullcontext()
+        with hooks as state:
+            for step in range(cfg.iters):
+                for group in optimiser.param_groups:
+                    group["lr"] = cosine_lr(step, cfg.iters, base=cfg.lr, warmup=priors.warmup)
+                optimiser.zero_grad(set_to_none=True)
+                inputs = x
+                if cfg.method == "inception":
+                    inputs = jitter_flip(x, jitter=self.jitter, flip=priors.flip, generator=generator)
+                if state is not None:
+                    state.reset()
+                with self._autocast():
+                    try:
+                        logits = self.module(inputs)
+                    except StopForward:
+                        logits = None
+                loss = state.total() if state is not None else x.new_zeros(())
+                if cfg.method == "inception":
+                    chosen = logits.float().gather(1, targets[:, None]).mean()
+                    loss = loss - chosen + priors.tv_weight * total_variation(x) + priors.l2_weight * l2_prior(x)
+                elif cfg.method == "bns+i":
+                    loss = loss + priors.ce_weight * F.cross_entropy(logits.float(), targets)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise DivergedError(
+                        f"the {cfg.method} loss became {value} at step {step + 1} of {cfg.iters}{where}: lower the "
+                        f"learning rate (now {cfg.lr:g}); nothing of this batch was saved")
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    x.clamp_(min=self.low, max=self.high)  # projected gradient: stay inside real pixels
+                losses.append(value)
+                if on_step is not None:
+                    on_step(step, value)
+        if not torch.isfinite(x).all():
+            raise DivergedError(f"the {cfg.method} inputs became NaN/Inf{where}: lower the learning rate ({cfg.lr:g})")
+        return x.detach(), losses
