@@ -13,6 +13,8 @@ from .data import ImageData, iter_batches, load_images
 from .errors import HubDfqError
 from .evaluation import evaluate_accuracy
 from .models import ModelSource, Preprocess, VisionModel, load_model
+from .quant import QuantConfig, QuantizedModel, QuantScheme, quantize
+from .synth import synthesize
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,9 @@ __all__ = [
     "ImageData",
     "ModelSource",
     "Preprocess",
+    "QuantConfig",
+    "QuantScheme",
+    "QuantizedModel",
     "VisionModel",
     "__version__",
     "audit",
@@ -29,4 +34,6 @@ __all__ = [
     "iter_batches",
     "load_images",
     "load_model",
+    "quantize",
+    "synthesize",
 ]

@@ -114,3 +114,19 @@ def test_decode_image_cells():
     assert decode_image(np.zeros((4, 4, 3), dtype=np.uint8)).size == (4, 4)
     with pytest.raises(ImageDecodeError):
         decode_image(None)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["download", "streaming"])
+def test_hub_dataset_with_config_and_split(hub, cifar_test_parquet, model, streaming):
+    from hub_server import WRITE_TOKEN
+
+    repo_id = hub.new_repo_id("cifar-mini")
+    source = datasets.load_dataset("parquet", data_files=str(cifar_test_parquet), split="train[:20]")
+    source.push_to_hub(repo_id, config_name="mini", split="validation", token=WRITE_TOKEN)
+    data = load_images(repo_id, config="mini", split="validation", limit=8, streaming=streaming)
+    assert data.streaming is streaming and data.split == "validation"
+    assert (data.image_column, data.label_column) == ("img", "label") and data.label_names == model.labels
+    batches = list(iter_batches(data, model.preprocess, batch_size=8))
+    assert sum(len(b.indices) for b in batches) == 8
+    with pytest.raises(DatasetError, match="no dataset"):
+        load_images("tester/no-such-dataset")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -134,9 +133,10 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
     moments = acc.moments()
     per_metric = {m: layer_divergences(moments, running, m) for m in METRICS}
     detail = {n: {m: per_metric[m][i] for m in METRICS} for i, n in enumerate(names)}
-    ci = bootstrap_ci(acc.bootstrap_moments(), running, metric)
+    divergence = aggregate(per_metric[metric])
+    ci = bootstrap_ci(acc.bootstrap_moments(), running, metric, estimate=divergence)
     return CandidateResult(
-        dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=aggregate(per_metric[metric]),
+        dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=divergence,
         divergences={m: aggregate(v) for m, v in per_metric.items()}, ci=ci,
         layers=dict(zip(names, per_metric[metric])), layers_detail=detail, batch_scores=acc.batch_scores(),
         skipped=skipped[:MAX_LISTED_SKIPPED], split=split)
@@ -192,38 +192,42 @@ def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name
 # ---- references --------------------------------------------------------------------------------
 
 def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, batch_size: int, score_batch: int,
-               metric: str, bootstrap: int, seed: int, cache: bool) -> dict[str, Any] | None:
-    """Measure (or read from the cache) one reference point; ``None`` if it cannot be made."""
-    method = "gaussian"
-    synthetic = None
-    if kind == "near":
-        synthetic = refs.synth_near_dataset(model, n=n, seed=seed) if _synth_available() else None
-        method = "hub_dfq.synth bns" if synthetic is not None or _synth_available() else "internal bns"
-    settings = {"kind": kind, "method": method, "n": n, "steps": steps if method == "internal bns" else None,
-                "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
-    key = refs.reference_key(layers, model.preprocess, settings)
-    if cache and (hit := refs.load_cached(key)) is not None:
-        logger.info("audit reference %s read from the cache (%s)", kind, key)
-        return {**hit, "cached": True}
-    logger.info("measuring the %s reference (%s, %d images)", kind, method, n)
+               metric: str, bootstrap: int, seed: int, cache: bool, progress: bool = False) -> dict[str, Any]:
+    """Measure (or read from the cache) one reference point."""
     if kind == "far":
-        result = measure_tensors(model, refs.gaussian_batches(model.input_size, n=n, batch_size=batch_size, seed=seed),
-                                 name="gaussian noise", score_batch=score_batch, metric=metric,
-                                 bootstrap=bootstrap, seed=seed)
-    elif synthetic is not None:
-        data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
-        result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, score_batch=score_batch,
-                              metric=metric, bootstrap=bootstrap, seed=seed)
-    else:
-        # Optimise first, measure after: the hooks must not see the optimisation steps.
-        batches = list(refs.bns_batches(model, n=n, batch_size=min(batch_size, n), steps=steps, seed=seed))
-        result = measure_tensors(model, batches,
-                                 name="bns synthetic", score_batch=score_batch, metric=metric, bootstrap=bootstrap,
-                                 seed=seed)
-    entry = {"method": method, "settings": settings, **result.to_dict()}
-    if cache:
-        refs.store_cached(key, entry)
-    return {**entry, "cached": False}
+        methods = ["gaussian"]
+    else:  # the synthesis module's BNS data when installed, the built-in optimisation otherwise
+        methods = (["hub_dfq.synth bns"] if _synth_available() else []) + ["internal bns"]
+    for method in methods:
+        settings = {"kind": kind, "method": method, "n": n, "steps": None if kind == "far" else steps,
+                    "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
+        key = refs.reference_key(layers, model.preprocess, settings)
+        if cache and (hit := refs.load_cached(key)) is not None:
+            logger.info("audit reference %s read from the cache (%s)", kind, key)
+            return {**hit, "cached": True}
+        logger.info("measuring the %s reference (%s, %d images)", kind, method, n)
+        common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+        if method == "gaussian":
+            result = measure_tensors(model, refs.gaussian_batches(model.input_size, n=n, batch_size=batch_size,
+                                                                  seed=seed), name="gaussian noise", **common)
+        elif method == "hub_dfq.synth bns":
+            try:
+                synthetic = refs.synth_near_dataset(model, n=n, seed=seed, steps=steps, progress=progress)
+            except Exception as err:  # a reference must not sink the audit: fall back, loudly
+                logger.warning("hub_dfq.synth could not make the near reference (%s: %s); using the built-in "
+                               "BNS optimisation", type(err).__name__, err)
+                continue
+            data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
+            result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, **common)
+        else:
+            # Optimise first, measure after: the hooks must not see the optimisation steps.
+            batches = list(refs.bns_batches(model, n=n, batch_size=min(batch_size, n), steps=steps, seed=seed))
+            result = measure_tensors(model, batches, name="bns synthetic", **common)
+        entry = {"method": method, "settings": settings, **result.to_dict()}
+        if cache:
+            refs.store_cached(key, entry)
+        return {**entry, "cached": False}
+    raise RuntimeError("unreachable: the built-in BNS method always returns")
 
 
 def _synth_available() -> bool:
@@ -270,7 +274,7 @@ def audit(
     score_batch: int = 64,
     metric: str = "kl",
     references: str | Mapping[str, float] = "auto",
-    reference_images: int = 256,
+    reference_images: int = 64,
     reference_steps: int = 200,
     bootstrap: int = 200,
     seed: int = 0,
@@ -301,8 +305,8 @@ def audit(
             ``"gaussian"`` (noise only: one-point normalisation), ``"none"``, or a mapping
             ``{"far": d, "near": d}`` of known reference divergences.
         reference_images: images per reference point.
-        reference_steps: optimisation steps of the built-in BNS fallback (used only when
-            ``hub_dfq.synth`` is not installed).
+        reference_steps: BNS optimisation steps per batch of the near reference (``iters`` of
+            ``hub_dfq.synth.synthesize``, or of the built-in fallback when that module is missing).
         bootstrap: bootstrap replicates of the confidence interval (0: no interval).
         seed: seed of the reference points and the bootstrap.
         split: dataset split (default: test, then validation, then train).
@@ -359,7 +363,7 @@ def audit(
         kinds = ("far", "near") if references == "auto" else ("far",)
         for kind in kinds:
             reference_info[kind] = _reference(model, layers, kind, n=reference_images, steps=reference_steps,
-                                              batch_size=batch_size, cache=cache, **common)
+                                              batch_size=batch_size, cache=cache, progress=progress, **common)
     far = (reference_info["far"] or {}).get("divergence")
     near = (reference_info["near"] or {}).get("divergence")
     if far is not None and near is not None and 0 < near < far:
@@ -405,7 +409,3 @@ def _attach_similarity(result: CandidateResult | dict, *, far: float | None, nea
         result["similarity"], result["similarity_ci"] = sim, list(sim_ci) if sim_ci else None
     else:
         result.similarity, result.similarity_ci = sim, sim_ci
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -92,7 +93,16 @@ def gaussian_batches(input_size: tuple[int, ...], *, n: int, batch_size: int, se
         done += size
 
 
-def bns_batches(model, *, n: int, batch_size: int, steps: int, seed: int, lr: float = 0.1) -> Iterator[torch.Tensor]:
+def _lr(step: int, total: int, base: float, warmup: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay to 2% of ``base`` (the schedule hub_dfq.synth uses)."""
+    warm = int(round(warmup * total))
+    if step < warm:
+        return base * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return base * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def bns_batches(model, *, n: int, batch_size: int, steps: int, seed: int, lr: float = 1.0) -> Iterator[torch.Tensor]:
     """The fallback near reference: inputs optimised to match the BN statistics (paper's BNS loss).
 
     Each batch starts from seeded Gaussian noise and runs ``steps`` Adam steps on the mean over BN
@@ -114,7 +124,9 @@ def bns_batches(model, *, n: int, batch_size: int, steps: int, seed: int, lr: fl
             x = torch.randn(size, *model.input_size, generator=gen).to(device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
             with capture_bn_inputs(layers) as slots:
-                for _ in range(steps):
+                for step in range(steps):
+                    for group in opt.param_groups:
+                        group["lr"] = _lr(step, steps, lr)
                     opt.zero_grad(set_to_none=True)
                     model.module(x)
                     loss = torch.stack([gaussian_kl(mu, var, *batch_moments(s)).mean()
@@ -131,19 +143,8 @@ def bns_batches(model, *, n: int, batch_size: int, steps: int, seed: int, lr: fl
             p.requires_grad_(flag)
 
 
-def synth_near_dataset(model, *, n: int, seed: int) -> Any | None:
-    """Synthetic BNS images from ``hub_dfq.synth``, or ``None`` when that module is not available."""
-    try:
-        from .. import synth  # noqa: F401  (written alongside; optional at run time)
-        synthesize: Callable = synth.synthesize
-    except (ImportError, AttributeError):
-        return None
-    try:
-        result = synthesize(model, "bns", n=n, out_dir=None, seed=seed)
-    except TypeError:
-        result = synthesize(model, "bns", n=n, out_dir=None)
-    # Accept a datasets.Dataset, an object carrying one, or a tensor batch.
-    for attr in ("dataset", "data"):
-        if hasattr(result, attr) and not hasattr(result, "features"):
-            result = getattr(result, attr)
-    return result
+def synth_near_dataset(model, *, n: int, seed: int, steps: int, progress: bool = False) -> Any:
+    """``n`` BNS images from ``hub_dfq.synth.synthesize`` (cached by that module), as a ``datasets.Dataset``."""
+    from ..synth import synthesize
+
+    return synthesize(model, "bns", n=n, iters=steps, seed=seed, out_dir=None, progress=progress)

@@ -88,7 +88,8 @@ def _load_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool, 
     )
     loaders: dict[str, Callable[[], VisionModel]] = {
         "timm": lambda: load_timm_folder(folder, source, pretrained=pretrained),
-        "transformers": lambda: load_transformers_folder(folder, source, trust_remote_code=trust_remote_code),
+        "transformers": lambda: load_transformers_folder(folder, source, trust_remote_code=trust_remote_code,
+                                                         pretrained=pretrained),
     }
     return loaders[library]()
 

@@ -37,8 +37,26 @@ def _default_processor_preprocess(config) -> Preprocess:
                       std=(0.229, 0.224, 0.225)[:channels], resize=(size, size))
 
 
-def load_transformers_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False) -> VisionModel:
-    """Load a folder saved by ``save_pretrained`` (``config.json`` with ``model_type``)."""
+def _from_pretrained(folder: Path, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForImageClassification
+
+    check_weights_present(folder)
+    try:
+        return AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        unsafe = unsafe_checkpoint_error(folder, err)
+        if unsafe is not None:
+            raise unsafe from err
+        raise
+
+
+def load_transformers_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False,
+                             pretrained: bool = True) -> VisionModel:
+    """Load a folder saved by ``save_pretrained`` (``config.json`` with ``model_type``).
+
+    With ``pretrained=False`` only the architecture is built (random weights), e.g. to receive a
+    quantized state.
+    """
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
@@ -57,14 +75,13 @@ def load_transformers_folder(folder: Path, source: ModelSource, *, trust_remote_
             f"{source.spec} is a {config.model_type!r} model, which is not an image classifier "
             "(AutoModelForImageClassification): hub-dfq needs one that outputs class logits"
         )
-    check_weights_present(folder)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        unsafe = unsafe_checkpoint_error(folder, err)
-        if unsafe is not None:
-            raise unsafe from err
-        raise
+    if pretrained:
+        model = _from_pretrained(folder, trust_remote_code)
+    else:
+        # A hub-dfq quantized checkpoint's config names our quantizer; the bare architecture must not.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForImageClassification.from_config(config, trust_remote_code=trust_remote_code)
     if (folder / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
         preprocess = Preprocess.from_image_processor(processor, num_channels=int(getattr(config, "num_channels", 3)))

@@ -60,6 +60,8 @@ def _synthesize(model: VisionModel, method: str, n: int, *, seed: int, options: 
                                                                             "generator": "torch.randn"}
         raise ConfigError(f"calibration {method!r} needs hub_dfq.synth, which this installation lacks: "
                           "pass a dataset (real or synthetic folder) or 'gaussian'")
+    if method == "gaussian":  # noise has no optimisation steps
+        options = {k: v for k, v in options.items() if k not in ("iters", "lr")}
     result = synthesize(model, method, n, seed=seed, **options)
     dataset = result if isinstance(result, (datasets.Dataset, ImageData)) else getattr(result, "dataset", result)
     data = dataset if isinstance(dataset, ImageData) else load_images(dataset)

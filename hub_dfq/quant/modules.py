@@ -66,8 +66,9 @@ class QuantModule:
     def input_quantizer(self) -> ActQuantizer | None:
         return self.__dict__.get("_input_quantizer")
 
-    @input_quantizer.setter
-    def input_quantizer(self, quantizer: ActQuantizer | None) -> None:
+    def set_input_quantizer(self, quantizer: ActQuantizer | None) -> None:
+        """Link the graph's quantizer of this layer's input (its scale sets the bias grid)."""
+        # Plain attribute, not nn.Module.__setattr__: the quantizer must not become a child here.
         self.__dict__["_input_quantizer"] = quantizer
 
     def quantized_weight(self) -> torch.Tensor:

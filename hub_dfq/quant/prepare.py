@@ -304,8 +304,7 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
         if node.op == "call_module" and isinstance(modules.get(node.target), QuantModule):
             layer = modules[node.target]
             if node.args and isinstance(node.args[0], fx.Node):
-                layer.input_quantizer = add_point(node, node.args[0], layer.scheme, "input",
-                                                  node.target, "_in")
+                layer.set_input_quantizer(add_point(node, node.args[0], layer.scheme, "input", node.target, "_in"))
         elif _is_add(node):
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             if len(operands) != 2 or not all(_is_tensor(a) for a in operands):

@@ -42,10 +42,10 @@ class ReconstructConfig:
         seed: seed of batch sampling and QDrop.
     """
 
-    iters: int = 1000
+    iters: int = 300
     batch_size: int = 32
-    lr_round: float = 3e-3
-    lr_act: float = 4e-5
+    lr_round: float = 1e-2
+    lr_act: float = 1e-3
     round_weight: float = 0.01
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)

@@ -55,7 +55,7 @@ class BNLoss:
         return torch.stack(self.terms).sum()
 
     def per_layer(self) -> dict[str, float]:
-        return {name: float(term) for name, term in zip(self.names, self.terms)}
+        return {name: float(term.detach()) for name, term in zip(self.names, self.terms)}
 
     def _hook(self, index: int):
         last = index == len(self.names) - 1

@@ -22,10 +22,10 @@ LOSSES = ("kl", "l2")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # Iterations and Adam learning rates per method. The BNS defaults come from scripts/bench_synth.py:
-# lr 0.25 with a short warm-up and a cosine decay reaches in 200 iterations the divergence a plain
+# lr 1.0 with a short warm-up and a cosine decay reaches in 200 iterations the divergence a plain
 # constant-lr-0.1 Adam loop has after 500.
 DEFAULT_ITERS = {"gaussian": 0, "inception": 200, "bns": 200, "bns+i": 200}
-DEFAULT_LR = {"gaussian": 0.0, "inception": 0.1, "bns": 0.25, "bns+i": 0.25}
+DEFAULT_LR = {"gaussian": 0.0, "inception": 0.1, "bns": 1.0, "bns+i": 1.0}
 
 
 @dataclass(frozen=True)

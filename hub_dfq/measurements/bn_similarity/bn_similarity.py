@@ -31,7 +31,8 @@ Args:
     images (`list` of PIL images, paths or image bytes): the data to score; labels are not needed.
     model (`str` or `hub_dfq.VisionModel`, default `"default"`): the model whose BN statistics are used.
     metric (`str`, default `"kl"`): `"kl"`, `"symmetric_kl"` or `"w2"`.
-    references (`str`, default `"auto"`): `"auto"`, `"gaussian"` or `"none"` (see `hub_dfq.audit`).
+    reference_points (`str`, default `"auto"`): `"auto"`, `"gaussian"` or `"none"`, the `references`
+        argument of `hub_dfq.audit` (renamed: `references` is reserved by `evaluate`).
     batch_size (`int`, default 64): images per forward pass.
     score_batch (`int`, default 64): images per batch-level score and bootstrap unit.
     seed (`int`, default 0): seed of the references and the bootstrap.
@@ -63,14 +64,14 @@ class BnSimilarity(evaluate.Measurement):
             reference_urls=["https://arxiv.org/abs/1912.01274"],
         )
 
-    def _compute(self, images, model="default", metric="kl", references="auto", batch_size=64, score_batch=64,
+    def _compute(self, images, model="default", metric="kl", reference_points="auto", batch_size=64, score_batch=64,
                  seed=0, bootstrap=200):
         import hub_dfq
 
         data = datasets.Dataset.from_dict({"images": list(images)},
                                           features=datasets.Features({"images": datasets.Image(decode=False)}))
         report = hub_dfq.audit(model, {"images": data}, batch_size=batch_size, score_batch=score_batch,
-                               metric=metric, references=references, seed=seed, bootstrap=bootstrap, progress=False)
+                               metric=metric, references=reference_points, seed=seed, bootstrap=bootstrap, progress=False)
         result = report.candidates[0]
         return {"divergence": result.divergence, "similarity": result.similarity,
                 "ci": list(result.ci) if result.ci else None, "n_images": result.n_images,

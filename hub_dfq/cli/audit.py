@@ -1,0 +1,66 @@
+"""``hub-dfq audit MODEL DATA [DATA ...]``: rank datasets by closeness to the model's training data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import add_dataset_options, add_model_arguments, load_model_from_args, write_json
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "audit", help="score how close datasets are to what the model was trained on (BN statistics)",
+        description="Stream each dataset through the model and compare the moments at every BatchNorm input with "
+        "the layer's running statistics. Prints a ranking; --out writes audit.json, audit.md and a per-layer plot.")
+    add_model_arguments(parser)
+    parser.add_argument("data", nargs="+", metavar="DATA",
+                        help="datasets to audit: 'default', a Hub dataset id, parquet:PATH, a .parquet file or a folder")
+    add_dataset_options(parser, flag=None)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--score-batch", type=int, default=64,
+                        help="images per batch-level score and bootstrap unit (default 64)")
+    parser.add_argument("--metric", choices=["kl", "symmetric_kl", "w2"], default="kl",
+                        help="main divergence (default kl, the paper's); all are reported per layer")
+    parser.add_argument("--references", choices=["auto", "gaussian", "none"], default="auto",
+                        help="reference points: auto = BNS synthetic data (near) and Gaussian noise (far); "
+                        "gaussian = noise only; none = raw divergences only")
+    parser.add_argument("--reference-images", type=int, default=64, help="images per reference point (default 64)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (default 200, 0 = no CI)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the references and the bootstrap (default 0)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the reference points")
+    parser.add_argument("--out", help="write audit.json, audit.md and audit_layers.png into this folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    parser.add_argument("--json", help="also write the JSON report to this file ('-' for stdout)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..audit import audit
+    from ..audit.report import json_safe
+    from ..errors import OutputExistsError
+
+    if args.out and (Path(args.out) / "audit.json").exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.out} already holds an audit (audit.json): pass --overwrite or another --out")
+    model = load_model_from_args(args)
+    report = audit(
+        model, args.data, limit=args.limit, batch_size=args.batch_size, score_batch=args.score_batch,
+        metric=args.metric, references=args.references, reference_images=args.reference_images,
+        bootstrap=args.bootstrap, seed=args.seed, split=args.split, image_column=args.image_column,
+        streaming=args.streaming, cache=not args.no_cache, out_dir=args.out,
+    )
+    quiet = args.json == "-"  # keep stdout parseable
+    if not quiet:
+        print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "
+              f"metric {args.metric}); lower divergence = closer to the training data")
+        print(f"{'rank':>4}  {'divergence':>11}  {'95% CI':>23}  {'similarity':>10}  {'images':>7}  dataset")
+        for c in report.ranking() + [c for c in report.candidates if c.rank is None]:
+            ci = f"[{c.ci[0]:.4g}, {c.ci[1]:.4g}]" if c.ci else "-"
+            sim = f"{c.similarity:.3f}" if c.similarity is not None else "-"
+            div = f"{c.divergence:.4g}" if c.divergence is not None else "unscored"
+            skipped = f" ({c.n_skipped} unreadable skipped)" if c.n_skipped else ""
+            print(f"{c.rank or '-':>4}  {div:>11}  {ci:>23}  {sim:>10}  {c.n_images:>7}  {c.dataset}{skipped}")
+        if args.out:
+            print(f"report written to {args.out}/audit.md")
+    write_json(args.json, json_safe(report.to_dict()))
+    return 0

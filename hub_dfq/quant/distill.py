@@ -1,0 +1,141 @@
+"""Knowledge distillation from the full-precision model into the quantized one (the paper's fine-tuning).
+
+The student is the quantized model itself: latent float weights rounded to the integer grid with
+the straight-through estimator, learned per-channel weight step sizes and per-tensor activation
+step sizes (LSQ). The teacher is the same graph with quantization switched off, so no second copy
+of the model is kept. Only the calibration (synthetic) images are used; labels are never needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DivergedError
+from .calibrate import act_quantizers, quant_layers, quant_mode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DistillConfig", "distill"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of distillation.
+
+    Args:
+        iters: optimisation steps.
+        batch_size: images per step.
+        lr_weight: Adam learning rate of the latent weights, in units of each layer's mean weight step.
+        init: ``"calibrate"`` starts from calibrated ranges; ``"reconstruct"`` first runs block
+            reconstruction, then distils the whole model.
+        lr_scale: Adam learning rate of the weight and activation step sizes.
+        temperature: softmax temperature of the KL loss.
+        flip: random horizontal flips of the calibration images (label-free augmentation).
+        seed: seed of batch sampling and augmentation.
+    """
+
+    iters: int = 500
+    batch_size: int = 64
+    lr_weight: float = 1e-2
+    lr_scale: float = 1e-5
+    temperature: float = 1.0
+    flip: bool = True
+    seed: int = 0
+    init: str = "calibrate"
+
+    def __post_init__(self) -> None:
+        if self.init not in ("calibrate", "reconstruct"):
+            raise ConfigError(f"distillation init must be 'calibrate' or 'reconstruct', got {self.init!r}")
+        if self.iters < 0 or self.batch_size <= 0 or self.temperature <= 0:
+            raise ConfigError("distillation needs iters >= 0, batch_size > 0 and temperature > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True,
+                    reduction="batchmean") * (t * t)
+
+
+def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool = False) -> list[float]:
+    """Fine-tune a calibrated quantized model to match its own full-precision outputs on ``data``.
+
+    Args:
+        module: a prepared, calibrated model (modified in place; its weights end up frozen).
+        data: normalised calibration inputs (synthetic images).
+        cfg: distillation settings.
+        progress: show a progress bar.
+
+    Returns:
+        The loss every 50 steps.
+    """
+    layers = [m for _, m in quant_layers(module)]
+    acts = [q for _, q in act_quantizers(module) if q.mode == "quant"]
+    if cfg.iters == 0:
+        return []
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    # The teacher is a frozen copy with quantization off, taken before the latent weights move.
+    teacher_module = copy.deepcopy(module).eval()
+    for p in teacher_module.parameters():
+        p.requires_grad_(False)
+    for layer in layers:
+        layer.weight_quantizer.thaw(layer.weight)
+        layer.weight_quantizer.alpha = None
+    params = [p for p in module.parameters()]
+    saved_grad = [(p, p.requires_grad) for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    weight_groups = []
+    for layer in layers:
+        # Adam moves every weight by about lr per step: scale it by the layer's mean step size so
+        # that lr_weight means "fraction of a quantization step", the same for every layer.
+        step = float(layer.weight_quantizer.scale.mean())
+        layer.weight.requires_grad_(True)
+        weight_groups.append({"params": [layer.weight], "lr": cfg.lr_weight * step})
+        layer.weight_quantizer.scale.requires_grad_(True)
+    scale_params = [l.weight_quantizer.scale for l in layers] + [q.scale for q in acts]
+    for q in acts:
+        q.scale.requires_grad_(True)
+    optimizer = torch.optim.Adam(weight_groups + [{"params": scale_params, "lr": cfg.lr_scale}])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.iters), desc="distill", disable=not progress, leave=False)
+    try:
+        for step in bar:
+            idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
+            x = data[idx].to(device)
+            if cfg.flip:
+                flip = torch.rand(len(x), generator=generator) < 0.5
+                x = torch.where(flip[:, None, None, None].to(device), x.flip(-1), x)
+            with torch.no_grad(), quant_mode(teacher_module, enabled=False):
+                teacher = teacher_module(x)
+            loss = _kd_loss(module(x), teacher, cfg.temperature)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"distillation diverged at step {step} (loss {loss.item()}): lower lr_weight")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                for p in scale_params:
+                    p.abs_().clamp_min_(1e-8)
+            if step % 50 == 0:
+                losses.append(float(loss.detach()))
+                bar.set_postfix(kd=f"{losses[-1]:.4g}")
+    finally:
+        for p, state in saved_grad:
+            p.requires_grad_(state)
+        for layer in layers:
+            layer.weight_quantizer.freeze(layer.weight)
+    return losses

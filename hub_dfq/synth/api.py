@@ -1,0 +1,337 @@
+"""`synthesize`: calibration images from nothing but the model, written as a Hub dataset folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+from ..models import VisionModel
+from .config import Priors, SynthConfig
+from .methods import BatchGenerator, check_model_supports
+from .writer import (
+    DATA_DIR, MANIFEST_FORMAT, features_for, finished_shards, prepare_folder, shard_name, write_manifest, write_shard,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["synthesize", "generate_folder", "weights_sha256", "shard_seed", "cache_dir", "load_folder"]
+
+
+def weights_sha256(model: VisionModel) -> str:
+    """Hash of the model's state dict (names, dtypes, shapes and values), for cache keys and resume checks."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """Seed of shard ``index``: a function of the run seed and the index only (any process can make any shard)."""
+    return int.from_bytes(hashlib.sha256(f"hub-dfq/synth/{seed}/{index}".encode()).digest()[:8], "little") >> 1
+
+
+def cache_dir() -> Path:
+    """Root of cached synthetic datasets: ``$HUB_DFQ_CACHE``, else ``$HF_HOME/hub_dfq``, else ``~/.cache/hub_dfq``."""
+    if os.environ.get("HUB_DFQ_CACHE"):
+        return Path(os.environ["HUB_DFQ_CACHE"]).expanduser() / "synth"
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub_dfq" / "synth"
+    return Path.home() / ".cache" / "hub_dfq" / "synth"
+
+
+def _model_record(model: VisionModel, weights: str) -> dict[str, Any]:
+    src = model.source
+    return {"spec": src.spec, "repo_id": src.repo_id, "revision": src.revision, "commit": src.commit, "url": src.url,
+            "library": src.library, "architecture": src.architecture, "license": src.license, "weights_sha256": weights}
+
+
+def _weighted_layers(records: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    total = sum(rows for rows, _ in records)
+    if not total or not records[0][1]:
+        return {}
+    return {name: sum(rows * values[name] for rows, values in records) / total for name in records[0][1]}
+
+
+def _summary(layers: dict[str, float]) -> dict[str, Any] | None:
+    return {"total": sum(layers.values()), "layers": layers} if layers else None
+
+
+def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
+                    overwrite: bool = False, progress: bool = True, repo_id: str | None = None,
+                    stop_after_shards: int | None = None,
+                    on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Generate (or finish) the dataset folder of one run; returns its manifest (``generation.json``).
+
+    Args:
+        model: source model.
+        config: run arguments.
+        out_dir: output folder (a Hub dataset repository).
+        resume: continue a run with the same arguments from its finished shards.
+        overwrite: replace another run's files.
+        progress: show a progress bar.
+        repo_id: Hub id the card's loading snippet names (when the folder will be pushed).
+        stop_after_shards: generate at most this many new shards and return (for tests of resuming).
+        on_shard: called with the index of each shard after it is written.
+    """
+    from .. import __version__
+    from .card import write_card, write_preview
+
+    check_model_supports(model, config.method)
+    folder = Path(out_dir)
+    weights = weights_sha256(model)
+    identity = {"arguments": config.to_dict(), "weights_sha256": weights}
+    previous = prepare_folder(folder, identity, resume=resume, overwrite=overwrite)
+    for stale in (folder / DATA_DIR).glob(".*.tmp") if (folder / DATA_DIR).is_dir() else ():
+        stale.unlink()  # a temporary file of a killed run: never a finished shard
+    done = finished_shards(folder, previous)
+    total = config.num_shards
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "hub_dfq_version": __version__,
+        "torch_version": torch.__version__,
+        "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "model": _model_record(model, weights),
+        "arguments": config.to_dict(),
+        "label_names": list(model.labels),
+        "input_size": list(model.input_size),
+        "num_rows": config.n,
+        "num_shards": total,
+        "complete": False,
+        "shards": [done[i] for i in sorted(done)],
+    }
+    if config.method == "inception":
+        manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
+    features = features_for(model.labels)
+    generator = BatchGenerator(model, config)
+    todo = [i for i in range(total) if i not in done]
+    rows_done = sum(len(config.shard_rows(i)) for i in done)
+    bar = _progress(config, rows_done, progress)
+    new = 0
+    try:
+        for index in todo:
+            if stop_after_shards is not None and new >= stop_after_shards:
+                break
+            record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
+            manifest["shards"] = sorted(manifest["shards"] + [record], key=lambda r: r["index"])
+            write_manifest(folder, manifest)
+            new += 1
+            if on_shard is not None:
+                on_shard(index)
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(manifest["shards"]) < total:
+        write_manifest(folder, manifest)
+        return manifest
+    _finish(manifest, config)
+    write_manifest(folder, manifest)
+    write_preview(folder, manifest)
+    write_card(folder, manifest, repo_id=repo_id)
+    return manifest
+
+
+def _progress(config: SynthConfig, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.n, initial=initial, unit="img", desc=f"synth {config.method}", dynamic_ncols=True)
+
+
+def _generate_shard(generator: BatchGenerator, config: SynthConfig, index: int, total: int, folder: Path, features,
+                    bar, num_classes: int) -> dict[str, Any]:
+    rng = torch.Generator().manual_seed(shard_seed(config.seed, index))
+    rows = config.shard_rows(index)
+    started = time.perf_counter()
+    pixels, labels, starts, ends, final_losses = [], [], [], [], []
+    for first in range(rows.start, rows.stop, config.batch_size):
+        batch_rows = range(first, min(first + config.batch_size, rows.stop))
+        # Targets spread evenly over the classes by global row index, so every shard is balanced too.
+        targets = torch.tensor([r % num_classes for r in batch_rows], dtype=torch.long)
+        where = f" (rows {batch_rows.start}-{batch_rows.stop - 1}, shard {index})"
+        on_step = None
+        if bar is not None and config.iters:
+            def on_step(step: int, loss: float, _bar=bar) -> None:
+                if step % 10 == 0 or step == config.iters - 1:
+                    _bar.set_postfix(step=f"{step + 1}/{config.iters}", loss=f"{loss:.4g}", refresh=False)
+        result = generator.generate(targets, rng, on_step=on_step, where=where)
+        pixels.append(result.pixels)
+        labels.append(result.labels)
+        starts.append((len(batch_rows), result.start))
+        ends.append((len(batch_rows), result.end))
+        if result.losses:
+            final_losses.append(result.losses[-1])
+        if bar is not None:
+            end_total = sum(result.end.values()) if result.end else None
+            postfix = {"div": f"{end_total:.4g}"} if end_total is not None else {}
+            if result.losses:
+                postfix["loss"] = f"{result.losses[-1]:.4g}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(len(batch_rows))
+    all_pixels, all_labels = torch.cat(pixels), torch.cat(labels)
+    name = shard_name(index, total)
+    sha = write_shard(folder / name, all_pixels, all_labels, features)
+    return {
+        "index": index,
+        "file": name,
+        "rows": len(rows),
+        "first_row": rows.start,
+        "sha256": sha,
+        "bytes": (folder / name).stat().st_size,
+        "seed": shard_seed(config.seed, index),
+        "seconds": time.perf_counter() - started,
+        "label_counts": {str(k): v for k, v in sorted(Counter(all_labels.tolist()).items())},
+        "final_loss": sum(final_losses) / len(final_losses) if final_losses else None,
+        "bn_divergence": {"start": _weighted_layers(starts), "end": _weighted_layers(ends)},
+    }
+
+
+def _finish(manifest: dict[str, Any], config: SynthConfig) -> None:
+    shards = manifest["shards"]
+    manifest["complete"] = True
+    manifest["wall_time_s"] = sum(r["seconds"] for r in shards)
+    starts = [(r["rows"], r["bn_divergence"]["start"]) for r in shards]
+    ends = [(r["rows"], r["bn_divergence"]["end"]) for r in shards]
+    manifest["bn_divergence"] = {
+        "metric": config.loss,
+        "definition": "per BN layer: channel-mean KL(N(running) || N(batch)) (kl) or ZeroQ's L2 distance (l2), "
+                      "measured per batch and averaged over the batches weighted by rows; total = sum over layers",
+        "start": _summary(_weighted_layers(starts)),
+        "end": _summary(_weighted_layers(ends)),
+    }
+    counts: Counter[str] = Counter()
+    for r in shards:
+        counts.update({k: v for k, v in r["label_counts"].items()})
+    manifest["label_counts"] = {manifest["label_names"][int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
+
+
+def load_folder(folder: str | os.PathLike[str], *, progress: bool = True):
+    """The ``train`` split of a dataset folder as a ``datasets.Dataset`` (via ``load_dataset(DIR)``)."""
+    import datasets
+
+    quiet = not progress and datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(str(folder), split="train")
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def synthesize(
+    model: VisionModel | str,
+    method: str = "bns",
+    n: int = 256,
+    *,
+    iters: int | None = None,
+    batch_size: int = 64,
+    loss: str = "kl",
+    lr: float | None = None,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard_size: int = 1024,
+    precision: str = "auto",
+    priors: Priors | dict[str, Any] | None = None,
+    progress: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | bool | None = None,
+):
+    """Generate ``n`` calibration images from the model alone ("The Knowledge Within").
+
+    The result is written as a Hub dataset folder (parquet shards under ``data/``, ``README.md``
+    card, ``preview.png``, ``generation.json``) and returned as a ``datasets.Dataset`` with columns
+    ``image`` and ``label``.
+
+    Args:
+        model: a :class:`VisionModel` or a model spec for :func:`hub_dfq.load_model`.
+        method: ``gaussian``, ``inception``, ``bns`` or ``bns+i``.
+        n: number of images.
+        iters: optimisation steps per batch (default: 200; 0 for gaussian).
+        batch_size: images optimised together (clamped to ``n``).
+        loss: ``kl`` (paper) or ``l2`` (ZeroQ) BN loss.
+        lr: peak Adam learning rate (default: 1.0 for bns/bns+i, 0.1 for inception).
+        seed: run seed; shard ``i`` depends only on ``(seed, i)``.
+        out_dir: output folder; ``None`` uses a cache folder keyed by the weights and arguments, so a
+            repeated call loads instead of regenerating.
+        resume: continue an interrupted run in ``out_dir`` (same arguments required).
+        overwrite: replace another run's files in ``out_dir``.
+        shard_size: rows per parquet shard.
+        precision: ``auto``, ``fp32`` or ``bf16``.
+        priors: :class:`Priors` (or a dict of its fields) for inception and bns+i.
+        progress: show a progress bar.
+        push_to_hub: also push the folder to this dataset repository (one commit).
+        private: create the Hub repository as private.
+        token: Hub token for the push.
+
+    Returns:
+        The ``datasets.Dataset`` of the images (``image``: PIL, ``label``: ``ClassLabel``).
+
+    Raises:
+        ConfigError: an unknown method or loss, or a non-positive ``n``.
+        UnsupportedModelError: ``bns``/``bns+i`` on a model without BatchNorm layers.
+        OutputExistsError: ``out_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+        DivergedError: the loss became NaN/Inf (nothing of the broken batch is saved).
+        PublishError: the push failed (the local folder stays complete).
+
+    Example:
+        >>> model = hub_dfq.load_model("default")  # doctest: +SKIP
+        >>> ds = hub_dfq.synthesize(model, "bns", n=512, out_dir="bns-resnet20")  # doctest: +SKIP
+        >>> ds.features["label"].names[:2]  # doctest: +SKIP
+        ['airplane', 'automobile']
+    """
+    if isinstance(model, str):
+        from ..models import load_model
+
+        model = load_model(model)
+    if isinstance(priors, dict):
+        priors = Priors(**priors)
+    config = SynthConfig(method=method, n=n, iters=iters, batch_size=batch_size, loss=loss, lr=lr, seed=seed,
+                         shard_size=shard_size, precision=precision, priors=priors or Priors())
+    check_model_supports(model, config.method)
+    if out_dir is None:
+        if overwrite:
+            raise ConfigError("overwrite needs an explicit out_dir (the cache is keyed by the arguments)")
+        key = hashlib.sha256(json.dumps({"weights": weights_sha256(model), "arguments": config.to_dict()},
+                                        sort_keys=True).encode()).hexdigest()[:20]
+        out_dir = cache_dir() / f"{config.method.replace('+', '-plus-')}-{key}"
+        resume = True  # a cache entry is always ours: finish or reuse it
+    folder = Path(out_dir)
+    from .writer import read_manifest
+
+    existing = read_manifest(folder) if resume else None
+    reusable = (existing is not None and existing.get("complete") and existing.get("arguments") == config.to_dict()
+                and existing.get("model", {}).get("weights_sha256") == weights_sha256(model)
+                and not finished_shards_missing(folder, existing))
+    if not reusable:
+        generate_folder(model, config, folder, resume=resume, overwrite=overwrite, progress=progress,
+                        repo_id=push_to_hub)
+    elif push_to_hub:
+        from .card import write_card
+
+        write_card(folder, existing, repo_id=push_to_hub)
+    if push_to_hub:
+        from .publish import push_dataset_folder
+
+        push_dataset_folder(folder, push_to_hub, private=private, token=token)
+    return load_folder(folder, progress=progress)
+
+
+def finished_shards_missing(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Whether a complete run lost (or had changed) any of its shards."""
+    return len(finished_shards(folder, manifest)) != manifest.get("num_shards")

@@ -1,0 +1,122 @@
+"""`hub_dfq.quantize` end to end on the embedded ResNet-20: accuracy, methods, determinism, bad input."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hub_dfq
+from hub_dfq.errors import ConfigError, DatasetError
+from hub_dfq.quant import DistillConfig, QuantizedModel, ReconstructConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hub_dfq.load_model("default")
+
+
+@pytest.fixture(scope="module")
+def test_2000(cifar_test_parquet):
+    return hub_dfq.load_images(str(cifar_test_parquet), limit=2000)
+
+
+@pytest.fixture(scope="module")
+def fp_top1(model, test_2000):
+    return hub_dfq.evaluate_accuracy(model, test_2000, progress=False)["top1"]
+
+
+@pytest.fixture(scope="module")
+def real_128(model, cifar_train_parquet):
+    from hub_dfq.quant.data import calibration_tensor
+
+    return calibration_tensor(model, str(cifar_train_parquet), size=128)[0]
+
+
+def test_w8a8_bns_calibration_within_half_a_point(model, test_2000, fp_top1):
+    qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration="bns", calibration_size=64,
+                              synth_options={"iters": 40, "batch_size": 64})
+    assert isinstance(qmodel, QuantizedModel)
+    assert qmodel.calibration["kind"] == "synthetic" and qmodel.calibration["method"] == "bns"
+    top1 = qmodel.evaluate(test_2000, progress=False)["top1"]
+    assert top1 >= fp_top1 - 0.5, (top1, fp_top1)
+
+
+def test_w4a4_reconstruct_beats_calibrate_on_a_small_budget(model, test_2000, real_128):
+    common = dict(weights=4, activations=4, calibration=real_128, first_last_bits=None, residual_bits=None)
+    calibrated = hub_dfq.quantize(model, method="calibrate", **common)
+    rebuilt = hub_dfq.quantize(model, method="reconstruct", reconstruct_config=ReconstructConfig(iters=60), **common)
+    a = calibrated.evaluate(test_2000, progress=False)["top1"]
+    b = rebuilt.evaluate(test_2000, progress=False)["top1"]
+    assert b > a, (a, b)
+    blocks = rebuilt.history["blocks"]
+    assert len(blocks) == 11 and all(r["loss_after"] < r["loss_before"] for r in blocks[1:-1])
+
+
+def test_same_seed_same_quantized_weights(model, real_128):
+    def run(seed):
+        return hub_dfq.quantize(model, weights=4, activations=4, calibration=real_128[:32], method="reconstruct",
+                                reconstruct_config=ReconstructConfig(iters=4, batch_size=8), seed=seed).quant_state()
+
+    first, second, other = run(3), run(3), run(4)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if k.endswith("scale"))
+
+
+def test_distill_runs_and_freezes_integer_weights(model, real_128):
+    qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=real_128[:32], method="distill",
+                              distill_config=DistillConfig(iters=3, batch_size=8))
+    state = qmodel.quant_state()
+    assert state["layer1.0.conv1.weight_int"].dtype == torch.int8
+    assert state["layer1.0.conv1.weight_int"].abs().max() <= 7
+    assert state["layer1.0.conv1.bias_int"].dtype == torch.int32
+    assert len(qmodel.history["distill_loss"]) == 1
+
+
+def test_quantized_model_predicts_and_saves(model, tmp_path, real_128):
+    qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=real_128[:16])
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    assert qmodel.predict([image])[0] in model.labels
+    out = qmodel.save_state(tmp_path / "q")
+    assert (out / "quant_state.safetensors").exists() and (out / "quantization.json").exists()
+    with pytest.raises(hub_dfq.HubDfqError, match="already holds"):
+        qmodel.save_state(tmp_path / "q")
+
+
+def _images(mode: str, size: int, n: int) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    images = [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode) for _ in range(n)]
+    return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+
+
+@pytest.mark.parametrize("mode,size", [("L", 32), ("RGB", 48)], ids=["grayscale", "48px"])
+def test_calibration_images_of_other_size_or_grayscale_are_converted(model, mode, size):
+    qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=_images(mode, size, 8))
+    assert qmodel.calibration["n"] == 8
+
+
+def test_bad_input(model):
+    with pytest.raises(ConfigError, match="2 to 8"):
+        hub_dfq.quantize(model, weights=9, calibration="gaussian")
+    with pytest.raises(ConfigError, match="2 to 8"):
+        hub_dfq.quantize(model, activations=1, calibration="gaussian")
+    with pytest.raises(ConfigError, match="unknown method"):
+        hub_dfq.quantize(model, method="qat", calibration="gaussian")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        hub_dfq.quantize(model, preset="slow", calibration="gaussian")
+    with pytest.raises(DatasetError, match="empty"):
+        hub_dfq.quantize(model, calibration=_images("RGB", 32, 1).select([]))
+    with pytest.raises(ConfigError, match="calibration tensor"):
+        hub_dfq.quantize(model, calibration=torch.zeros(4, 3, 16, 16))

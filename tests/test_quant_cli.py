@@ -1,0 +1,48 @@
+"""`hub-dfq quantize` in-process: summary, JSON keys, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hub_dfq.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quantize_prints_summary_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = main(["quantize", "default", "--weights", "8", "--activations", "8", "--calibration", "gaussian",
+                 "--calibration-size", "16", "--eval-limit", "200", "--json", str(out), "--out", str(tmp_path / "q"),
+                 "--override", "layer3.*:weights=6"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "W8A8" in text and "full precision" in text and "quantized" in text and "time:" in text
+    result = json.loads(out.read_text())
+    for key in ("fp_top1", "quant_top1", "weights", "activations", "calibration", "method", "seconds"):
+        assert key in result
+    assert result["weights"] == 8 and result["calibration"] == "gaussian" and result["method"] == "calibrate"
+    assert result["eval_n"] == 200 and abs(result["fp_top1"] - result["quant_top1"]) < 3.0
+    assert (tmp_path / "q" / "quant_state.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--weights", "9"], "2 to 8"),
+    (["--activations", "1"], "2 to 8"),
+    (["--method", "qat"], "unknown method"),
+    (["--preset", "slow"], "unknown preset"),
+    (["--calibration", "/no/such/folder/"], "does not exist"),
+], ids=["weights", "activations", "method", "preset", "missing-data"])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    code = main(["quantize", "default", "--calibration", "gaussian", "--calibration-size", "8", "--eval", "none",
+                 *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,88 @@
+"""The BN loss machinery of synthesis: fast moments, hooks, early stop, schedule, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hub_dfq
+from hub_dfq.bnstats import batch_moments, gaussian_kl
+from hub_dfq.errors import ConfigError
+from hub_dfq.synth.bns import StopForward, bn_loss
+from hub_dfq.synth.config import SynthConfig
+from hub_dfq.synth.priors import cosine_lr, jitter_flip, total_variation
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_batch_moments_match_var_mean_and_gradcheck(layout):
+    x = (torch.randn(4, 5, 6, 7, dtype=torch.float64) * 3 + 2)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    mean, var = batch_moments(x)
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    assert torch.autograd.gradcheck(batch_moments, (x,))
+
+
+def test_batch_moments_of_bf16_are_float32():
+    x = torch.randn(8, 3, 4, 4).bfloat16().requires_grad_(True)
+    mean, var = batch_moments(x)
+    assert mean.dtype == var.dtype == torch.float32
+    (mean.sum() + var.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_bn_loss_hooks_sum_layer_kl_and_are_removed():
+    model = hub_dfq.load_model("default")
+    x = torch.randn(4, 3, 32, 32)
+    with bn_loss(model.bn_layers, loss="kl") as state:
+        state.reset()
+        model.module(x)
+        total = state.total()
+        per_layer = state.per_layer()
+    assert list(per_layer) == [name for name, _ in model.bn_layers]
+    # reference: capture inputs with plain hooks and the textbook formula
+    from hub_dfq.bnstats import capture_bn_inputs
+
+    with capture_bn_inputs(model.bn_layers) as slots:
+        model.module(x)
+    ref = sum(gaussian_kl(bn.running_mean, bn.running_var, *reversed(torch.var_mean(a, dim=(0, 2, 3), correction=0))).mean()
+              for (_, bn), a in zip(model.bn_layers, slots))
+    assert float(total.detach()) == pytest.approx(float(ref), rel=1e-4)
+    assert all(not bn._forward_pre_hooks for _, bn in model.bn_layers)
+
+
+def test_stop_after_last_bn_layer():
+    model = hub_dfq.load_model("default")
+    with bn_loss(model.bn_layers, stop_after_last=True) as state:
+        with pytest.raises(StopForward):
+            model.module(torch.randn(2, 3, 32, 32))
+        assert len(state.terms) == len(model.bn_layers)
+
+
+def test_cosine_schedule_warms_up_and_decays():
+    lrs = [cosine_lr(s, 100, base=1.0, warmup=0.05) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.2) and max(lrs) == pytest.approx(1.0)
+    assert lrs[-1] < 0.03 and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_priors_are_reproducible():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    a = jitter_flip(x, jitter=2, flip=True, generator=torch.Generator().manual_seed(1))
+    b = jitter_flip(x, jitter=2, flip=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert total_variation(torch.ones(1, 3, 4, 4)) == 0
+
+
+def test_config_defaults_and_checks():
+    config = SynthConfig(method="bns", n=100, batch_size=32, shard_size=50)
+    assert config.iters == 200 and config.lr == 1.0 and config.shard_size == 64 and config.num_shards == 2
+    assert list(config.shard_rows(1)) == list(range(64, 100))
+    assert SynthConfig(method="gaussian", n=3, iters=50).iters == 0
+    with pytest.raises(ConfigError, match="learning rate"):
+        SynthConfig(method="bns", n=3, lr=float("nan"))
+    with pytest.raises(ConfigError, match="precision"):
+        SynthConfig(method="bns", n=3, precision="fp8")
+    assert SynthConfig.from_dict(config.to_dict()) == config
