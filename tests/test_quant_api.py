@@ -58,7 +58,7 @@ def test_w4a4_reconstruct_beats_calibrate_on_a_small_budget(model, test_2000, re
     rebuilt = hub_dfq.quantize(model, method="reconstruct", reconstruct_config=ReconstructConfig(iters=60), **common)
     a = calibrated.evaluate(test_2000, progress=False)["top1"]
     b = rebuilt.evaluate(test_2000, progress=False)["top1"]
-    assert b > a, (a, b)
+    assert b > a + 0.5, (a, b)
     blocks = rebuilt.history["blocks"]
     assert len(blocks) == 11 and all(r["loss_after"] < r["loss_before"] for r in blocks[1:-1])
 

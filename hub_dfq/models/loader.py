@@ -20,7 +20,7 @@ from typing import Callable
 
 import timm
 
-from ..errors import ModelNotFoundError, ModelSpecError, UnsupportedModelError
+from ..errors import CheckpointError, ModelNotFoundError, ModelSpecError, UnsupportedModelError
 from .download import commit_of, download_model_repo
 from .timm_adapter import load_timm_folder, load_timm_name
 from .transformers_adapter import load_transformers_folder
@@ -75,6 +75,9 @@ def _load_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool, 
     except json.JSONDecodeError as err:
         raise UnsupportedModelError(f"{config_file} is not valid JSON: {err}") from err
     library = detect_library(config)
+    if pretrained and (config.get("quantization_config") or {}).get("quant_method") == "hub_dfq":
+        raise CheckpointError(f"{source.spec} is a hub-dfq quantized checkpoint: load it with hub_dfq.from_pretrained "
+                              "(or transformers' from_pretrained after `import hub_dfq`)")
     license_ = _card_license(folder) or (config.get("pretrained_cfg") or {}).get("license")
     source = ModelSource(
         spec=source.spec,

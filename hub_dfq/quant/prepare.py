@@ -26,6 +26,7 @@ from ..models.vision_model import BN_TYPES
 from .config import QuantConfig
 from .fold import fold_batchnorms
 from .modules import QuantModule, qmodule_for
+from .tracing import ConcreteTracer
 from .quantizers import ActQuantizer
 
 logger = logging.getLogger(__name__)
@@ -135,15 +136,23 @@ def block_paths(module: nn.Module) -> set[str]:
     return paths
 
 
-def _trace(module: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
+class _ConcreteTracer(ConcreteTracer, _Tracer):
+    """The same leaf rules, answering shape questions with concrete values (transformers models)."""
+
+
+def _trace(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     try:
+        tracer: fx.Tracer = _Tracer()
         graph = tracer.trace(module)
-    except Exception as err:  # fx raises many types for dynamic control flow
-        raise UnsupportedModelError(
-            f"cannot trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}); quantization "
-            "needs a static graph to place the integer quantizers: use a timm/CNN model without data-dependent "
-            "control flow") from err
+    except Exception:  # fx raises many types for Python control flow; retry knowing concrete shapes
+        tracer = _ConcreteTracer(example_inputs=(example_input,))
+        try:
+            graph = tracer.trace(module)
+        except Exception as err:
+            raise UnsupportedModelError(
+                f"cannot trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}); quantization "
+                "needs a static graph to place the integer quantizers: use a model without data-dependent "
+                "control flow") from err
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
@@ -229,7 +238,7 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
     """
     float_module = copy.deepcopy(module).eval()
     blocks = block_paths(float_module)
-    gm = _trace(float_module)
+    gm = _trace(float_module, example_input)
     report = PrepareReport()
     report.folded_bn, report.unfolded_bn = fold_batchnorms(gm)
     with torch.no_grad():

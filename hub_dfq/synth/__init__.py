@@ -5,7 +5,7 @@ Methods: ``gaussian`` (noise baseline), ``inception`` (class logits under image 
 folder; :func:`synthesize` writes it and returns the ``datasets.Dataset``.
 """
 
-from .api import cache_dir, generate_folder, load_folder, shard_seed, synthesize, weights_sha256
+from .api import cache_dir, generate_folder, load_folder, shard_seed, synthesize, synthesize_folder, weights_sha256
 from .card import render_card
 from .config import LOSSES, METHODS, Priors, SynthConfig
 from .methods import BatchGenerator, BatchResult, check_model_supports
@@ -26,5 +26,6 @@ __all__ = [
     "render_card",
     "shard_seed",
     "synthesize",
+    "synthesize_folder",
     "weights_sha256",
 ]

@@ -24,7 +24,7 @@ from .writer import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["synthesize", "generate_folder", "weights_sha256", "shard_seed", "cache_dir", "load_folder"]
+__all__ = ["synthesize", "synthesize_folder", "generate_folder", "weights_sha256", "shard_seed", "cache_dir", "load_folder"]
 
 
 def weights_sha256(model: VisionModel) -> str:
@@ -231,7 +231,23 @@ def load_folder(folder: str | os.PathLike[str], *, progress: bool = True):
             datasets.enable_progress_bars()
 
 
-def synthesize(
+def synthesize(model: VisionModel | str, method: str = "bns", n: int = 256, *, progress: bool = True, **options: Any):
+    """Generate ``n`` calibration images from the model alone ("The Knowledge Within").
+
+    The result is written as a Hub dataset folder (see :func:`synthesize_folder`, which takes the
+    same arguments and documents them) and returned as a ``datasets.Dataset`` with columns
+    ``image`` and ``label``.
+
+    Example:
+        >>> ds = hub_dfq.synthesize("default", "bns", n=64, out_dir="bns-64")  # doctest: +SKIP
+        >>> ds.features["label"].names[:2]  # doctest: +SKIP
+        ['airplane', 'automobile']
+    """
+    folder = synthesize_folder(model, method, n, progress=progress, **options)
+    return load_folder(folder, progress=progress)
+
+
+def synthesize_folder(
     model: VisionModel | str,
     method: str = "bns",
     n: int = 256,
@@ -280,7 +296,7 @@ def synthesize(
         token: Hub token for the push.
 
     Returns:
-        The ``datasets.Dataset`` of the images (``image``: PIL, ``label``: ``ClassLabel``).
+        The finished folder (the cache folder when ``out_dir`` is ``None``).
 
     Raises:
         ConfigError: an unknown method or loss, or a non-positive ``n``.
@@ -290,10 +306,7 @@ def synthesize(
         PublishError: the push failed (the local folder stays complete).
 
     Example:
-        >>> model = hub_dfq.load_model("default")  # doctest: +SKIP
-        >>> ds = hub_dfq.synthesize(model, "bns", n=512, out_dir="bns-resnet20")  # doctest: +SKIP
-        >>> ds.features["label"].names[:2]  # doctest: +SKIP
-        ['airplane', 'automobile']
+        >>> folder = hub_dfq.synth.synthesize_folder("default", "bns", n=512, out_dir="bns-resnet20")  # doctest: +SKIP
     """
     if isinstance(model, str):
         from ..models import load_model
@@ -329,7 +342,7 @@ def synthesize(
         from .publish import push_dataset_folder
 
         push_dataset_folder(folder, push_to_hub, private=private, token=token)
-    return load_folder(folder, progress=progress)
+    return folder
 
 
 def finished_shards_missing(folder: Path, manifest: dict[str, Any]) -> bool:

@@ -73,12 +73,13 @@ def _class_label_info(names: list[str]) -> dict[str, Any]:
     return {"class_label": {"names": {str(i): name for i, name in enumerate(names)}}}
 
 
-def render_card(manifest: dict[str, Any], *, repo_id: str | None = None):
+def render_card(manifest: dict[str, Any], *, repo_id: str | None = None, model_repo: str | None = None):
     """The :class:`huggingface_hub.DatasetCard` of a finished run.
 
     Args:
         manifest: the run's ``generation.json`` content.
         repo_id: Hub id the card is written for (used in the loading snippet); the local folder otherwise.
+        model_repo: Hub id of a quantized model calibrated with this data, linked from the card.
     """
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -150,11 +151,20 @@ def render_card(manifest: dict[str, Any], *, repo_id: str | None = None):
         load_path=repo_id or "PATH/TO/THIS/FOLDER",
         command=command,
         license=model.get("license") or "unknown",
+        model_repo=model_repo,
+        model_repo_url=_model_url(model_repo) if model_repo else None,
     )
 
 
-def write_card(folder: Path, manifest: dict[str, Any], *, repo_id: str | None = None) -> Path:
-    card = render_card(manifest, repo_id=repo_id)
+def _model_url(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{repo_id}"
+
+
+def write_card(folder: Path, manifest: dict[str, Any], *, repo_id: str | None = None,
+               model_repo: str | None = None) -> Path:
+    card = render_card(manifest, repo_id=repo_id, model_repo=model_repo)
     path = folder / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text(str(card), encoding="utf-8")

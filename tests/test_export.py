@@ -1,0 +1,149 @@
+"""The published checkpoint format: packing, bit-exact reloads, sizes, cards, the transformers plugin, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import hub_dfq
+from hub_dfq.errors import CheckpointError, OutputExistsError
+from hub_dfq.export import from_pretrained, save_pretrained
+from hub_dfq.export.packing import pack, unpack
+from hub_dfq.quant import quantize
+
+
+@pytest.mark.parametrize("bits", range(2, 9), ids=lambda b: f"{b}bit")
+def test_packing_round_trip(bits):
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    values = torch.randint(low, high + 1, (7, 3, 3, 3), dtype=torch.int8)
+    packed = pack(values, bits)
+    assert torch.equal(unpack(packed, bits, values.shape), values)
+    assert packed.numel() == {2: 48, 3: 95, 4: 95}.get(bits, values.numel())
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return hub_dfq.load_model("default")
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return hub_dfq.load_images("default", limit=32)
+
+
+def quantized(model, w: int, a: int, calibration, **kwargs):
+    return quantize(model, weights=w, activations=a, calibration=calibration, calibration_size=32, **kwargs)
+
+
+@pytest.mark.parametrize("w,a", [(8, 8), (4, 4), (3, 3), (2, 8)], ids=["W8A8", "W4A4", "W3A3", "W2A8"])
+def test_reload_is_bit_identical(tmp_path, default_model, calibration, w, a):
+    qmodel = quantized(default_model, w, a, calibration)
+    save_pretrained(qmodel, tmp_path / "q")
+    reloaded = from_pretrained(tmp_path / "q")
+    x = torch.randn(16, 3, 32, 32)
+    assert torch.equal(qmodel(x), reloaded(x))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert config["architecture"] == "resnet20_cifar"
+    assert (qc["quant_method"], qc["weights"], qc["activations"], qc["first_last_bits"]) == ("hub_dfq", w, a, 8)
+    assert qc["layers"]["conv1"]["weights"] == 8 and qc["layers"]["layer2.0.conv1"]["weights"] == w
+    assert qc["calibration_source"].startswith("real: default")
+    assert reloaded.labels == default_model.labels and reloaded.preprocess == default_model.preprocess
+
+
+@pytest.mark.parametrize("name", ["cifar10-resnet20", "cifar10-resnet44"])
+def test_checkpoint_size_against_fp32(tmp_path, shared_dir, calibration, name):
+    model = hub_dfq.load_model(shared_dir / "models" / name)
+    fp32 = (shared_dir / "models" / name / "model.safetensors").stat().st_size
+    for bits, limit in ((4, 0.16), (8, 0.30)):
+        folder = save_pretrained(quantized(model, bits, 8, calibration), tmp_path / f"w{bits}")
+        assert (folder / "model.safetensors").stat().st_size <= limit * fp32
+
+
+def test_card_metadata_round_trips(tmp_path, default_model, calibration):
+    qmodel = quantized(default_model, 4, 8, calibration)
+    evaluation = {"dataset": "default", "split": "test", "n": 1000, "fp_top1": 87.8, "fp_top5": 99.6,
+                  "quant_top1": 87.1, "quant_top5": 99.5}
+    save_pretrained(qmodel, tmp_path / "q", repo_id="tester/r20-w4a8", evaluation=evaluation)
+    card = ModelCard.load(tmp_path / "q" / "README.md")
+    assert {"hub-dfq", "quantized", "w4a8", "timm"} <= set(card.data.tags)
+    assert card.data.license == "bsd-2-clause" and card.data.library_name == "timm"
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values == {"top-1 accuracy (W4A8)": 87.1, "top-1 accuracy (full-precision base model)": 87.8}
+    text = card.text
+    assert "hub-dfq quantize default --weights 4 --activations 8" in text
+    assert "87.10%" in text and "real images" in text
+
+
+def test_output_folder_is_not_overwritten(tmp_path, default_model, calibration):
+    qmodel = quantized(default_model, 8, 8, calibration)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_pretrained(qmodel, tmp_path / "q")
+    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def saved(tmp_path, default_model, calibration) -> Path:
+    return save_pretrained(quantized(default_model, 4, 4, calibration), tmp_path / "q")
+
+
+def test_newer_format_asks_to_upgrade(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="upgrade"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_damaged_weights_give_a_clear_error(saved, damage):
+    weights = saved / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError, match="corrupted or truncated|missing"):
+        from_pretrained(saved)
+
+
+def test_float_loader_points_to_from_pretrained(saved):
+    with pytest.raises(CheckpointError, match="from_pretrained"):
+        hub_dfq.load_model(saved)
+    with pytest.raises(CheckpointError, match="load_model"):
+        from_pretrained(Path(hub_dfq.models.default_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def hf_resnet(tmp_path_factory):
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf-fp")
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3,
+                          id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    ResNetForImageClassification(config).eval().save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(folder)
+    return hub_dfq.load_model(folder)
+
+
+def test_transformers_plugin_loads_bit_identical(tmp_path, hf_resnet):
+    from transformers import AutoModelForImageClassification
+
+    qmodel = quantize(hf_resnet, weights=4, activations=8, calibration="gaussian", calibration_size=16)
+    assert "model.resnet.embedder.embedder.convolution" in qmodel.report.quantized
+    folder = save_pretrained(qmodel, tmp_path / "q")
+    assert (folder / "preprocessor_config.json").is_file()
+    x = torch.randn(4, 3, 32, 32)
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, qmodel(x))
+    assert model.config.quantization_config.quant_method == "hub_dfq"
+    assert torch.equal(from_pretrained(folder)(x), qmodel(x))
