@@ -192,51 +192,33 @@ def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name
 # ---- references --------------------------------------------------------------------------------
 
 def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, batch_size: int, score_batch: int,
-               metric: str, bootstrap: int, seed: int, cache: bool, progress: bool = False) -> dict[str, Any]:
-    """Measure (or read from the cache) one reference point."""
+               metric: str, bootstrap: int, seed: int, cache: bool, progress: bool = False) -> dict[str, Any] | None:
+    """Measure (or read from the cache) one reference point; ``None`` if the near point cannot be made."""
+    method = "gaussian" if kind == "far" else "hub_dfq.synth bns"
+    settings = {"kind": kind, "method": method, "n": n, "steps": None if kind == "far" else steps,
+                "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
+    key = refs.reference_key(layers, model.preprocess, settings)
+    if cache and (hit := refs.load_cached(key)) is not None:
+        logger.info("audit reference %s read from the cache (%s)", kind, key)
+        return {**hit, "cached": True}
+    logger.info("measuring the %s reference (%s, %d images)", kind, method, n)
+    common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
     if kind == "far":
-        methods = ["gaussian"]
-    else:  # the synthesis module's BNS data when installed, the built-in optimisation otherwise
-        methods = (["hub_dfq.synth bns"] if _synth_available() else []) + ["internal bns"]
-    for method in methods:
-        settings = {"kind": kind, "method": method, "n": n, "steps": None if kind == "far" else steps,
-                    "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
-        key = refs.reference_key(layers, model.preprocess, settings)
-        if cache and (hit := refs.load_cached(key)) is not None:
-            logger.info("audit reference %s read from the cache (%s)", kind, key)
-            return {**hit, "cached": True}
-        logger.info("measuring the %s reference (%s, %d images)", kind, method, n)
-        common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
-        if method == "gaussian":
-            result = measure_tensors(model, refs.gaussian_batches(model.input_size, n=n, batch_size=batch_size,
-                                                                  seed=seed), name="gaussian noise", **common)
-        elif method == "hub_dfq.synth bns":
-            try:
-                synthetic = refs.synth_near_dataset(model, n=n, seed=seed, steps=steps, progress=progress)
-            except Exception as err:  # a reference must not sink the audit: fall back, loudly
-                logger.warning("hub_dfq.synth could not make the near reference (%s: %s); using the built-in "
-                               "BNS optimisation", type(err).__name__, err)
-                continue
-            data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
-            result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, **common)
-        else:
-            # Optimise first, measure after: the hooks must not see the optimisation steps.
-            batches = list(refs.bns_batches(model, n=n, batch_size=min(batch_size, n), steps=steps, seed=seed))
-            result = measure_tensors(model, batches, name="bns synthetic", **common)
-        entry = {"method": method, "settings": settings, **result.to_dict()}
-        if cache:
-            refs.store_cached(key, entry)
-        return {**entry, "cached": False}
-    raise RuntimeError("unreachable: the built-in BNS method always returns")
-
-
-def _synth_available() -> bool:
-    try:
-        from .. import synth
-
-        return hasattr(synth, "synthesize")
-    except ImportError:
-        return False
+        result = measure_tensors(model, refs.gaussian_batches(model.input_size, n=n, batch_size=batch_size,
+                                                              seed=seed), name="gaussian noise", **common)
+    else:
+        try:
+            synthetic = refs.synth_near_dataset(model, n=n, seed=seed, steps=steps, progress=progress)
+        except Exception as err:  # a reference must not sink the audit: fall back to the noise point, loudly
+            logger.warning("hub_dfq.synth could not make the near reference (%s: %s); similarity falls back to "
+                           "the one-point normalisation against noise", type(err).__name__, err)
+            return None
+        data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
+        result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, **common)
+    entry = {"method": method, "settings": settings, **result.to_dict()}
+    if cache:
+        refs.store_cached(key, entry)
+    return {**entry, "cached": False}
 
 
 # ---- the public verb ---------------------------------------------------------------------------
@@ -306,7 +288,7 @@ def audit(
             ``{"far": d, "near": d}`` of known reference divergences.
         reference_images: images per reference point.
         reference_steps: BNS optimisation steps per batch of the near reference (``iters`` of
-            ``hub_dfq.synth.synthesize``, or of the built-in fallback when that module is missing).
+            ``hub_dfq.synth.synthesize``).
         bootstrap: bootstrap replicates of the confidence interval (0: no interval).
         seed: seed of the reference points and the bootstrap.
         split: dataset split (default: test, then validation, then train).

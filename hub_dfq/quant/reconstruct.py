@@ -11,6 +11,7 @@ a small (or synthetic) calibration set.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -44,7 +45,7 @@ class ReconstructConfig:
 
     iters: int = 300
     batch_size: int = 32
-    lr_round: float = 1e-2
+    lr_round: float = 1e-1
     lr_act: float = 1e-3
     round_weight: float = 0.01
     warmup: float = 0.2
@@ -171,7 +172,11 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
     if acts:
         groups.append({"params": [q.scale for q in acts], "lr": cfg.lr_act})
     optimizer = torch.optim.Adam(groups)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
+    # Rounding variables keep a constant rate: the regulariser is strongest at the end (small beta)
+    # and must still be able to push them to 0 or 1. Step sizes follow a cosine decay.
+    cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.iters) / cfg.iters))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [(lambda step: 1.0) if layers and i == 0 else cosine for i in range(len(groups))])
     n = len(next(iter(inputs.values())))
     device = _device(block.module)
     warm = int(cfg.warmup * cfg.iters)

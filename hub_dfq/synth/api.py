@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..cache import cache_root
 from ..errors import ConfigError
 from ..models import VisionModel
 from .config import Priors, SynthConfig
@@ -43,12 +44,8 @@ def shard_seed(seed: int, index: int) -> int:
 
 
 def cache_dir() -> Path:
-    """Root of cached synthetic datasets: ``$HUB_DFQ_CACHE``, else ``$HF_HOME/hub_dfq``, else ``~/.cache/hub_dfq``."""
-    if os.environ.get("HUB_DFQ_CACHE"):
-        return Path(os.environ["HUB_DFQ_CACHE"]).expanduser() / "synth"
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub_dfq" / "synth"
-    return Path.home() / ".cache" / "hub_dfq" / "synth"
+    """Root of cached synthetic datasets (see :func:`hub_dfq.cache.cache_root`)."""
+    return cache_root("synth")
 
 
 def _model_record(model: VisionModel, weights: str) -> dict[str, Any]:
