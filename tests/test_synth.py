@@ -160,7 +160,7 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
     import time
 
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "hub_dfq", "synth", "default", "--method", "bns", "--n", "40", "--iters", "10",
+    args = [sys.executable, "-m", "hub_dfq", "synth", "default", "--method", "bns", "--n", "40", "--iters", "40",
             "--batch-size", "8", "--shard-size", "8", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -176,7 +176,7 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
     done = [s["index"] for s in manifest(out)["shards"]]
     assert 1 <= len(done) < 5
     assert subprocess.run(args + ["--resume"], env=env, capture_output=True).returncode == 0
-    config = SynthConfig(method="bns", n=40, iters=10, batch_size=8, shard_size=8)
+    config = SynthConfig(method="bns", n=40, iters=40, batch_size=8, shard_size=8)
     generate_folder(model, config, tmp_path / "full", progress=False)
     assert shard_bytes(out) == shard_bytes(tmp_path / "full")
 
