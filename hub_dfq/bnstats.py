@@ -7,9 +7,7 @@ model and accumulate the same moments in float64.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -18,15 +16,14 @@ from torch import nn
 __all__ = [
     "reduce_dims",
     "batch_moments",
-    "ChannelMoments",
     "capture_bn_inputs",
+    "bn_layers_with_stats",
     "running_moments",
     "gaussian_kl",
     "symmetric_kl",
     "wasserstein2",
     "zeroq_l2",
     "DIVERGENCES",
-    "layer_divergence",
 ]
 
 BNLayers = Sequence[tuple[str, nn.Module]]
@@ -79,45 +76,17 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def running_moments(layers: BNLayers) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(running_mean, running_var)`` of each layer, detached, in float32."""
-    return [(bn.running_mean.detach().float(), bn.running_var.detach().float()) for _, bn in layers]
+def bn_layers_with_stats(layers: BNLayers) -> list[tuple[str, nn.Module]]:
+    """BN layers that track running statistics (the others remember nothing of the data)."""
+    return [(name, bn) for name, bn in layers
+            if getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None]
 
 
-@dataclass
-class ChannelMoments:
-    """Streaming per-channel count, sum and sum of squares in float64.
-
-    Float64 sums make streaming exact enough that adding batches one by one equals a one-shot
-    computation over the concatenation (to ~1e-12 relative).
-    """
-
-    count: int
-    sum: torch.Tensor
-    sumsq: torch.Tensor
-
-    @classmethod
-    def zeros(cls, channels: int) -> "ChannelMoments":
-        return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
-
-    def update(self, x: torch.Tensor) -> None:
-        dims = reduce_dims(x)
-        x64 = x.detach().to(torch.float64)
-        self.count += x.numel() // x.shape[1]
-        self.sum += x64.sum(dim=dims).cpu()
-        self.sumsq += x64.square().sum(dim=dims).cpu()
-
-    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
-        return ChannelMoments(self.count + other.count, self.sum + other.sum, self.sumsq + other.sumsq)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Biased variance (what BN normalises a batch with)."""
-        return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0.0)
+def running_moments(layers: BNLayers, *, dtype: torch.dtype = torch.float64,
+                    device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Detached ``(running_mean, running_var)`` of each layer: the model's memory of its training data."""
+    return [(bn.running_mean.detach().to(device=device, dtype=dtype), bn.running_var.detach().to(device=device, dtype=dtype))
+            for _, bn in layers]
 
 
 @contextmanager
@@ -172,14 +141,3 @@ def zeroq_l2(mu_p, var_p, mu_q, var_q, eps: float = 1e-5) -> torch.Tensor:
 
 # Per-channel divergences, averaged over channels in reports.
 DIVERGENCES = {"kl": gaussian_kl, "symmetric_kl": symmetric_kl, "w2": wasserstein2}
-
-
-def layer_divergence(name: str, running: tuple[torch.Tensor, torch.Tensor],
-                     observed: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Channel-averaged divergence ``name`` between running and observed moments of one layer."""
-    fn = DIVERGENCES[name]
-    mu_p, var_p = (t.double() for t in running)
-    mu_q, var_q = (t.double().to(mu_p.device) for t in observed)
-    value = fn(mu_p, var_p, mu_q, var_q).mean().item()
-    return value if math.isfinite(value) else float("inf")
-

@@ -17,7 +17,8 @@ import hub_dfq
 from hub_dfq.audit import auroc, measurement_path, similarity
 from hub_dfq.audit import core as audit_core
 from hub_dfq.audit import references as audit_refs
-from hub_dfq.audit.moments import MomentAccumulator, bn_layers_with_stats
+from hub_dfq.audit.moments import MomentAccumulator
+from hub_dfq.bnstats import bn_layers_with_stats
 from hub_dfq.bnstats import capture_bn_inputs, gaussian_kl
 from hub_dfq.errors import DatasetError, UnsupportedModelError
 from hub_dfq.models import ModelSource, Preprocess, VisionModel

@@ -11,11 +11,12 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
 from ..errors import ConfigError, DatasetError, UnsupportedModelError
 from ..models.vision_model import VisionModel
 from . import references as refs
-from .moments import MomentAccumulator, bn_layers_with_stats, reference_moments
+from .moments import MomentAccumulator
 from .scores import METRICS, aggregate, bootstrap_ci, layer_divergences, similarity
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
         raise DatasetError(f"{name or data.spec} is empty: there are no images to audit")
     if acc.n_images == 0:
         logger.warning("%s: none of its %d images could be read", name or data.spec, counter[0])
-    return _summarise(name or data.spec, acc, reference_moments(layers), metric=metric, skipped=skipped,
+    return _summarise(name or data.spec, acc, running_moments(layers), metric=metric, skipped=skipped,
                       n_skipped=counter[0], split=data.split)
 
 
@@ -186,7 +187,7 @@ def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name
     """Score already-normalised input batches (used for the reference points)."""
     layers = _check_model(model)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
-    return _summarise(name, acc, reference_moments(layers), metric=metric, skipped=[], n_skipped=0)
+    return _summarise(name, acc, running_moments(layers), metric=metric, skipped=[], n_skipped=0)
 
 
 # ---- references --------------------------------------------------------------------------------

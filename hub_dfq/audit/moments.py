@@ -17,27 +17,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..bnstats import DIVERGENCES
+from ..bnstats import DIVERGENCES, running_moments
 
-__all__ = ["LayerMoments", "MomentAccumulator", "bn_layers_with_stats", "reference_moments"]
+__all__ = ["LayerMoments", "MomentAccumulator"]
 
 BNLayers = Sequence[tuple[str, nn.Module]]
-
-
-def bn_layers_with_stats(layers: BNLayers) -> list[tuple[str, nn.Module]]:
-    """BN layers that track running statistics (the others remember nothing of the data)."""
-    return [(name, bn) for name, bn in layers
-            if getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None]
-
-
-def reference_moments(layers: BNLayers, device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Running ``(mean, var)`` of each layer in float64 (the model's memory of its training data)."""
-    out = []
-    for _, bn in layers:
-        mean = bn.running_mean.detach().to(torch.float64)
-        var = bn.running_var.detach().to(torch.float64)
-        out.append((mean.to(device) if device else mean, var.to(device) if device else var))
-    return out
 
 
 @dataclass
@@ -90,7 +74,7 @@ class MomentAccumulator:
         self.score_batch = int(score_batch)
         self.metric = DIVERGENCES[metric]
         self.bootstrap = int(bootstrap)
-        self.running = reference_moments(self.layers, device)
+        self.running = running_moments(self.layers, device=device)
         widths = [bn.running_mean.numel() for _, bn in self.layers]
         f64 = dict(dtype=torch.float64, device=device)
         self.sum = [torch.zeros(c, **f64) for c in widths]
