@@ -6,12 +6,17 @@ Public API, one entry point per job::
     model = hub_dfq.load_model("default")          # or "timm/resnet18.a1_in1k", "local-dir:PATH"
     data = hub_dfq.load_images("default")          # or a Hub dataset id, parquet, image folder
     hub_dfq.evaluate_accuracy(model, data)          # {"top1": .., "top5": .., "n": ..}
+    synthetic = hub_dfq.synthesize(model, "bns", n=256)
+    qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns")
+    hub_dfq.push_to_hub(qmodel, "me/model-w4a4-dfq")
+    report = hub_dfq.audit(model, ["default", synthetic])
 """
 
 from .audit import AuditReport, audit
 from .data import ImageData, iter_batches, load_images
 from .errors import HubDfqError
 from .evaluation import evaluate_accuracy
+from .export import from_pretrained, push_to_hub, save_pretrained
 from .models import ModelSource, Preprocess, VisionModel, load_model
 from .quant import QuantConfig, QuantizedModel, QuantScheme, quantize
 from .synth import synthesize
@@ -31,9 +36,12 @@ __all__ = [
     "__version__",
     "audit",
     "evaluate_accuracy",
+    "from_pretrained",
     "iter_batches",
     "load_images",
     "load_model",
+    "push_to_hub",
     "quantize",
+    "save_pretrained",
     "synthesize",
 ]

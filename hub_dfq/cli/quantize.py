@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
+
+from ..errors import ConfigError
 
 from .options import add_model_arguments, load_model_from_args, write_json
 
@@ -65,7 +68,12 @@ def register(sub) -> None:
     parser.add_argument("--eval-split", help="split of the evaluation dataset")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N images only")
     parser.add_argument("--json", help="write the summary to this file ('-' for stdout)")
-    parser.add_argument("--out", help="save the quantized model to this folder")
+    parser.add_argument("--out", help="save the quantized model to this folder (a Hub model repo)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="publish the quantized model to this Hub repo")
+    parser.add_argument("--push-dataset", metavar="REPO",
+                        help="also publish the synthetic calibration set to this Hub dataset repo (cards link both)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repositories as private")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.set_defaults(func=run)
 
@@ -75,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_accuracy
     from ..quant import quantize
 
+    if args.push_dataset and not args.push_to_hub:
+        raise ConfigError("--push-dataset needs --push-to-hub REPO (the dataset card links to the model)")
+    if args.push_dataset and args.calibration.lower() not in SYNTHETIC:
+        raise ConfigError("--push-dataset publishes synthetic calibration data; with real data "
+                          f"({args.calibration}) there is nothing to publish")
     start = time.perf_counter()
     model = load_model_from_args(args)
     calibration = args.calibration
@@ -107,13 +120,35 @@ def run(args: argparse.Namespace) -> int:
         fp = evaluate_accuracy(model, data, progress=args.progress)
         quant = evaluate_accuracy(model, data, forward=qmodel, progress=args.progress)
         summary.update(fp_top1=fp["top1"], quant_top1=quant["top1"], eval=data.spec, eval_n=quant["n"])
-    if args.out:
-        qmodel.save_state(args.out)
-        summary["out"] = args.out
+        evaluation = {"dataset": data.spec, "split": data.split, "n": quant["n"], "fp_top1": fp["top1"],
+                      "fp_top5": fp["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"]}
+    else:
+        evaluation = None
+    if args.out or args.push_to_hub:
+        _publish(args, qmodel, evaluation, summary)
     summary["total_seconds"] = round(time.perf_counter() - start, 2)
     print(_render(summary, qmodel))
     write_json(args.json, summary)
     return 0
+
+
+def _publish(args: argparse.Namespace, qmodel, evaluation: dict | None, summary: dict) -> None:
+    """Write the checkpoint folder first, then push it: a failed push keeps the complete folder."""
+    from ..export import push_to_hub, save_pretrained
+
+    command = "hub-dfq " + shlex.join(getattr(args, "argv", None) or ["quantize", args.model])
+    card_args = {"evaluation": evaluation, "command": command}
+    if args.out:
+        save_pretrained(qmodel, args.out, repo_id=args.push_to_hub, calibration_repo=args.push_dataset,
+                        overwrite=args.overwrite, **card_args)
+        summary["out"] = args.out
+    if args.push_to_hub:
+        result = push_to_hub(qmodel, args.push_to_hub, private=args.private, folder=args.out,
+                             calibration_folder=qmodel.calibration.get("folder"), dataset_repo=args.push_dataset,
+                             **card_args)
+        summary["pushed"] = result.url
+        if args.push_dataset:
+            summary["pushed_dataset"] = args.push_dataset
 
 
 def _render(summary: dict, qmodel) -> str:
@@ -132,6 +167,9 @@ def _render(summary: dict, qmodel) -> str:
         lines.append("left in full precision: " + "; ".join(summary["left_in_float"]))
     if summary.get("out"):
         lines.append(f"saved to {summary['out']}")
+    if summary.get("pushed"):
+        lines.append(f"published to {summary['pushed']}"
+                     + (f" with calibration set {summary['pushed_dataset']}" if summary.get("pushed_dataset") else ""))
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ def save_pretrained(
         >>> qmodel = hub_dfq.quantize("default", weights=4, activations=8)  # doctest: +SKIP
         >>> hub_dfq.save_pretrained(qmodel, "resnet20-w4a8")  # doctest: +SKIP
     """
-    target = save_quantized(qmodel, folder, overwrite=overwrite)
+    target = save_quantized(qmodel, folder, overwrite=overwrite, calibration_repo=calibration_repo)
     size = {"bytes": (target / WEIGHTS_NAME).stat().st_size, "fp32_bytes": _fp32_bytes(qmodel)}
     card = render_model_card(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
                              calibration_repo=calibration_repo, size=size)

@@ -48,7 +48,7 @@ def reproduce_command(qmodel: QuantizedModel) -> str:
     if cal.get("seed") is not None:
         parts.append(f"--seed {cal['seed']}")
     if cfg.first_last_bits is None:
-        parts.append("--quantize-first-last")
+        parts.append("--first-last-bits same")
     return " ".join(parts)
 
 

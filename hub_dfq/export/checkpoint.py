@@ -57,19 +57,26 @@ def calibration_source(calibration: dict[str, Any]) -> str:
     """One line naming the calibration data: ``synthetic: bns (...)`` or ``real: <dataset>``."""
     kind = calibration.get("kind")
     if kind == "synthetic":
-        where = calibration.get("repo_id") or calibration.get("folder")
+        where = calibration.get("repo_id")
         return f"synthetic: {calibration.get('method')}" + (f" ({where})" if where else "")
     if kind == "dataset":
         return f"real: {calibration.get('spec')}" + (f" [{calibration['split']}]" if calibration.get("split") else "")
     return f"{kind or 'unknown'}"
 
 
-def quantization_config(qmodel: QuantizedModel) -> dict[str, Any]:
-    """The ``quantization_config`` entry written into ``config.json``."""
+def quantization_config(qmodel: QuantizedModel, *, calibration_repo: str | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` entry written into ``config.json``.
+
+    Local cache paths are left out (they mean nothing to others); a published calibration set is
+    named by its Hub repo.
+    """
     from .. import __version__
 
     cfg = qmodel.config
     source = qmodel.source
+    calibration = {k: v for k, v in qmodel.calibration.items() if k != "folder"}
+    if calibration_repo:
+        calibration["repo_id"] = calibration_repo
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -82,8 +89,8 @@ def quantization_config(qmodel: QuantizedModel) -> dict[str, Any]:
         "act_observer": cfg.default.act_observer,
         "method": qmodel.method,
         "method_config": qmodel.method_config,
-        "calibration": qmodel.calibration,
-        "calibration_source": calibration_source(qmodel.calibration),
+        "calibration": calibration,
+        "calibration_source": calibration_source(calibration),
         "base_model": source.repo_id or source.spec,
         "base_model_revision": source.commit or source.revision,
         "input_size": list(qmodel.model.input_size),
@@ -108,7 +115,7 @@ def _tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(qmodel: QuantizedModel, folder: str | Path, *, overwrite: bool = False,
-                   card: str | None = None) -> Path:
+                   card: str | None = None, calibration_repo: str | None = None) -> Path:
     """Write ``qmodel`` as a Hub model repo folder (see the module docstring).
 
     The folder is written next to its target and moved into place at the end, so an interrupted
@@ -119,6 +126,7 @@ def save_quantized(qmodel: QuantizedModel, folder: str | Path, *, overwrite: boo
         folder: destination.
         overwrite: replace an existing checkpoint in ``folder``.
         card: README.md text (see :func:`hub_dfq.export.card.render_model_card`); none is written if ``None``.
+        calibration_repo: Hub dataset repo of the published calibration set, recorded in the config.
 
     Raises:
         OutputExistsError: ``folder`` holds files and ``overwrite`` is false.
@@ -132,7 +140,7 @@ def save_quantized(qmodel: QuantizedModel, folder: str | Path, *, overwrite: boo
         metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
         save_file(_tensors(qmodel), str(staging / WEIGHTS_NAME), metadata=metadata)
         config = dict(qmodel.model.config)
-        config["quantization_config"] = quantization_config(qmodel)
+        config["quantization_config"] = quantization_config(qmodel, calibration_repo=calibration_repo)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         source_dir = Path(qmodel.source.path) if qmodel.source.path else None
         if source_dir is not None and (source_dir / "preprocessor_config.json").is_file():

@@ -48,24 +48,15 @@ def images_to_tensor(model: VisionModel, data: ImageData, *, limit: int | None =
 
 
 def _synthesize(model: VisionModel, method: str, n: int, *, seed: int, options: dict[str, Any]):
-    try:
-        from ..synth import synthesize
-    except ImportError:
-        synthesize = None
-    if synthesize is None:
-        if method == "gaussian":
-            # Until the synthesis module exists: standard normal noise in the model's input space.
-            generator = torch.Generator().manual_seed(seed)
-            return torch.randn(n, *model.input_size, generator=generator), {"method": "gaussian", "n": n, "seed": seed,
-                                                                            "generator": "torch.randn"}
-        raise ConfigError(f"calibration {method!r} needs hub_dfq.synth, which this installation lacks: "
-                          "pass a dataset (real or synthetic folder) or 'gaussian'")
+    from ..synth import load_folder, synthesize_folder
+
     if method == "gaussian":  # noise has no optimisation steps
         options = {k: v for k, v in options.items() if k not in ("iters", "lr")}
-    result = synthesize(model, method, n, seed=seed, **options)
-    dataset = result if isinstance(result, (datasets.Dataset, ImageData)) else getattr(result, "dataset", result)
-    data = dataset if isinstance(dataset, ImageData) else load_images(dataset)
-    provenance = {"method": method, "n": n, "seed": seed, **{k: v for k, v in options.items() if k != "progress"}}
+    # A cached Hub dataset folder: repeated runs reuse it, and --push-dataset publishes exactly it.
+    folder = synthesize_folder(model, method, n, seed=seed, **options)
+    data = load_images(load_folder(folder, progress=bool(options.get("progress"))))
+    provenance = {"method": method, "n": n, "seed": seed, "folder": str(folder),
+                  **{k: v for k, v in options.items() if k != "progress"}}
     return images_to_tensor(model, data, limit=n), provenance
 
 

@@ -99,12 +99,11 @@ def _copy_params(dst: nn.Module, src: nn.Module) -> None:
     dst.to(src.weight.device)
 
 
-@register_qmodule(nn.Conv2d)
-class QuantConv2d(QuantModule, nn.Conv2d):
-    """``nn.Conv2d`` with per-output-channel weight quantization."""
+class _QuantConv(QuantModule):
+    """Shared body of the quantized convolutions (the float class supplies ``_conv_forward``)."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, scheme: QuantScheme) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Module, scheme: QuantScheme) -> "_QuantConv":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode, dtype=conv.weight.dtype)
@@ -114,23 +113,16 @@ class QuantConv2d(QuantModule, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+
+
+@register_qmodule(nn.Conv2d)
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` with per-output-channel weight quantization."""
 
 
 @register_qmodule(nn.Conv1d)
-class QuantConv1d(QuantModule, nn.Conv1d):
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` with per-output-channel weight quantization."""
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, scheme: QuantScheme) -> "QuantConv1d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                padding_mode=conv.padding_mode, dtype=conv.weight.dtype)
-        _copy_params(q, conv)
-        q._init_quant(scheme, conv.out_channels)
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 @register_qmodule(nn.Linear)

@@ -1,0 +1,124 @@
+"""Quantize -> push model and calibration set -> download -> reload, against the local Hub server."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from huggingface_hub import DatasetCard, HfApi, ModelCard, hf_hub_download, snapshot_download
+from hub_server import COMMIT_PATH, WRITE_TOKEN
+
+import hub_dfq
+from hub_dfq.cli import main
+from hub_dfq.errors import PublishError
+from hub_dfq.models import default_model_dir
+
+FAST = {"weights": 4, "activations": 8, "calibration": "gaussian", "calibration_size": 16}
+
+
+@pytest.fixture
+def base_repo(hub) -> str:
+    repo_id = hub.new_repo_id("cifar-r20")
+    api = HfApi(token=WRITE_TOKEN)
+    api.create_repo(repo_id)
+    api.upload_folder(folder_path=default_model_dir(), repo_id=repo_id)
+    return repo_id
+
+
+def test_push_model_and_dataset_then_reload(hub, base_repo, tmp_path):
+    model = hub_dfq.load_model(base_repo)
+    qmodel = hub_dfq.quantize(model, **FAST)
+    model_repo, data_repo = hub.new_repo_id("r20-w4a8"), hub.new_repo_id("r20-calibration")
+    result = hub_dfq.push_to_hub(qmodel, model_repo, token=WRITE_TOKEN, dataset_repo=data_repo,
+                                 calibration_folder=qmodel.calibration["folder"])
+    assert result.commit == hub.head(model_repo)
+    assert len(hub.commits(model_repo)) == 2  # the Hub's initial commit + one upload
+
+    folder = snapshot_download(model_repo, cache_dir=tmp_path / "cache")
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in __import__("pathlib").Path(folder).iterdir()}
+    config = json.loads(open(hf_hub_download(model_repo, "config.json", cache_dir=tmp_path / "c2")).read())
+    assert config["quantization_config"]["calibration"]["repo_id"] == data_repo
+    assert "folder" not in config["quantization_config"]["calibration"]  # no local paths published
+
+    x = torch.randn(8, 3, 32, 32)
+    assert torch.equal(hub_dfq.from_pretrained(model_repo)(x), qmodel(x))
+    assert torch.equal(hub_dfq.from_pretrained(folder)(x), qmodel(x))
+
+    card = ModelCard.load(model_repo)
+    assert card.data.base_model == base_repo and card.data.base_model_relation == "quantized"
+    assert card.data.datasets == [data_repo] and "data-free" in card.data.tags
+    assert "without any training data" in card.text
+
+    calibration = datasets.load_dataset(data_repo, split="train")
+    assert len(calibration) == 16 and calibration.features["label"].names == model.labels
+    assert model_repo in DatasetCard.load(data_repo, repo_type="dataset").text
+
+
+def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    model_repo, data_repo = hub.new_repo_id("cli-q"), hub.new_repo_id("cli-cal")
+    out = tmp_path / "q"
+    argv = ["quantize", base_repo, "--weights", "4", "--activations", "4", "--calibration", "gaussian",
+            "--calibration-size", "16", "--eval-limit", "64", "--out", str(out), "--push-to-hub", model_repo,
+            "--push-dataset", data_repo, "--json", str(tmp_path / "q.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert summary["pushed"].endswith(model_repo) and summary["quant_top1"] > 50
+    files = {k: v for k, v in hub.list_files(model_repo).items() if k != ".gitattributes"}
+    assert files == {p.name: p.read_bytes() for p in out.iterdir()}  # what was saved is what was pushed
+    card = ModelCard.load(model_repo)
+    assert "hub-dfq quantize " + base_repo in card.text and "--push-dataset" in card.text
+    assert {r.metric_name for r in card.data.eval_results} == {
+        "top-1 accuracy (W4A4)", "top-1 accuracy (full-precision base model)"}
+    assert hub.repo_exists(data_repo, "dataset")
+
+
+def test_push_without_token_keeps_the_folder(hub, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["quantize", "default", "--calibration", "gaussian", "--calibration-size", "16", "--eval", "none",
+            "--out", str(out), "--push-to-hub", "tester/no-token"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "token" in err and str(out) in err
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert not hub.repo_exists("tester/no-token")
+
+
+def test_server_error_during_push_commits_nothing(hub, tmp_path):
+    qmodel = hub_dfq.quantize("default", **FAST)
+    repo_id = hub.new_repo_id()
+    hub.create_repo(repo_id)
+    head = hub.head(repo_id)
+    hub.fail_next(COMMIT_PATH, status=500)
+    with pytest.raises(PublishError, match="nothing was committed"):
+        hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN, folder=tmp_path / "q")
+    assert hub.head(repo_id) == head
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+    hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN, folder=tmp_path / "q")  # retry from the folder
+    assert "model.safetensors" in hub.list_files(repo_id)
+
+
+def test_push_dataset_needs_synthetic_calibration(capsys):
+    argv = ["quantize", "default", "--calibration", "default", "--push-to-hub", "tester/x", "--push-dataset",
+            "tester/y"]
+    assert main(argv) == 2
+    assert "synthetic" in capsys.readouterr().err
+
+
+def test_transformers_checkpoint_from_the_hub(hub, tmp_path):
+    from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ResNetConfig, \
+        ResNetForImageClassification
+
+    folder = tmp_path / "fp"
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    ResNetForImageClassification(config).eval().save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(folder)
+    qmodel = hub_dfq.quantize(hub_dfq.load_model(folder), **FAST)
+    repo_id = hub.new_repo_id("hf-q")
+    hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN)
+    x = torch.randn(2, 3, 32, 32)
+    model = AutoModelForImageClassification.from_pretrained(repo_id)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, qmodel(x))
