@@ -161,7 +161,7 @@ def _render(summary: dict, qmodel) -> str:
     if summary["fp_top1"] is not None:
         drop = summary["fp_top1"] - summary["quant_top1"]
         lines.append(f"top-1 on {summary['eval']} ({summary['eval_n']} images): full precision "
-                     f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  (drop {drop:+.2f} points)")
+                     f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)")
     lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")
     if summary["left_in_float"]:
         lines.append("left in full precision: " + "; ".join(summary["left_in_float"]))
