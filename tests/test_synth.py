@@ -17,17 +17,9 @@ from hub_dfq.errors import ConfigError, DivergedError, OutputExistsError, Unsupp
 from hub_dfq.models import ModelSource, Preprocess, VisionModel
 from hub_dfq.synth import SynthConfig, generate_folder, shard_seed, synthesize
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 FAST = {"iters": 10, "batch_size": 8, "shard_size": 8, "progress": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
