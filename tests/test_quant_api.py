@@ -83,10 +83,10 @@ def test_quantized_model_predicts_and_saves(model, tmp_path, real_128):
     qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=real_128[:16])
     image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
     assert qmodel.predict([image])[0] in model.labels
-    out = qmodel.save_state(tmp_path / "q")
-    assert (out / "quant_state.safetensors").exists() and (out / "quantization.json").exists()
-    with pytest.raises(hub_dfq.HubDfqError, match="already holds"):
-        qmodel.save_state(tmp_path / "q")
+    out = qmodel.save_pretrained(tmp_path / "q")
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    with pytest.raises(hub_dfq.HubDfqError, match="not empty"):
+        qmodel.save_pretrained(tmp_path / "q")
 
 
 def _images(mode: str, size: int, n: int) -> datasets.Dataset:

@@ -34,7 +34,7 @@ from ..quant.api import QuantizedModel
 from ..quant.calibrate import act_quantizers, quant_layers
 from ..quant.config import QuantConfig
 from ..quant.prepare import prepare
-from .packing import container_bits, pack, unpack
+from .packing import pack, unpack
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "save_quantized", "load_quantized", "quantization_config",
            "is_quantized_checkpoint"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from torch import fx
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError
 from ..models.vision_model import VisionModel
 from .calibrate import act_quantizers, calibrate_activations, calibrate_weights, freeze_weights, quant_layers
 from .config import QuantConfig, QuantScheme
@@ -129,24 +128,17 @@ class QuantizedModel:
             state[f"{name}.zero_point"] = q.zero_point.clone()
         return state
 
-    def save_state(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write :meth:`quant_state` (``quant_state.safetensors``) and :meth:`summary` (``quantization.json``).
+    def save_pretrained(self, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write the published checkpoint format (see :func:`hub_dfq.save_pretrained`)."""
+        from ..export import save_pretrained  # export builds on quant, not the other way round
 
-        The publishing format (integer safetensors, cards, ONNX) builds on this state.
+        return save_pretrained(self, folder, **kwargs)
 
-        Raises:
-            OutputExistsError: ``folder`` already holds these files and ``overwrite`` is false.
-        """
-        from safetensors.torch import save_file
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Publish as a Hub model repo in one commit (see :func:`hub_dfq.push_to_hub`)."""
+        from ..export import push_to_hub
 
-        target = Path(folder)
-        files = (target / "quant_state.safetensors", target / "quantization.json")
-        if not overwrite and any(f.exists() for f in files):
-            raise OutputExistsError(f"{target} already holds a quantized model: choose another folder or overwrite")
-        target.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.quant_state().items()}, str(files[0]))
-        files[1].write_text(json.dumps(self.summary(), indent=2, sort_keys=True, default=str) + "\n")
-        return target
+        return push_to_hub(self, repo_id, **kwargs)
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description: config, calibration provenance, method, layers."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import datasets
 import torch
 
 from ..data import ImageData, iter_batches, load_images
