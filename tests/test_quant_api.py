@@ -56,6 +56,10 @@ def test_w4a4_reconstruct_beats_calibrate_on_a_small_budget(model, test_2000, re
     assert b > a + 0.5, (a, b)
     blocks = rebuilt.history["blocks"]
     assert len(blocks) == 11 and all(r["loss_after"] < r["loss_before"] for r in blocks[1:-1])
+    # the returned model is the one reconstruction fitted: its logit error is the last block's loss
+    with torch.no_grad():
+        error = (rebuilt(real_128) - model.module(real_128)).square().sum(1).mean().item()
+    assert error == pytest.approx(blocks[-1]["loss_after"], rel=1e-3)
 
 
 def test_same_seed_same_quantized_weights(model, real_128):

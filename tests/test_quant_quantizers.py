@@ -80,6 +80,15 @@ def test_adaround_starts_at_nearest_and_hardens_to_floor_or_ceil():
     floor = torch.floor(w / wq.scale[:, None])
     assert ((soft_ints - floor) >= -1e-6).all() and ((soft_ints - floor) <= 1 + 1e-6).all()
     assert wq.rounding_regulariser(2.0) > 0
+    # learned rounding survives freezing, also a second freeze (which must not re-round to nearest)
+    with torch.no_grad():
+        wq.alpha.fill_(10.0)  # every weight rounds up
+    wq.soft = False
+    wq.freeze(w)
+    ceil = torch.clamp(floor + 1, wq.qmin, wq.qmax).to(torch.int8)
+    assert torch.equal(wq.weight_int, ceil)
+    wq.freeze(w)
+    assert torch.equal(wq.weight_int, ceil)
 
 
 def test_observers_minmax_percentile_mse():

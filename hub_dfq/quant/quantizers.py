@@ -140,9 +140,14 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> None:
-        """Fix the integer weights (hard rounding) in ``weight_int``; drop the rounding parameters."""
+        """Fix the integer weights (hard rounding) in ``weight_int``; drop the rounding parameters.
+
+        A frozen quantizer stays as it is: recomputing from the float weight would round to nearest
+        and silently discard learned (AdaRound) rounding.
+        """
+        if self.frozen:
+            return
         soft, self.soft = self.soft, False
-        self.weight_int = None
         self.weight_int = self.integer_weight(weight).round().to(torch.int8)
         self.soft = soft
         self.alpha = None
