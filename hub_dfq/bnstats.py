@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "reduce_dims",
     "batch_moments",
+    "affine_moments",
     "capture_bn_inputs",
     "bn_layers_with_stats",
     "running_moments",
@@ -34,23 +35,43 @@ def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
 
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and biased variance in (at least) float32, and the count per channel."""
+    dims = reduce_dims(x)
+    count = x.numel() // x.shape[1]
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mean = xf.sum(dims) / count
+    # E[x^2] - E[x]^2 in (at least) float32: BN inputs have |mean| of the order of std, so the
+    # cancellation costs a few bits at most; clamp keeps dead channels at exactly 0.
+    var = ((xf * xf).sum(dims) / count - mean * mean).clamp_min(0.0)
+    return mean, var, count
+
+
+def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _moments_grad(x: torch.Tensor, mean: torch.Tensor, count: int, grad_mean: torch.Tensor,
+                  grad_var: torch.Tensor) -> torch.Tensor:
+    """d/dx of the moments in one pass: g_mean / M + 2 g_var (x - mean) / M, in ``x``'s dtype."""
+    slope = (2.0 / count) * grad_var
+    offset = grad_mean / count - slope * mean
+    # One pass in x's dtype: for bfloat16 the kernel computes in float32 and rounds once; only the
+    # per-channel coefficients are rounded to bfloat16 (~0.4% of the gradient per |mean|/std).
+    return torch.addcmul(_channel_view(offset.to(x.dtype), x), x, _channel_view(slope.to(x.dtype), x))
+
+
 class _Moments(torch.autograd.Function):
     """Per-channel mean and biased variance with a one-pass, one-kernel backward.
 
     ``torch.var_mean`` over (N, H, W) is ~20x slower on CPU than two plain reductions, and its
-    autograd formula runs several elementwise passes; here the backward is a single ``addcmul``:
-    d/dx = g_mean / M + 2 g_var (x - mean) / M.  Low-precision inputs are reduced in float32.
+    autograd formula runs several elementwise passes; here the backward is a single ``addcmul``.
+    Low-precision inputs are reduced in float32.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        dims = reduce_dims(x)
-        count = x.numel() // x.shape[1]
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean = xf.sum(dims) / count
-        # E[x^2] - E[x]^2 in (at least) float32: BN inputs have |mean| of the order of std, so the
-        # cancellation costs a few bits at most; clamp keeps dead channels at exactly 0.
-        var = ((xf * xf).sum(dims) / count - mean * mean).clamp_min(0.0)
+        mean, var, count = _moments(x)
         ctx.save_for_backward(x, mean)
         ctx.count = count
         return mean, var
@@ -58,11 +79,37 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x, mean = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        slope = (2.0 / ctx.count) * grad_var
-        offset = grad_mean / ctx.count - slope * mean
-        xf = x if x.dtype == mean.dtype else x.to(mean.dtype)
-        return torch.addcmul(offset.view(shape), xf, slope.view(shape)).to(x.dtype)
+        return _moments_grad(x, mean, ctx.count, grad_mean, grad_var)
+
+
+class _AffineMoments(torch.autograd.Function):
+    """``x * scale + shift`` per channel (an eval-mode BN) and the moments of ``x``, in one autograd node.
+
+    The backward of both is two passes over ``x`` instead of the four that a BN, a separate moments
+    node and autograd's gradient accumulation take. ``scale``/``shift`` are constants (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):  # type: ignore[override]
+        mean, var, count = _moments(x)
+        y = torch.addcmul(_channel_view(shift.to(x.dtype), x), x, _channel_view(scale.to(x.dtype), x))
+        ctx.save_for_backward(x, mean, scale)
+        ctx.count = count
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):  # type: ignore[override]
+        x, mean, scale = ctx.saved_tensors
+        grad = _moments_grad(x, mean, ctx.count, grad_mean, grad_var)
+        if grad_y is not None:
+            grad.addcmul_(grad_y, _channel_view(scale.to(x.dtype), x))
+        return grad, None, None
+
+
+def affine_moments(x: torch.Tensor, scale: torch.Tensor,
+                   shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x * scale + shift, mean(x), var(x))`` per channel, differentiable in ``x`` (see :func:`batch_moments`)."""
+    return _AffineMoments.apply(x, scale, shift)
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cell_key(model: str, config: str, calibration: str, method: str, preset: str, eval_limit: int | None) -> str:
-    return f"{model}|{config}|{calibration}|{method}|{preset}|{eval_limit or 'full'}"
+def cell_key(args, model: str, config: str, calibration: str, method: str) -> str:
+    return (f"{model}|{config}|{calibration}|{args.calibration_size}|{method}|{args.preset}|"
+            f"{args.eval_limit or 'full'}")
 
 
 def load_results(path: Path) -> dict:
@@ -88,7 +89,7 @@ def render(results: dict, args) -> str:
         fp = results["fp"].get(f"{model}|{args.eval_limit or 'full'}")
         if fp is None:
             continue
-        lines += [f"\n### {model} (FP top-1 {fp:.2f}%, {args.preset} preset, "
+        lines += [f"\n### {model} (FP top-1 {fp:.2f}%, {args.preset} preset, {args.calibration_size} calibration images, "
                   f"{'full test split' if not args.eval_limit else f'first {args.eval_limit} test images'})", "",
                   "| config | calibration | " + " | ".join(args.methods) + " |",
                   "|---|---|" + "---|" * len(args.methods)]
@@ -96,14 +97,45 @@ def render(results: dict, args) -> str:
             for calibration in args.calibration:
                 cells = []
                 for method in args.methods:
-                    cell = results["cells"].get(cell_key(model, config, calibration, method, args.preset, args.eval_limit))
+                    cell = results["cells"].get(cell_key(args, model, config, calibration, method))
                     cells.append("" if cell is None else
                                  f"{cell['quant_top1']:.2f} ({cell['quant_top1'] - fp:+.2f}, {cell['seconds']:.0f} s)")
                 if any(cells):
                     lines.append(f"| {config} | {calibration} | " + " | ".join(cells) + " |")
+        lines += summary(results, args, model, fp)
     lines.append("\nCells: top-1 % (change vs FP in points, quantization wall time). Synthetic data generation "
                  "time is listed separately in the JSON (`data`).")
     return "\n".join(lines)
+
+
+def summary(results: dict, args, model: str, fp: float) -> list[str]:
+    """The issue's targets: best synthetic cell per config vs its drop budget, and synthetic vs real per method."""
+    def top1(config, calibration, method):
+        cell = results["cells"].get(cell_key(args, model, config, calibration, method))
+        return None if cell is None else cell["quant_top1"]
+
+    rows = []
+    synthetic = [c for c in args.calibration if c != "real"]
+    for config, budget in TARGETS.items():
+        if config not in args.configs:
+            continue
+        found = [(top1(config, c, m), c, m) for c in synthetic for m in args.methods if top1(config, c, m) is not None]
+        if not found:
+            continue
+        best, calibration, method = max(found)
+        gaps = []
+        for m in args.methods:
+            real = top1(config, "real", m)
+            synth = [t for t in (top1(config, c, m) for c in synthetic) if t is not None]
+            if real is not None and synth:
+                gaps.append(f"{m} {max(synth) - real:+.2f}")
+        rows.append(f"| {config} | {best:.2f} ({calibration}, {method}) | {best - fp:+.2f} | -{budget} | "
+                    f"{'met' if fp - best <= budget else 'NOT met'} | {', '.join(gaps) or '-'} |")
+    if not rows:
+        return []
+    return ["", "Targets (synthetic data only, best method; first/last layer 8-bit):", "",
+            "| config | best synthetic top-1 | vs FP | target | | best synthetic - real, per method |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def main(argv=None) -> int:
@@ -127,7 +159,7 @@ def main(argv=None) -> int:
             save_results(path, results)
         for calibration in args.calibration:
             todo = [(c, m) for c in args.configs for m in args.methods
-                    if cell_key(model_name, c, calibration, m, args.preset, args.eval_limit) not in results["cells"]]
+                    if cell_key(args, model_name, c, calibration, m) not in results["cells"]]
             if not todo:
                 continue
             data, prov = calibration_data(model, calibration, args, preset)
@@ -140,7 +172,7 @@ def main(argv=None) -> int:
                                           seed=args.seed)
                 seconds = time.perf_counter() - start
                 top1 = qmodel.evaluate(test, progress=False)["top1"]
-                key = cell_key(model_name, config, calibration, method, args.preset, args.eval_limit)
+                key = cell_key(args, model_name, config, calibration, method)
                 results["cells"][key] = {"model": model_name, "config": config, "weights": weights,
                                          "activations": activations, "first_last_bits": first_last,
                                          "calibration": calibration, "method": method, "preset": args.preset,

@@ -8,7 +8,7 @@ import torch
 import hub_dfq
 from hub_dfq.bnstats import batch_moments, gaussian_kl
 from hub_dfq.errors import ConfigError
-from hub_dfq.synth.bns import StopForward, bn_loss
+from hub_dfq.synth.bns import StatsBatchNorm, StopForward, bn_loss, swap_batchnorms
 from hub_dfq.synth.config import SynthConfig
 from hub_dfq.synth.priors import cosine_lr, jitter_flip, total_variation
 
@@ -52,6 +52,58 @@ def test_bn_loss_hooks_sum_layer_kl_and_are_removed():
               for (_, bn), a in zip(model.bn_layers, slots))
     assert float(total.detach()) == pytest.approx(float(ref), rel=1e-4)
     assert all(not bn._forward_pre_hooks for _, bn in model.bn_layers)
+
+
+def test_affine_moments_gradcheck():
+    from hub_dfq.bnstats import affine_moments
+
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: affine_moments(t, scale, shift), (x.requires_grad_(True),))
+
+
+def test_swapped_batchnorms_give_the_same_loss_output_and_input_gradient():
+    """The loop's one-node BN (output + moments) against the model's BN read through hooks."""
+    import copy
+
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = hub_dfq.load_model("default")
+    names = [name for name, _ in model.bn_layers]
+    swapped = swap_batchnorms(copy.deepcopy(model.module), names)
+    layers = [(name, swapped.get_submodule(name)) for name in names]
+    assert all(isinstance(layer, StatsBatchNorm) for _, layer in layers)
+
+    def run(module, bns):
+        x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        x.requires_grad_(True)
+        with bn_loss(bns) as state:
+            state.reset()
+            logits = module(x)
+            loss = state.total() + logits.square().mean()  # gradient through both BN outputs and moments
+        loss.backward()
+        return logits.detach(), float(loss.detach()), x.grad
+
+    module = copy.deepcopy(model.module).double()
+    ref = run(module, [(n, module.get_submodule(n)) for n in names])
+    got = run(swapped.double(), layers)
+    # scale/shift are float32 (the model's precision); the reference runs the BN in float64
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert got[1] == pytest.approx(ref[1], rel=1e-6)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-6)
+    assert all(layer.sink is None for _, layer in layers)  # detached on exit: a plain BN again
+    # timm's BN+activation keeps its activation; a BN with its own forward is read by a hook instead
+    act = BatchNormAct2d(4, act_layer=torch.nn.ReLU).eval()
+
+    class DoubledBN(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    holder = torch.nn.Sequential(act, DoubledBN(4).eval())
+    swap_batchnorms(holder, ["0", "1"])
+    assert isinstance(holder[0], StatsBatchNorm) and isinstance(holder[0].after, torch.nn.ReLU)
+    assert not isinstance(holder[1], StatsBatchNorm)
 
 
 def test_stop_after_last_bn_layer():

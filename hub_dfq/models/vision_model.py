@@ -11,7 +11,7 @@ from torch import nn
 
 from .preprocess import Preprocess
 
-__all__ = ["VisionModel", "ModelSource", "BN_TYPES", "find_bn_layers"]
+__all__ = ["VisionModel", "ModelSource", "BN_TYPES", "bn_remainder", "find_bn_layers"]
 
 # timm's BatchNormAct2d and friends subclass these, so isinstance covers them.
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -52,6 +52,17 @@ class ModelSource:
         rev = self.commit or self.revision
         base = f"{constants.ENDPOINT}/{self.repo_id}"
         return f"{base}/tree/{rev}" if rev else base
+
+
+def bn_remainder(bn: nn.Module) -> nn.Module:
+    """What a BN layer applies after normalising: timm's BatchNormAct2d keeps its dropout and
+    activation; a plain BatchNorm leaves ``nn.Identity``."""
+    act = getattr(bn, "act", None)
+    drop = getattr(bn, "drop", None)
+    parts = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
 def find_bn_layers(module: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:

@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from ..models.vision_model import BN_TYPES
+from ..models.vision_model import BN_TYPES, bn_remainder
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +39,6 @@ def fold_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         conv.bias.copy_(new_bias)
 
 
-def _bn_remainder(bn: nn.Module) -> nn.Module:
-    """What is left of a BN module after folding: timm's BatchNormAct2d keeps its dropout and activation."""
-    act = getattr(bn, "act", None)
-    drop = getattr(bn, "drop", None)
-    parts = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
-    if not parts:
-        return nn.Identity()
-    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
-
-
 def fold_batchnorms(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
     """Fold each BN that directly follows a convolution used only by it; remove those BN nodes.
 
@@ -73,7 +63,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
             unfolded.append(node.target)
             continue
         fold_bn(conv, bn)
-        remainder = _bn_remainder(bn)
+        remainder = bn_remainder(bn)
         _replace_submodule(gm, node.target, remainder)
         if isinstance(remainder, nn.Identity):
             node.replace_all_uses_with(prev)

@@ -1,21 +1,24 @@
-"""The BN-statistics loss, accumulated inside forward hooks.
+"""The BN-statistics loss, accumulated during the forward pass.
 
-Each hook reduces its BN input to per-channel moments at once and adds the layer's divergence to a
-running list, so no activation is kept beyond what autograd needs, and a forward pass can stop
-right after the last BN layer when nothing downstream (logits) is needed.
+Each BN layer's input is reduced to per-channel moments at once and the layer's divergence added to
+a running list, so no activation is kept beyond what autograd needs, and a forward pass can stop
+right after the last BN layer when nothing downstream (logits) is needed. The optimisation loop's
+private model copy swaps its BN layers for :class:`StatsBatchNorm`, which computes the BN output and
+the moments in one autograd node; any other BN layer is read through a forward pre-hook.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..bnstats import batch_moments, gaussian_kl, zeroq_l2
+from ..bnstats import affine_moments, batch_moments, gaussian_kl, zeroq_l2
+from ..models.vision_model import BN_TYPES, bn_remainder
 
-__all__ = ["BNLoss", "bn_loss", "StopForward", "layer_terms"]
+__all__ = ["BNLoss", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "layer_terms"]
 
 
 class StopForward(Exception):
@@ -57,41 +60,122 @@ class BNLoss:
     def per_layer(self) -> dict[str, float]:
         return {name: float(term.detach()) for name, term in zip(self.names, self.terms)}
 
-    def _hook(self, index: int):
-        last = index == len(self.names) - 1
+    def _record(self, index: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         running_mean, running_var = self._running[index]
+        self.terms.append(layer_terms(self.loss, running_mean.to(mean.device), running_var.to(mean.device), mean, var))
+        if index == len(self.names) - 1 and self.stop_after_last:
+            raise StopForward
 
+    def _hook(self, index: int):
         def hook(_module, args):
-            if not self.enabled:
-                return None
-            mean, var = batch_moments(args[0])
-            self.terms.append(layer_terms(self.loss, running_mean.to(mean.device), running_var.to(mean.device),
-                                          mean, var))
-            if last and self.stop_after_last:
-                raise StopForward
+            if self.enabled:
+                self._record(index, *batch_moments(args[0]))
             return None
 
         return hook
 
 
+class StatsBatchNorm(nn.Module):
+    """An eval-mode BatchNorm that also hands its input's moments to the BN loss, in one autograd node.
+
+    With a loss attached the output is ``x * scale + shift`` per channel (then timm's dropout and
+    activation, if any); without one it is the wrapped BN itself.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.bn = bn
+        with torch.no_grad():
+            std = torch.sqrt(bn.running_var.float() + bn.eps)
+            scale = (bn.weight.float() if bn.weight is not None else torch.ones_like(std)) / std
+            bias = bn.bias.float() if bn.bias is not None else torch.zeros_like(std)
+            self.register_buffer("scale", scale)
+            self.register_buffer("shift", bias - bn.running_mean.float() * scale)
+        self.after = bn_remainder(bn)
+        self.sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.last = False  # the loss stops the forward pass here: only the moments are needed
+
+    @property
+    def running_mean(self) -> torch.Tensor:
+        return self.bn.running_mean
+
+    @property
+    def running_var(self) -> torch.Tensor:
+        return self.bn.running_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sink is None:
+            return self.bn(x)
+        if self.last:
+            self.sink(*batch_moments(x))
+        y, mean, var = affine_moments(x, self.scale, self.shift)
+        self.sink(mean, var)
+        return self.after(y)
+
+
+def _plain_forward(bn: nn.Module) -> bool:
+    """Whether ``bn`` computes an eval-mode BN from running statistics (then, for timm, dropout + act)."""
+    if not isinstance(bn, BN_TYPES) or bn.running_mean is None or bn.running_var is None:
+        return False
+    forwards = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward}
+    try:
+        from timm.layers import BatchNormAct2d
+
+        forwards.add(BatchNormAct2d.forward)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return type(bn).forward in forwards
+
+
+def swap_batchnorms(module: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Replace (in place) the named eval-mode BN layers of ``module`` by :class:`StatsBatchNorm`.
+
+    Layers whose forward is not a plain BN are left as they are (the loss reads them with a hook).
+    """
+    for name in names:
+        bn = module.get_submodule(name)
+        if _plain_forward(bn):
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, StatsBatchNorm(bn))
+    return module
+
+
 @contextmanager
 def bn_loss(layers: Sequence[tuple[str, nn.Module]], *, loss: str = "kl",
             stop_after_last: bool = False) -> Iterator[BNLoss]:
-    """Install hooks that accumulate the BN loss during forward passes; always removed on exit.
+    """Accumulate the BN loss during forward passes inside the block; always detached on exit.
 
     Args:
-        layers: BN layers in forward order (``VisionModel.bn_layers``).
+        layers: BN layers in forward order (``VisionModel.bn_layers``), or their
+            :class:`StatsBatchNorm` stand-ins.
         loss: ``kl`` or ``l2``.
-        stop_after_last: raise :class:`StopForward` once the last BN layer has been seen; call the
-            model through :func:`forward_bn` to catch it.
+        stop_after_last: raise :class:`StopForward` once the last BN layer has been seen; catch it
+            around the model call.
 
     Yields:
         The :class:`BNLoss` collecting the terms; call ``reset()`` before each forward.
     """
     state = BNLoss(layers, loss, stop_after_last)
-    handles = [bn.register_forward_pre_hook(state._hook(i)) for i, (_, bn) in enumerate(layers)]
+    handles, swapped = [], []
+    for i, (_, layer) in enumerate(layers):
+        if isinstance(layer, StatsBatchNorm):
+            layer.sink = _sink(state, i)
+            layer.last = stop_after_last and i == len(layers) - 1
+            swapped.append(layer)
+        else:
+            handles.append(layer.register_forward_pre_hook(state._hook(i)))
     try:
         yield state
     finally:
         for handle in handles:
             handle.remove()
+        for layer in swapped:
+            layer.sink, layer.last = None, False
+
+
+def _sink(state: BNLoss, index: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def sink(mean: torch.Tensor, var: torch.Tensor) -> None:
+        if state.enabled:
+            state._record(index, mean, var)
+
+    return sink

@@ -17,16 +17,21 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError, DivergedError, UnsupportedModelError
 from ..models import VisionModel
-from .bns import StopForward, bn_loss
+from ..models.vision_model import WEIGHT_LAYER_TYPES
+from .bns import StopForward, bn_loss, swap_batchnorms
 from .config import BN_METHODS, METHODS, SynthConfig
 from .priors import cosine_lr, jitter_flip, l2_prior, total_variation
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchResult", "BatchGenerator", "check_model_supports"]
+
+# forwards of the layers autocast runs in bfloat16
+_LOW_PRECISION_FORWARDS = tuple(layer.forward for layer in WEIGHT_LAYER_TYPES)
 
 
 @dataclass
@@ -79,11 +84,26 @@ class BatchGenerator:
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
-        by_name = dict(module.named_modules())
-        self.bn_layers = [(name, by_name[name]) for name, _ in model.bn_layers]
+        self.bn_layers = self._same_layers(module, model)
+        # The optimisation loop runs its own copy: each BN computes its output and the loss's moments
+        # in one autograd node, and conv/linear weights are held in bf16 already (autocast would
+        # cast every weight on every step: its cast cache skips frozen parameters). `measure` keeps
+        # the untouched float32 module, so reported divergences are the model's own.
+        loop = swap_batchnorms(copy.deepcopy(module), [name for name, _ in model.bn_layers])
+        if config.precision == "bf16":
+            for sub in loop.modules():
+                if type(sub).forward in _LOW_PRECISION_FORWARDS:  # subclasses that transform weights stay float
+                    sub.to(torch.bfloat16)
+        self.loop_module = loop
+        self.loop_bn_layers = self._same_layers(loop, model)
         low, high = model.preprocess.valid_range()
         self.low, self.high = low.to(self.device), high.to(self.device)
         self.jitter = self.resolve_jitter(model, config)
+
+    @staticmethod
+    def _same_layers(module: nn.Module, model: VisionModel) -> list[tuple[str, nn.Module]]:
+        by_name = dict(module.named_modules())
+        return [(name, by_name[name]) for name, _ in model.bn_layers]
 
     @staticmethod
     def resolve_jitter(model: VisionModel, config: SynthConfig) -> int:
@@ -162,7 +182,8 @@ class BatchGenerator:
         need_logits = cfg.has_targets
         use_bn = cfg.method in BN_METHODS
         losses: list[float] = []
-        hooks = bn_loss(self.bn_layers, loss=cfg.loss, stop_after_last=not need_logits) if use_bn else nullcontext()
+        hooks = (bn_loss(self.loop_bn_layers, loss=cfg.loss, stop_after_last=not need_logits) if use_bn
+                 else nullcontext())
         with hooks as state:
             for step in range(cfg.iters):
                 for group in optimiser.param_groups:
@@ -175,7 +196,7 @@ class BatchGenerator:
                     state.reset()
                 with self._autocast():
                     try:
-                        logits = self.module(inputs)
+                        logits = self.loop_module(inputs)
                     except StopForward:
                         logits = None
                 loss = state.total() if state is not None else x.new_zeros(())
