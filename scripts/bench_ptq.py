@@ -168,7 +168,8 @@ def main(argv=None) -> int:
                 weights, activations, first_last = CONFIGS[config]
                 start = time.perf_counter()
                 qmodel = hub_dfq.quantize(model, weights=weights, activations=activations, calibration=data,
-                                          method=method, preset=args.preset, first_last_bits=first_last,
+                                          calibration_size=len(data), method=method, preset=args.preset,
+                                          first_last_bits=first_last,
                                           seed=args.seed)
                 seconds = time.perf_counter() - start
                 top1 = qmodel.evaluate(test, progress=False)["top1"]

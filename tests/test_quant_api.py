@@ -83,6 +83,13 @@ def test_distill_runs_and_freezes_integer_weights(model, real_128):
     assert len(qmodel.history["distill_loss"]) == 1
 
 
+def test_a_calibration_tensor_is_used_whole_unless_a_size_is_given(model, real_128):
+    data = torch.cat([real_128] * 3)  # more rows than the preset's 256
+    assert hub_dfq.quantize(model, weights=8, activations=8, calibration=data).calibration["n"] == 384
+    assert hub_dfq.quantize(model, weights=8, activations=8, calibration=data,
+                            calibration_size=100).calibration["n"] == 100
+
+
 def test_quantized_model_predicts_and_saves(model, tmp_path, real_128):
     qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=real_128[:16])
     image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))

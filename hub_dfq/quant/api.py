@@ -201,7 +201,7 @@ def quantize(
         calibration: a synthetic method (``"bns"``, ``"bns+i"``, ``"inception"``, ``"gaussian"``,
             generated on the fly and cached), a dataset spec, an :class:`~hub_dfq.ImageData`, a
             ``datasets.Dataset`` or a tensor of normalised inputs.
-        calibration_size: images to calibrate with (default: the preset's).
+        calibration_size: images to calibrate with (default: the preset's; all rows of a tensor).
         method: ``"calibrate"`` (ranges only), ``"reconstruct"`` (block-wise AdaRound + LSQ) or
             ``"distill"`` (knowledge distillation from the full-precision model).
         preset: ``"fast"`` or ``"best"`` budgets.
@@ -247,7 +247,9 @@ def quantize(
     timings: dict[str, float] = {}
     prepared = prepare(model.module, cfg, example_input=model.example_input(1))
     synth = {**chosen.synth, **dict(synth_options or {}), "progress": progress}
-    data, provenance = calibration_tensor(model, calibration, size=calibration_size or chosen.calibration_size,
+    # a tensor is data the caller prepared: all of it calibrates unless they say otherwise
+    default_size = None if isinstance(calibration, torch.Tensor) else chosen.calibration_size
+    data, provenance = calibration_tensor(model, calibration, size=calibration_size or default_size,
                                           seed=seed, synth_options=synth)
     data = data.to(model.device)
     timings["data"] = time.perf_counter() - start
