@@ -9,6 +9,7 @@ Public API, one entry point per job::
     synthetic = hub_dfq.synthesize(model, "bns", n=256)
     qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns")
     hub_dfq.push_to_hub(qmodel, "me/model-w4a4-dfq")
+    hub_dfq.export_onnx(qmodel, "model.onnx")      # integer kernels in ONNX Runtime: hub_dfq.load_onnx
     report = hub_dfq.audit(model, ["default", synthetic])
 """
 
@@ -16,7 +17,7 @@ from .audit import AuditReport, audit
 from .data import ImageData, iter_batches, load_images
 from .errors import HubDfqError
 from .evaluation import evaluate_accuracy
-from .export import from_pretrained, push_to_hub, save_pretrained
+from .export import export_onnx, from_pretrained, load_onnx, push_to_hub, save_pretrained
 from .models import ModelSource, Preprocess, VisionModel, load_model
 from .quant import QuantConfig, QuantizedModel, QuantScheme, quantize
 from .synth import synthesize
@@ -36,10 +37,12 @@ __all__ = [
     "__version__",
     "audit",
     "evaluate_accuracy",
+    "export_onnx",
     "from_pretrained",
     "iter_batches",
     "load_images",
     "load_model",
+    "load_onnx",
     "push_to_hub",
     "quantize",
     "save_pretrained",

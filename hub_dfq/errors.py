@@ -53,3 +53,7 @@ class CheckpointError(HubDfqError, ValueError):
 
 class PublishError(HubDfqError, RuntimeError):
     """An upload to the Hub that failed; the local files are untouched."""
+
+
+class DependencyError(HubDfqError, ImportError):
+    """An optional dependency a feature needs is not installed (the message names the extra)."""

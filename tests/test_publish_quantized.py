@@ -62,12 +62,13 @@ def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, ca
     out = tmp_path / "q"
     argv = ["quantize", base_repo, "--weights", "4", "--activations", "4", "--calibration", "gaussian",
             "--calibration-size", "16", "--eval-limit", "64", "--out", str(out), "--push-to-hub", model_repo,
-            "--push-dataset", data_repo, "--json", str(tmp_path / "q.json")]
+            "--push-dataset", data_repo, "--onnx", "--json", str(tmp_path / "q.json")]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "q.json").read_text())
     assert summary["pushed"].endswith(model_repo) and summary["quant_top1"] > 50
     files = {k: v for k, v in hub.list_files(model_repo).items() if k != ".gitattributes"}
     assert files == {p.name: p.read_bytes() for p in out.iterdir()}  # what was saved is what was pushed
+    assert "model.onnx" in files
     card = ModelCard.load(model_repo)
     assert "hub-dfq quantize " + base_repo in card.text and "--push-dataset" in card.text
     assert {r.metric_name for r in card.data.eval_results} == {

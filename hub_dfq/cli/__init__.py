@@ -15,13 +15,14 @@ from typing import Sequence
 from ..errors import HubDfqError
 from . import audit as audit_cmd
 from . import eval as eval_cmd
+from . import export as export_cmd
 from . import info as info_cmd
 from . import quantize as quantize_cmd
 from . import synth as synth_cmd
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = [info_cmd, eval_cmd, audit_cmd, quantize_cmd, synth_cmd]
+COMMANDS = [info_cmd, eval_cmd, audit_cmd, quantize_cmd, synth_cmd, export_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

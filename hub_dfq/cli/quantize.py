@@ -70,6 +70,9 @@ def register(sub) -> None:
     parser.add_argument("--json", help="write the summary to this file ('-' for stdout)")
     parser.add_argument("--out", help="save the quantized model to this folder (a Hub model repo)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx (integer kernels in ONNX Runtime) to --out / the pushed repo, "
+                        "and report its top-1 next to the PyTorch model's")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the quantized model to this Hub repo")
     parser.add_argument("--push-dataset", metavar="REPO",
                         help="also publish the synthetic calibration set to this Hub dataset repo (cards link both)")
@@ -85,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.push_dataset and not args.push_to_hub:
         raise ConfigError("--push-dataset needs --push-to-hub REPO (the dataset card links to the model)")
+    if args.onnx and not (args.out or args.push_to_hub):
+        raise ConfigError("--onnx adds model.onnx to the saved or published checkpoint: add --out DIR or --push-to-hub "
+                          "REPO (or export a saved checkpoint later with `hub-dfq export`)")
     if args.push_dataset and args.calibration.lower() not in SYNTHETIC:
         raise ConfigError("--push-dataset publishes synthetic calibration data; with real data "
                           f"({args.calibration}) there is nothing to publish")
@@ -122,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         summary.update(fp_top1=fp["top1"], quant_top1=quant["top1"], eval=data.spec, eval_n=quant["n"])
         evaluation = {"dataset": data.spec, "split": data.split, "n": quant["n"], "fp_top1": fp["top1"],
                       "fp_top5": fp["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"]}
+        if args.onnx:
+            evaluation.update(_onnx_accuracy(qmodel, data, progress=args.progress))
+            summary["onnx_top1"] = evaluation["onnx_top1"]
     else:
         evaluation = None
     if args.out or args.push_to_hub:
@@ -132,12 +141,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_accuracy(qmodel, data, *, progress: bool) -> dict:
+    """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the same)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..export import export_onnx, load_onnx
+
+    with tempfile.TemporaryDirectory(prefix="hub-dfq-onnx-") as tmp:
+        session = load_onnx(export_onnx(qmodel, Path(tmp) / "model.onnx"))
+        result = session.evaluate(qmodel, data, progress=progress)
+    return {"onnx_top1": result["top1"], "onnx_top5": result["top5"]}
+
+
 def _publish(args: argparse.Namespace, qmodel, evaluation: dict | None, summary: dict) -> None:
     """Write the checkpoint folder first, then push it: a failed push keeps the complete folder."""
     from ..export import push_to_hub, save_pretrained
 
     command = "hub-dfq " + shlex.join(getattr(args, "argv", None) or ["quantize", args.model])
-    card_args = {"evaluation": evaluation, "command": command}
+    card_args = {"evaluation": evaluation, "command": command, "onnx": args.onnx}
     if args.out:
         save_pretrained(qmodel, args.out, repo_id=args.push_to_hub, calibration_repo=args.push_dataset,
                         overwrite=args.overwrite, **card_args)
@@ -161,7 +183,8 @@ def _render(summary: dict, qmodel) -> str:
     if summary["fp_top1"] is not None:
         drop = summary["fp_top1"] - summary["quant_top1"]
         lines.append(f"top-1 on {summary['eval']} ({summary['eval_n']} images): full precision "
-                     f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)")
+                     f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)"
+                     + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%" if summary.get("onnx_top1") is not None else ""))
     lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")
     if summary["left_in_float"]:
         lines.append("left in full precision: " + "; ".join(summary["left_in_float"]))

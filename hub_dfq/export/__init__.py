@@ -11,6 +11,7 @@ from ..publish import PushResult, push_folder
 from ..quant.api import QuantizedModel
 from .card import render_model_card, reproduce_command
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, is_quantized_checkpoint, load_quantized, save_quantized
+from .onnx import ONNX_NAME, OnnxClassifier, compare_onnx, export_onnx, load_onnx
 
 try:  # registers the "hub_dfq" quantization method with transformers
     from . import transformers_plugin  # noqa: F401
@@ -19,9 +20,14 @@ except ImportError:  # transformers too old for quantizer registration: hub_dfq.
 
 __all__ = [
     "FORMAT_VERSION",
+    "ONNX_NAME",
     "QUANT_METHOD",
+    "OnnxClassifier",
+    "compare_onnx",
+    "export_onnx",
     "from_pretrained",
     "is_quantized_checkpoint",
+    "load_onnx",
     "push_to_hub",
     "render_model_card",
     "reproduce_command",
@@ -42,6 +48,7 @@ def save_pretrained(
     command: str | None = None,
     calibration_repo: str | None = None,
     overwrite: bool = False,
+    onnx: bool = False,
 ) -> Path:
     """Write ``qmodel`` as a Hub model repo folder: integer safetensors, config, model card.
 
@@ -53,6 +60,7 @@ def save_pretrained(
         command: the command line that made it, for the card.
         calibration_repo: Hub dataset repo of the published synthetic calibration set.
         overwrite: replace an existing folder.
+        onnx: also write ``model.onnx`` (the integer model for ONNX Runtime, see :func:`export_onnx`).
 
     Returns:
         The folder.
@@ -61,10 +69,10 @@ def save_pretrained(
         >>> qmodel = hub_dfq.quantize("default", weights=4, activations=8)  # doctest: +SKIP
         >>> hub_dfq.save_pretrained(qmodel, "resnet20-w4a8")  # doctest: +SKIP
     """
-    target = save_quantized(qmodel, folder, overwrite=overwrite, calibration_repo=calibration_repo)
+    target = save_quantized(qmodel, folder, overwrite=overwrite, calibration_repo=calibration_repo, onnx=onnx)
     size = {"bytes": (target / WEIGHTS_NAME).stat().st_size, "fp32_bytes": _fp32_bytes(qmodel)}
     card = render_model_card(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
-                             calibration_repo=calibration_repo, size=size)
+                             calibration_repo=calibration_repo, size=size, onnx=(target / ONNX_NAME).is_file())
     card.save(target / "README.md")
     return target
 
@@ -81,6 +89,7 @@ def push_to_hub(
     command: str | None = None,
     calibration_folder: str | os.PathLike[str] | None = None,
     dataset_repo: str | None = None,
+    onnx: bool = False,
 ) -> PushResult:
     """Publish ``qmodel`` as a Hub model repo in one commit (and its calibration set, if asked).
 
@@ -98,6 +107,7 @@ def push_to_hub(
         command: the command line that made it, for the card.
         calibration_folder: the synthetic calibration set's dataset folder, pushed to ``dataset_repo``.
         dataset_repo: Hub dataset repo for the calibration set; the two cards link to each other.
+        onnx: also publish ``model.onnx`` (when the folder is written here).
 
     Returns:
         Where the model landed.
@@ -121,7 +131,7 @@ def push_to_hub(
         target = Path(folder) if folder is not None else Path(tmp) / "model"
         if folder is None or not (target / WEIGHTS_NAME).exists():
             save_pretrained(qmodel, target, repo_id=repo_id, evaluation=evaluation, command=command,
-                            calibration_repo=dataset_repo, overwrite=True)
+                            calibration_repo=dataset_repo, overwrite=True, onnx=onnx)
         scheme = f"W{qmodel.config.default.weights}A{qmodel.config.default.activations}"
         return push_folder(target, repo_id, repo_type="model", private=private, token=token, revision=revision,
                            commit_message=f"Upload {scheme} quantized model (hub-dfq)")

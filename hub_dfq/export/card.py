@@ -77,6 +77,7 @@ def render_model_card(
     command: str | None = None,
     calibration_repo: str | None = None,
     size: dict[str, Any] | None = None,
+    onnx: bool = False,
 ) -> ModelCard:
     """Build the card of a quantized model.
 
@@ -88,6 +89,7 @@ def render_model_card(
         command: the command that made it (default: reconstructed from the config).
         calibration_repo: Hub dataset repo of the synthetic calibration set, when it was published.
         size: ``{"bytes": .., "fp32_bytes": ..}`` of the checkpoint.
+        onnx: the repo also holds ``model.onnx`` (evaluation may then carry ``onnx_top1``/``onnx_top5``).
     """
     from .. import __version__
 
@@ -97,7 +99,7 @@ def render_model_card(
     name = repo_id or f"{(source.repo_id or source.architecture or 'model').split('/')[-1]}-{scheme.lower()}-dfq"
     synthetic = cal.get("kind") == "synthetic"
     tags = ["hub-dfq", "quantized", "data-free" if synthetic else "post-training-quantization",
-            f"w{w}a{a}", f"{w}-bit", "image-classification", source.library]
+            f"w{w}a{a}", f"{w}-bit", "image-classification", source.library, "onnx" if onnx else ""]
     if synthetic:
         tags.append(f"calibration-{cal.get('method')}")
     datasets = [calibration_repo] if calibration_repo else None
@@ -140,6 +142,10 @@ def render_model_card(
             {"model": f"**{scheme} (this model)**", "top1": _pct(evaluation.get("quant_top1")),
              "top5": _pct(evaluation.get("quant_top5")), "n": evaluation.get("n", "?"), "dataset": ds},
         ]
+        if evaluation.get("onnx_top1") is not None:
+            rows.append({"model": f"{scheme}, `model.onnx` in ONNX Runtime (integer kernels)",
+                         "top1": _pct(evaluation.get("onnx_top1")), "top5": _pct(evaluation.get("onnx_top5")),
+                         "n": evaluation.get("n", "?"), "dataset": ds})
     size_line = "n/a"
     if size and size.get("bytes"):
         size_line = f"{size['bytes'] / 1e6:.2f} MB" + (
@@ -168,6 +174,7 @@ def render_model_card(
         size_line=size_line,
         repo_ref=repo_id or "PATH/TO/FOLDER",
         library=source.library,
+        onnx=onnx,
         command=command or reproduce_command(qmodel),
         data_paragraph=data_paragraph,
     )

@@ -9,6 +9,7 @@ A quantized checkpoint folder is a Hub model repo:
   ``weight_int * scale``.
 - ``config.json``: the base model's config plus ``quantization_config`` (``quant_method: hub_dfq``).
 - ``README.md``: the model card; ``preprocessor_config.json`` for transformers models.
+- ``model.onnx`` (optional): the same integer model as an ONNX QDQ graph for ONNX Runtime.
 
 Reloading rebuilds the float architecture from the config, folds and prepares it with the same
 :class:`~hub_dfq.quant.QuantConfig` (deterministic: same graph, same names) and loads the state.
@@ -115,7 +116,7 @@ def _tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(qmodel: QuantizedModel, folder: str | Path, *, overwrite: bool = False,
-                   card: str | None = None, calibration_repo: str | None = None) -> Path:
+                   card: str | None = None, calibration_repo: str | None = None, onnx: bool = False) -> Path:
     """Write ``qmodel`` as a Hub model repo folder (see the module docstring).
 
     The folder is written next to its target and moved into place at the end, so an interrupted
@@ -127,6 +128,7 @@ def save_quantized(qmodel: QuantizedModel, folder: str | Path, *, overwrite: boo
         overwrite: replace an existing checkpoint in ``folder``.
         card: README.md text (see :func:`hub_dfq.export.card.render_model_card`); none is written if ``None``.
         calibration_repo: Hub dataset repo of the published calibration set, recorded in the config.
+        onnx: also write ``model.onnx``, the integer graph for ONNX Runtime (see :mod:`.onnx`).
 
     Raises:
         OutputExistsError: ``folder`` holds files and ``overwrite`` is false.
@@ -147,6 +149,10 @@ def save_quantized(qmodel: QuantizedModel, folder: str | Path, *, overwrite: boo
             shutil.copyfile(source_dir / "preprocessor_config.json", staging / "preprocessor_config.json")
         if card is not None:
             (staging / "README.md").write_text(card)
+        if onnx:
+            from .onnx import ONNX_NAME, export_onnx
+
+            export_onnx(qmodel, staging / ONNX_NAME)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -145,7 +145,9 @@ def _trace(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
         tracer: fx.Tracer = _Tracer()
         graph = tracer.trace(module)
     except Exception:  # fx raises many types for Python control flow; retry knowing concrete shapes
-        tracer = _ConcreteTracer(example_inputs=(example_input,))
+        # a batch of 2: the concrete tracer keeps a batch-sized first dimension symbolic (see .tracing)
+        batch = torch.cat([example_input[:1]] * 2) if example_input.dim() else example_input
+        tracer = _ConcreteTracer(example_inputs=(batch,))
         try:
             graph = tracer.trace(module)
         except Exception as err:

@@ -4,7 +4,8 @@ Many transformers vision models check ``pixel_values.shape[1]`` against the conf
 sizes in Python; plain symbolic tracing fails on those branches. This tracer runs every traced
 operation on the example input as it records it, so ``.shape``, ``.size()``, ``.dim()`` and
 ``bool(...)`` of a traced value are answered with the concrete result. The graph is then specialised
-to the example's shape, which is what a fixed-input classifier needs.
+to the example's shape, which is what a fixed-input classifier needs, except the batch size: dimension
+0 of a tensor as large as the example's batch is traced as ``size(0)`` (so trace with a batch of 2+).
 """
 
 from __future__ import annotations
@@ -28,11 +29,27 @@ class ConcreteProxy(fx.Proxy):
     def __getattr__(self, name: str) -> Any:
         value = self._value()
         if value is not _MISSING and isinstance(value, torch.Tensor):
-            if name in ("shape", "ndim", "dtype", "device", "is_floating_point"):
-                return getattr(value, name)
-            if name in ("size", "dim", "numel"):
+            if name == "shape":
+                return self._shape(value)
+            if name == "size":
+                return lambda dim=None: self._shape(value) if dim is None else self._shape(value)[dim]
+            if name in ("ndim", "dtype", "device", "is_floating_point", "dim", "numel"):
                 return getattr(value, name)
         return super().__getattr__(name)
+
+    def _shape(self, value: torch.Tensor) -> tuple[Any, ...]:
+        """The concrete shape, except a batch-sized first dimension, which stays a traced ``size(0)``.
+
+        Without it, code like ``cls_token.expand(pixel_values.shape[0], -1, -1)`` would be recorded with
+        the example's batch size and fail on any other.
+        """
+        shape = tuple(value.shape)
+        if shape and shape[0] == self.tracer.batch_size:
+            return (self.tracer.create_proxy("call_method", "size", (self, 0), {}), *shape[1:])
+        return shape
+
+    def __int__(self) -> int:
+        return self.__index__()
 
     def __bool__(self) -> bool:
         value = self._value()
@@ -59,6 +76,9 @@ class ConcreteTracer(fx.Tracer):
     def __init__(self, *args: Any, example_inputs: tuple[Any, ...] = (), **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.example_inputs = list(example_inputs)
+        first = self.example_inputs[0] if self.example_inputs else None
+        # dimension 0 of this size is traced symbolically; 1 would catch every singleton dimension
+        self.batch_size = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] > 1 else None
         self.values: dict[fx.Node, Any] = {}
         self._placeholders = 0
         self._computing = False

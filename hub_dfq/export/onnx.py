@@ -1,0 +1,294 @@
+"""Real integer inference: export a quantized model to ONNX in QDQ form and run it with ONNX Runtime.
+
+The exported graph is the simulated model written in ONNX's quantization operators, so that ONNX
+Runtime replaces every ``DequantizeLinear -> Conv/Gemm/MatMul/Add -> QuantizeLinear`` group by one
+integer kernel (``QLinearConv``, ``QGemm``, ``QLinearAdd``; int8 weights, uint8 activations, int32
+accumulation — VNNI on AVX-512 CPUs):
+
+- weights are ``int8`` initializers read through a per-channel ``DequantizeLinear``; weights below
+  8 bits are stored on their own narrower grid inside ``int8`` (the values are the same);
+- biases are ``int32`` on the ``input_scale * weight_scale`` grid, as the simulation rounds them;
+- every activation quantizer becomes ``QuantizeLinear``/``DequantizeLinear`` (``uint8``, the
+  simulation's scale and zero point). A narrower grid (activations below 8 bits) is then enforced by
+  ``Clip`` and a second quantizer pair: the first pair still lets the producer run as an integer
+  kernel; the clip costs one elementwise pass. (ONNX ``uint4`` would say it directly, but ONNX
+  Runtime has no integer convolution for it.)
+
+Integer kernels accumulate exactly and requantize once, where the simulation sums dequantized
+values in float32; the two can differ by one step of an activation grid where a value sits on a
+rounding boundary, so logits agree closely but not bit for bit (:func:`compare_onnx` measures it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, DependencyError
+from ..quant.api import QuantizedModel
+from ..quant.calibrate import act_quantizers, quant_layers
+from ..quant.modules import QuantLinear
+from ..quant.quantizers import ActQuantizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ONNX_NAME", "OnnxClassifier", "compare_onnx", "export_onnx", "load_onnx", "runtime_ops"]
+
+ONNX_NAME = "model.onnx"
+
+
+def _require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise DependencyError("ONNX export and integer inference need onnx and onnxruntime: "
+                              "pip install 'hub-dfq[onnx]'") from err
+    return onnxruntime
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    """Fake quantization in PyTorch, ``QuantizeLinear -> DequantizeLinear`` (uint8) in ONNX."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        q = torch.round(x / scale)
+        if zero_point:  # no "+ 0": TorchScript's peephole pass drops it inside this op and then fails
+            return (torch.clamp(q + zero_point, qmin, qmax) - zero_point) * scale
+        return torch.clamp(q, qmin, qmax) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin, qmax):
+        scale_c = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        zp = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
+        q = g.op("QuantizeLinear", x, scale_c, zp)
+        if (qmin, qmax) != (0, 255):
+            # A narrower grid (below 8 bits): clip the integers. Clip works on uint8 in the integer
+            # domain, so the producer still fuses into an integer kernel and no float pass is added.
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=torch.uint8)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=torch.uint8)))
+        return g.op("DequantizeLinear", q, scale_c, zp)
+
+
+class _Dequantize(torch.autograd.Function):
+    """``values * scale`` (per output channel) in PyTorch, ``DequantizeLinear`` of an integer initializer in ONNX."""
+
+    @staticmethod
+    def forward(ctx, values, scale):
+        shape = [-1] + [1] * (values.dim() - 1)
+        return values.to(torch.float32) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, values, scale):
+        zero_type = torch.int8 if values.type().scalarType() == "Char" else torch.int32
+        channels = values.type().sizes()[0]
+        zero = g.op("Constant", value_t=torch.zeros(channels, dtype=zero_type))
+        return g.op("DequantizeLinear", values, scale, zero, axis_i=0)
+
+
+class _ExportActQuantizer(nn.Module):
+    def __init__(self, quantizer: ActQuantizer):
+        super().__init__()
+        self.scale = float(quantizer.scale.detach().abs().clamp_min(1e-8))
+        self.zero_point = int(quantizer.zero_point)
+        self.qmin, self.qmax = quantizer.qmin, quantizer.qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+class _ExportWeightLayer(nn.Module):
+    """A quantized conv/linear as integer weight + integer bias, dequantized in the graph."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        wq = layer.weight_quantizer
+        if not wq.frozen:
+            wq.freeze(layer.weight)
+        self.linear = isinstance(layer, QuantLinear)
+        if not self.linear:
+            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            self.conv_fn = F.conv1d if layer.weight.dim() == 3 else F.conv2d
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str) and layer.padding != "valid":
+                raise ConfigError(f"ONNX export supports zero-padded convolutions with numeric padding; {type(layer).__name__} "
+                                  f"uses padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
+        self.register_buffer("weight_int", wq.weight_int.clone())
+        self.register_buffer("weight_scale", wq.scale.detach().clone().float())
+        bias_int = layer.bias_int() if _bias_on_grid(layer) else None
+        self.register_buffer("bias_int", bias_int)
+        if bias_int is not None:
+            input_scale = layer.input_quantizer.scale.detach().abs().clamp_min(1e-8)
+            self.register_buffer("bias_scale", (input_scale * self.weight_scale).float())
+        else:
+            self.register_buffer("bias_float", None if layer.bias is None else layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _Dequantize.apply(self.weight_int, self.weight_scale)
+        bias = _Dequantize.apply(self.bias_int, self.bias_scale) if self.bias_int is not None else self.bias_float
+        if self.linear:
+            return F.linear(x, weight, bias)
+        return self.conv_fn(x, weight, bias, **self.conv)
+
+
+def _bias_on_grid(layer: nn.Module) -> bool:
+    q = layer.input_quantizer
+    return layer.bias is not None and q is not None and q.mode == "quant" and layer.weight_quantizer.enabled
+
+
+def _export_module(qmodel: QuantizedModel) -> nn.Module:
+    gm = copy.deepcopy(qmodel.module).eval()
+
+    def swap(name: str, new: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, child, new)
+
+    for name, layer in quant_layers(gm):
+        if layer.weight_quantizer.enabled:
+            swap(name, _ExportWeightLayer(layer))
+    for name, q in act_quantizers(gm):
+        if q.mode == "quant":
+            swap(name, _ExportActQuantizer(q))
+        elif q.mode != "off":
+            raise ConfigError(f"activation quantizer {name} is still observing: calibrate the model before export")
+    return gm
+
+
+def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_size: int | None = None,
+                opset: int = 17) -> Path:
+    """Write ``qmodel`` as an ONNX QDQ model that ONNX Runtime runs with integer kernels.
+
+    Args:
+        qmodel: a quantized model (from :func:`hub_dfq.quantize` or :func:`hub_dfq.from_pretrained`).
+        path: the ``.onnx`` file to write (written next to it, then moved into place).
+        batch_size: a fixed batch size; ``None`` makes the batch dimension dynamic.
+        opset: ONNX opset (13 or newer: per-channel ``DequantizeLinear``).
+
+    Returns:
+        The written path. Input ``pixel_values`` (normalised, NCHW float32), output ``logits``.
+
+    Raises:
+        DependencyError: onnx or onnxruntime is not installed.
+        ConfigError: an opset below 13, or a layer the export cannot express.
+    """
+    if opset < 13:
+        raise ConfigError(f"per-channel weight quantization needs ONNX opset >= 13, got {opset}")
+    _require_onnxruntime()
+    module = _export_module(qmodel)
+    example = qmodel.model.example_input(batch_size or 2).cpu()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    dynamic = None if batch_size else {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            # The TorchScript exporter, because it honours autograd functions' ``symbolic``: the QDQ
+            # nodes are written exactly as the simulation computes them.
+            torch.onnx.export(module, (example,), str(partial), dynamo=False, opset_version=opset,
+                              input_names=["pixel_values"], output_names=["logits"], dynamic_axes=dynamic,
+                              do_constant_folding=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+@dataclass
+class OnnxClassifier:
+    """An ONNX Runtime session over an exported classifier: call it like the PyTorch model.
+
+    Args:
+        session: the ``onnxruntime.InferenceSession``.
+        path: the model file.
+    """
+
+    session: Any
+    path: Path
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised NCHW batch."""
+        array = pixel_values.detach().to(torch.float32).cpu().contiguous().numpy()
+        (logits,) = self.session.run(["logits"], {"pixel_values": array})
+        return torch.from_numpy(logits)
+
+    def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float | int]:
+        """Accuracy on a labelled dataset, with ``model``'s preprocessing (see :func:`hub_dfq.evaluate_accuracy`)."""
+        from ..evaluation import evaluate_accuracy
+
+        return evaluate_accuracy(getattr(model, "model", model), data, forward=self, **kwargs)
+
+
+def _session_options(ort: Any, threads: int | None) -> Any:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # its warnings are about the environment, not the model
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxClassifier:
+    """Open an exported model with ONNX Runtime's CPU provider, all graph optimisations on.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (default: ONNX Runtime's choice, one per core).
+
+    Raises:
+        DependencyError: onnxruntime is not installed.
+        CheckpointError: the file is missing or not a valid ONNX model.
+    """
+    ort = _require_onnxruntime()
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist: export one with hub_dfq.export_onnx or `hub-dfq export`")
+    try:
+        session = ort.InferenceSession(str(path), sess_options=_session_options(ort, threads),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+        raise CheckpointError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}): export it again") from err
+    return OnnxClassifier(session, Path(path))
+
+
+def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime actually runs after its fusions (``QLinearConv`` etc.)."""
+    import onnx
+
+    ort = _require_onnxruntime()
+    with tempfile.TemporaryDirectory(prefix="hub-dfq-ort-") as tmp:
+        options = _session_options(ort, threads)
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return dict(sorted(Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node).items()))
+
+
+@torch.no_grad()
+def compare_onnx(qmodel: QuantizedModel, classifier: OnnxClassifier, inputs: torch.Tensor, *,
+                 batch_size: int = 64) -> dict[str, float]:
+    """How closely the integer model follows the simulated one on ``inputs``.
+
+    Returns:
+        ``top1_agreement`` (fraction of equal argmax), ``max_abs_logit_diff`` and ``mean_abs_logit_diff``.
+    """
+    agree, total, max_diff, sum_diff, count = 0, 0, 0.0, 0.0, 0
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        ref, got = qmodel(batch), classifier(batch)
+        diff = (ref - got).abs()
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        total += len(batch)
+        max_diff = max(max_diff, float(diff.max()))
+        sum_diff += float(diff.sum())
+        count += diff.numel()
+    return {"top1_agreement": agree / max(total, 1), "max_abs_logit_diff": max_diff,
+            "mean_abs_logit_diff": sum_diff / max(count, 1), "n": total}

@@ -1,0 +1,133 @@
+"""ONNX export: the integer model ONNX Runtime runs follows the simulated one, with int8 kernels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import hub_dfq
+from hub_dfq.cli import main
+from hub_dfq.errors import CheckpointError, ConfigError
+from hub_dfq.export import compare_onnx, export_onnx, load_onnx, save_pretrained
+from hub_dfq.export.onnx import runtime_ops
+from hub_dfq.quant.calibrate import quant_layers
+from hub_dfq.quant.data import images_to_tensor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hub_dfq.load_model("default")
+
+
+@pytest.fixture(scope="module")
+def images(model):
+    return images_to_tensor(model, hub_dfq.load_images("default"))
+
+
+def _quantize(model, weights, activations, images):
+    # real images calibrate in a second; what is tested is the export, not the calibration data
+    return hub_dfq.quantize(model, weights=weights, activations=activations, calibration=images[:64])
+
+
+@pytest.mark.parametrize("weights, activations", [(8, 8), (4, 8), (4, 4)])
+def test_onnx_runtime_follows_the_simulated_model(model, images, tmp_path, weights, activations):
+    qmodel = _quantize(model, weights, activations, images)
+    session = load_onnx(threads=1, path=export_onnx(qmodel, tmp_path / "m.onnx"))
+    agreement = compare_onnx(qmodel, session, images)
+    # integer kernels round the accumulator once; the simulation sums dequantized floats: rare 1-step
+    # differences on a rounding boundary, never a different model
+    assert agreement["n"] == 1000 and agreement["top1_agreement"] >= 0.99
+    assert agreement["mean_abs_logit_diff"] < 0.05  # logits here are of order 10
+    simulated = hub_dfq.evaluate_accuracy(model, "default", forward=qmodel)["top1"]
+    assert abs(session.evaluate(qmodel, "default")["top1"] - simulated) <= 0.3
+
+
+def test_every_conv_and_linear_runs_as_an_integer_kernel(model, images, tmp_path):
+    ops = runtime_ops(export_onnx(_quantize(model, 4, 8, images), tmp_path / "m.onnx"))
+    assert ops.get("QLinearConv") == 19 and ops.get("QGemm") == 1
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul"} & set(ops)
+
+
+def test_weights_are_the_checkpoint_integers_and_sub8bit_activations_are_clipped_as_integers(model, images, tmp_path):
+    qmodel = _quantize(model, 4, 4, images)
+    graph = onnx.load(export_onnx(qmodel, tmp_path / "m.onnx")).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for name, layer in quant_layers(qmodel.module):
+        stored = initializers[f"{name}.weight_int"]
+        assert stored.dtype == np.int8 and np.array_equal(stored, layer.weight_quantizer.weight_int.numpy())
+        bits = layer.weight_quantizer.bits
+        assert np.abs(stored).max() <= 2 ** (bits - 1) - 1
+    constants = {o: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"
+                 for o in n.output}
+    clips = [n for n in graph.node if n.op_type == "Clip"]
+    assert clips  # 4-bit activations: uint8 storage clipped to [0, 15]
+    for clip in clips:
+        low, high = constants[clip.input[1]], constants[clip.input[2]]
+        assert low.dtype == np.uint8 and (int(low), int(high)) == (0, 15)
+    assert runtime_ops(tmp_path / "m.onnx").get("QLinearConv", 0) >= 18
+
+
+def test_saved_checkpoint_holds_the_same_onnx_as_a_reexport_of_its_reload(model, images, tmp_path):
+    qmodel = _quantize(model, 4, 8, images)
+    folder = save_pretrained(qmodel, tmp_path / "q", onnx=True)
+    reloaded = hub_dfq.from_pretrained(folder)
+    again = export_onnx(reloaded, tmp_path / "again.onnx")
+    assert (folder / "model.onnx").read_bytes() == again.read_bytes()
+    assert "model.onnx" in (folder / "README.md").read_text()
+
+
+def test_transformers_vit_quantizes_with_any_batch_and_exports(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=4)
+    ViTForImageClassification(config).eval().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    vit = hub_dfq.load_model(tmp_path / "vit")
+    # the tracer must not bake the example's batch size into the class-token expand
+    qmodel = hub_dfq.quantize(vit, weights=8, activations=8, calibration="gaussian", calibration_size=12)
+    x = torch.randn(5, 3, 32, 32)
+    assert qmodel(x).shape == (5, 4)
+    session = load_onnx(threads=1, path=export_onnx(qmodel, tmp_path / "vit.onnx"))
+    assert compare_onnx(qmodel, session, x)["max_abs_logit_diff"] < 1e-3
+    assert runtime_ops(tmp_path / "vit.onnx").get("MatMulIntegerToFloat", 0) >= 4
+
+
+def test_cli_quantize_onnx_and_export(tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["quantize", "default", "--weights", "4", "--activations", "8", "--calibration", "gaussian",
+            "--calibration-size", "16", "--eval-limit", "200", "--out", str(out), "--onnx", "--json",
+            str(tmp_path / "q.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert abs(summary["onnx_top1"] - summary["quant_top1"]) <= 1.0  # 200 images: one image is 0.5 points
+    assert "ONNX Runtime int8" in capsys.readouterr().out
+    assert main(["export", str(out), "--out", str(tmp_path / "e.onnx"), "--dataset", "default", "--limit", "200",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert (tmp_path / "e.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["onnx_top1"] == summary["onnx_top1"] and report["top1_agreement"] >= 0.98
+
+
+def test_bad_input(model, images, tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="not a valid ONNX model"):
+        load_onnx(tmp_path / "broken.onnx")
+    with pytest.raises(ConfigError, match="opset >= 13"):
+        export_onnx(_quantize(model, 8, 8, images), tmp_path / "m.onnx", opset=11)
+    assert main(["quantize", "default", "--onnx", "--eval", "none"]) == 2
+    assert "add --out DIR" in capsys.readouterr().err
+    (tmp_path / "taken.onnx").write_bytes(b"keep me")
+    assert main(["export", "default", "--out", str(tmp_path / "taken.onnx")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "taken.onnx").read_bytes() == b"keep me"
