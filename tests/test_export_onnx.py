@@ -101,6 +101,26 @@ def test_transformers_vit_quantizes_with_any_batch_and_exports(tmp_path):
     assert runtime_ops(tmp_path / "vit.onnx").get("MatMulIntegerToFloat", 0) >= 4
 
 
+def test_reflect_padded_and_depthwise_convs_export(tmp_path):
+    from torch import nn
+
+    from hub_dfq.models import ModelSource, Preprocess, VisionModel
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    model = VisionModel(module, Preprocess(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
+                        ["a", "b", "c"], ModelSource(spec="tiny", library="timm", architecture="tiny"))
+    qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=torch.randn(32, 3, 16, 16))
+    x = torch.randn(16, 3, 16, 16)
+    session = load_onnx(export_onnx(qmodel, tmp_path / "t.onnx"), threads=1)
+    assert compare_onnx(qmodel, session, x)["max_abs_logit_diff"] < 0.05
+    # the depthwise conv feeds a quantized input: integer; the reflect pad sits between its input's
+    # DequantizeLinear and the conv, and the 1x1 conv's output is pooled before it is quantized: float
+    assert runtime_ops(tmp_path / "t.onnx").get("QLinearConv", 0) == 1
+
+
 def test_cli_quantize_onnx_and_export(tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", "default", "--weights", "4", "--activations", "8", "--calibration", "gaussian",

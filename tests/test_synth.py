@@ -68,6 +68,15 @@ def test_labels_of_untargeted_methods_are_the_model_predictions(model, tmp_path)
         assert model(pixels).argmax(-1).tolist() == ds["label"]
 
 
+def test_repeated_class_names_get_their_index(model, tmp_path):
+    # ImageNet names two classes "crane"; a ClassLabel needs unique names
+    twin = copy.copy(model)
+    twin.labels = ["crane"] + model.labels[1:-1] + ["crane"]
+    ds = synthesize(twin, "gaussian", n=4, out_dir=tmp_path / "g", **FAST)
+    names = ds.features["label"].names
+    assert names[0] == "crane (0)" and names[-1] == "crane (9)" and names[1:-1] == model.labels[1:-1]
+
+
 def test_bns_final_divergence_is_a_tenth_of_the_gaussian_start(model, tmp_path):
     synthesize(model, "bns", 16, iters=60, batch_size=16, out_dir=tmp_path / "o", progress=False)
     div = manifest(tmp_path / "o")["bn_divergence"]

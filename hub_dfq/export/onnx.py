@@ -8,11 +8,10 @@ accumulation — VNNI on AVX-512 CPUs):
 - weights are ``int8`` initializers read through a per-channel ``DequantizeLinear``; weights below
   8 bits are stored on their own narrower grid inside ``int8`` (the values are the same);
 - biases are ``int32`` on the ``input_scale * weight_scale`` grid, as the simulation rounds them;
-- every activation quantizer becomes ``QuantizeLinear``/``DequantizeLinear`` (``uint8``, the
-  simulation's scale and zero point). A narrower grid (activations below 8 bits) is then enforced by
-  ``Clip`` and a second quantizer pair: the first pair still lets the producer run as an integer
-  kernel; the clip costs one elementwise pass. (ONNX ``uint4`` would say it directly, but ONNX
-  Runtime has no integer convolution for it.)
+- every activation quantizer becomes ``QuantizeLinear -> DequantizeLinear`` (``uint8``, the
+  simulation's scale and zero point). Below 8 bits a ``Clip`` on the ``uint8`` values keeps the
+  narrower grid; it works in the integer domain, so the producing layer still fuses. (ONNX ``uint4``
+  would say it directly, but ONNX Runtime has no integer convolution for it.)
 
 Integer kernels accumulate exactly and requantize once, where the simulation sums dequantized
 values in float32; the two can differ by one step of an activation grid where a value sits on a
@@ -22,7 +21,6 @@ rounding boundary, so logits agree closely but not bit for bit (:func:`compare_o
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import tempfile
 import warnings
@@ -35,13 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DependencyError
+from ..errors import CheckpointError, ConfigError, DependencyError, UnsupportedModelError
 from ..quant.api import QuantizedModel
 from ..quant.calibrate import act_quantizers, quant_layers
 from ..quant.modules import QuantLinear
 from ..quant.quantizers import ActQuantizer
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ONNX_NAME", "OnnxClassifier", "compare_onnx", "export_onnx", "load_onnx", "runtime_ops"]
 
@@ -117,11 +113,12 @@ class _ExportWeightLayer(nn.Module):
             wq.freeze(layer.weight)
         self.linear = isinstance(layer, QuantLinear)
         if not self.linear:
-            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            # as nn.Conv*d._conv_forward: a non-zero padding mode is an explicit pad before an unpadded conv
+            self.pad = None if layer.padding_mode == "zeros" else (layer._reversed_padding_repeated_twice,
+                                                                    layer.padding_mode)
+            self.conv = dict(stride=layer.stride, padding=layer.padding if self.pad is None else 0,
+                             dilation=layer.dilation, groups=layer.groups)
             self.conv_fn = F.conv1d if layer.weight.dim() == 3 else F.conv2d
-            if layer.padding_mode != "zeros" or isinstance(layer.padding, str) and layer.padding != "valid":
-                raise ConfigError(f"ONNX export supports zero-padded convolutions with numeric padding; {type(layer).__name__} "
-                                  f"uses padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
         self.register_buffer("weight_int", wq.weight_int.clone())
         self.register_buffer("weight_scale", wq.scale.detach().clone().float())
         bias_int = layer.bias_int() if _bias_on_grid(layer) else None
@@ -137,6 +134,8 @@ class _ExportWeightLayer(nn.Module):
         bias = _Dequantize.apply(self.bias_int, self.bias_scale) if self.bias_int is not None else self.bias_float
         if self.linear:
             return F.linear(x, weight, bias)
+        if self.pad is not None:
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
         return self.conv_fn(x, weight, bias, **self.conv)
 
 
@@ -178,7 +177,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
 
     Raises:
         DependencyError: onnx or onnxruntime is not installed.
-        ConfigError: an opset below 13, or a layer the export cannot express.
+        ConfigError: an opset below 13, or a model still being calibrated.
+        UnsupportedModelError: an operation the TorchScript exporter cannot write at this opset.
     """
     if opset < 13:
         raise ConfigError(f"per-channel weight quantization needs ONNX opset >= 13, got {opset}")
@@ -198,6 +198,10 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
                               input_names=["pixel_values"], output_names=["logits"], dynamic_axes=dynamic,
                               do_constant_folding=True)
         os.replace(partial, target)
+    except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as err:
+        raise UnsupportedModelError(
+            f"cannot export {qmodel.source.spec} to ONNX opset {opset} ({type(err).__name__}: {err}); try a newer "
+            "opset, or keep the offending layer in float with exclude=[...] (--exclude) when quantizing") from err
     finally:
         partial.unlink(missing_ok=True)
     return target

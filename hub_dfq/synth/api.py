@@ -20,7 +20,8 @@ from ..models import VisionModel
 from .config import Priors, SynthConfig
 from .methods import BatchGenerator, check_model_supports
 from .writer import (
-    DATA_DIR, MANIFEST_FORMAT, features_for, finished_shards, prepare_folder, shard_name, write_manifest, write_shard,
+    DATA_DIR, MANIFEST_FORMAT, features_for, finished_shards, prepare_folder, shard_name, unique_label_names,
+    write_manifest, write_shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
         "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
         "model": _model_record(model, weights),
         "arguments": config.to_dict(),
-        "label_names": list(model.labels),
+        "label_names": unique_label_names(model.labels),
         "input_size": list(model.input_size),
         "num_rows": config.n,
         "num_shards": total,

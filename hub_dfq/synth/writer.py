@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ from ..errors import ConfigError, OutputExistsError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MANIFEST", "CARD", "PREVIEW", "DATA_DIR", "ROW_GROUP_SIZE", "shard_name", "features_for", "encode_png",
+    "MANIFEST", "CARD", "PREVIEW", "DATA_DIR", "ROW_GROUP_SIZE", "shard_name", "features_for", "unique_label_names", "encode_png",
     "write_shard", "read_manifest", "write_manifest", "prepare_folder", "file_sha256", "finished_shards",
 ]
 
@@ -52,8 +53,15 @@ def shard_name(index: int, total: int) -> str:
     return f"{DATA_DIR}/train-{index:05d}-of-{total:05d}.parquet"
 
 
+def unique_label_names(label_names: Sequence[str]) -> list[str]:
+    """The names with their class index appended where a name repeats (ImageNet has two "crane" classes)."""
+    counts = Counter(label_names)
+    return [f"{name} ({index})" if counts[name] > 1 else name for index, name in enumerate(label_names)]
+
+
 def features_for(label_names: Sequence[str]) -> datasets.Features:
-    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(label_names))})
+    # ClassLabel rejects repeated names
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=unique_label_names(label_names))})
 
 
 def encode_png(pixels: torch.Tensor | np.ndarray) -> bytes:
