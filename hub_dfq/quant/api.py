@@ -21,6 +21,7 @@ from .data import SYNTHETIC_METHODS, calibration_tensor
 from .distill import DistillConfig, distill
 from .prepare import PrepareReport, prepare
 from .reconstruct import ReconstructConfig, reconstruct
+from .resume import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ def quantize(
     distill_config: DistillConfig | None = None,
     synth_options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    resume: bool = True,
     progress: bool = False,
 ) -> QuantizedModel:
     """Quantize a classifier to ``weights``/``activations`` bits, calibrated without its training data.
@@ -217,6 +219,8 @@ def quantize(
         distill_config: overrides the preset's distillation settings.
         synth_options: overrides the preset's synthesis options.
         seed: seed of synthesis, observers, reconstruction and distillation (same seed, same weights).
+        resume: save the progress of ``reconstruct``/``distill`` in the cache and continue an
+            interrupted run of the same inputs where it stopped (same result as one run).
         progress: show progress bars.
 
     Returns:
@@ -259,18 +263,26 @@ def quantize(
     timings["calibrate"] = time.perf_counter() - start - timings["data"]
     history: dict[str, Any] = {}
     method_config: dict[str, Any] = {}
+    rcfg = replace(reconstruct_config or chosen.reconstruct, seed=seed)
+    dcfg = replace(distill_config or chosen.distill, seed=seed)
     if method == "reconstruct":
-        rcfg = replace(reconstruct_config or chosen.reconstruct, seed=seed)
         method_config = rcfg.to_dict()
-        history["blocks"] = reconstruct(gm, prepared.node_blocks, data, rcfg, progress=progress)
     elif method == "distill":
-        dcfg = replace(distill_config or chosen.distill, seed=seed)
         method_config = dcfg.to_dict()
         if dcfg.init == "reconstruct":
-            rcfg = replace(reconstruct_config or chosen.reconstruct, seed=seed)
             method_config["reconstruct"] = rcfg.to_dict()
-            history["blocks"] = reconstruct(gm, prepared.node_blocks, data, rcfg, progress=progress)
-        history["distill_loss"] = distill(gm, data, dcfg, progress=progress)
+    state = None
+    if resume and method != "calibrate":
+        from .. import __version__  # the package imports this module first
+
+        state = RunState.for_run(model=model.module, config=cfg.to_dict(), method=method, method_config=method_config,
+                                 data=data, seed=seed, version=__version__)
+    if method == "reconstruct" or (method == "distill" and dcfg.init == "reconstruct"):
+        history["blocks"] = reconstruct(gm, prepared.node_blocks, data, rcfg, progress=progress, state=state)
+    if method == "distill":
+        history["distill_loss"] = distill(gm, data, dcfg, progress=progress, state=state)
+    if state is not None:
+        state.clear()  # the model is complete: nothing left to resume
     freeze_weights(gm)
     gm.eval()
     timings["total"] = time.perf_counter() - start

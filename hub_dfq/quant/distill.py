@@ -2,8 +2,8 @@
 
 The student is the quantized model itself: latent float weights rounded to the integer grid with
 the straight-through estimator, learned per-channel weight step sizes and per-tensor activation
-step sizes (LSQ). The teacher is the same graph with quantization switched off, so no second copy
-of the model is kept. Only the calibration (synthetic) images are used; labels are never needed.
+step sizes (LSQ). The teacher is a frozen copy of the same graph with quantization switched off.
+Only the calibration (synthetic) images are used; labels are never needed.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergedError
 from .calibrate import act_quantizers, quant_layers, quant_mode
+from .resume import RunState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistillConfig", "distill"]
+
+SAVE_EVERY = 50  # steps between saved progress (a save costs about one step)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
                     reduction="batchmean") * (t * t)
 
 
-def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool = False) -> list[float]:
+def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool = False,
+            state: RunState | None = None) -> list[float]:
     """Fine-tune a calibrated quantized model to match its own full-precision outputs on ``data``.
 
     Args:
@@ -75,6 +79,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         data: normalised calibration inputs (synthetic images).
         cfg: distillation settings.
         progress: show a progress bar.
+        state: where to save progress every ``SAVE_EVERY`` steps and resume from (the same bytes as one run).
 
     Returns:
         The loss every 50 steps.
@@ -110,7 +115,17 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
-    bar = tqdm(range(cfg.iters), desc="distill", disable=not progress, leave=False)
+    start = 0
+    saved = state.load("distill") if state is not None else None
+    if saved is not None:
+        module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["generator"])
+        losses, start = list(saved["losses"]), int(saved["steps_done"])
+        logger.warning("resuming distillation at step %d of %d (saved in %s)", start, cfg.iters, state.folder)
+    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress, leave=False, initial=start,
+               total=cfg.iters)
     try:
         for step in bar:
             idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
@@ -133,6 +148,10 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
             if step % 50 == 0:
                 losses.append(float(loss.detach()))
                 bar.set_postfix(kd=f"{losses[-1]:.4g}")
+            if state is not None and (step + 1) % SAVE_EVERY == 0 and step + 1 < cfg.iters:
+                state.save("distill", {"module": {k: v.detach().clone() for k, v in module.state_dict().items()},
+                                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "generator": generator.get_state(), "losses": losses, "steps_done": step + 1})
     finally:
         for p, state in saved_grad:
             p.requires_grad_(state)

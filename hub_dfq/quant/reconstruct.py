@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergedError
 from .calibrate import act_quantizers, quant_layers, quant_mode
+from .resume import RunState, load_quantizer_state, quantizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
 
 
 def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Tensor, cfg: ReconstructConfig, *,
-                progress: bool = False) -> list[dict[str, Any]]:
+                progress: bool = False, state: RunState | None = None) -> list[dict[str, Any]]:
     """Fit every block of a calibrated model, in order, to its full-precision output on ``data``.
 
     Args:
@@ -224,28 +225,44 @@ def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Ten
         data: normalised calibration inputs.
         cfg: reconstruction settings.
         progress: show progress bars.
+        state: where to save progress after every block and resume from (the same bytes as one run).
 
     Returns:
         One record per block: name, loss before and after fitting (on the calibration data).
     """
     blocks = partition(gm, node_blocks)
     generator = torch.Generator().manual_seed(cfg.seed)
-    records = []
+    records: list[dict[str, Any]] = []
     fp_env = {blocks[0].inputs[0]: data}
     q_env = {blocks[0].inputs[0]: data}
     remaining_uses = _uses(blocks)
+    saved = state.load("reconstruct") if state is not None else None
+    done = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
+        if saved is not None:
+            load_quantizer_state(gm, saved["module"])
+            generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            records, done = list(saved["records"]), int(saved["blocks_done"])
+            logger.warning("resuming block reconstruction after block %d of %d (saved in %s)", done, len(blocks),
+                           state.folder)
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             with quant_mode(block.module, enabled=False):
                 targets = _run(block, fp_env, 128)
-            inputs = {k: q_env[k] for k in block.inputs}
-            before = _loss_on(block, q_env, targets)
-            final = _fit_block(block, inputs, targets, cfg, generator, progress)
+            if index >= done:
+                inputs = {k: q_env[k] for k in block.inputs}
+                before = _loss_on(block, q_env, targets)
+                final = _fit_block(block, inputs, targets, cfg, generator, progress)
             outputs = _run(block, q_env, 128)
-            after = sum(float(_rec_loss(outputs[k], targets[k])) for k in block.outputs)
-            records.append({"block": block.name, "loss_before": before, "loss_after": after, "train_loss": final})
-            logger.info("block %s: reconstruction loss %.4g -> %.4g", block.name, before, after)
+            if index >= done:
+                after = sum(float(_rec_loss(outputs[k], targets[k])) for k in block.outputs)
+                records.append({"block": block.name, "loss_before": before, "loss_after": after, "train_loss": final})
+                logger.info("block %s: reconstruction loss %.4g -> %.4g", block.name, before, after)
+                if state is not None:
+                    state.save("reconstruct", {"module": quantizer_state(gm), "generator": generator.get_state(),
+                                               "torch_rng": torch.get_rng_state(), "records": records,
+                                               "blocks_done": index + 1})
             fp_env.update(targets)
             q_env.update(outputs)
             for name in list(fp_env):  # free what no later block reads

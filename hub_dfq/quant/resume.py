@@ -1,0 +1,110 @@
+"""Saved progress of long quantization runs, so an interrupted run continues where it stopped.
+
+Block reconstruction saves the quantizer state after every block, distillation every few dozen
+steps, together with the random generators' states, under ``$HUB_DFQ_CACHE/quantize/<key>``. The
+key hashes everything that determines the result (the float weights, the quantization config, the
+method's settings, the calibration tensor, the seed), so a rerun of the same command picks the
+saved state up and finishes with the same bytes as an uninterrupted run; any other run starts
+fresh. :func:`hub_dfq.quantize` deletes the state once the model is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import cache_root
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunState", "fingerprint", "load_quantizer_state", "quantizer_state"]
+
+
+def _update(digest: "hashlib._Hash", value: Any) -> None:
+    if isinstance(value, nn.Module):
+        value = value.state_dict()
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            digest.update(str(key).encode())
+            _update(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _update(digest, item)
+    else:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short hex digest of tensors, modules (their state) and JSON-able values."""
+    digest = hashlib.sha256()
+    _update(digest, parts)
+    return digest.hexdigest()[:24]
+
+
+class RunState:
+    """The saved stages of one run (``"reconstruct"``, ``"distill"``) in one cache folder.
+
+    Args:
+        folder: where the stages are kept.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @classmethod
+    def for_run(cls, **parts: Any) -> "RunState":
+        """The state folder of the run that ``parts`` determine (see :func:`fingerprint`)."""
+        return cls(cache_root("quantize") / fingerprint(**parts))
+
+    def _file(self, stage: str) -> Path:
+        return self.folder / f"{stage}.pt"
+
+    def load(self, stage: str) -> dict[str, Any] | None:
+        """The saved state of ``stage``, or ``None`` (nothing saved, or a file that cannot be read)."""
+        path = self._file(stage)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a torn or foreign file: start the stage again rather than fail
+            logger.warning("ignoring unreadable saved progress %s (%s)", path, err)
+            return None
+
+    def save(self, stage: str, state: dict[str, Any]) -> None:
+        """Write ``state`` atomically: an interruption leaves the previous state, never half a file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._file(stage)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, path)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def quantizer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything a fitted quantized module holds (including frozen integer weights), detached."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def load_quantizer_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`quantizer_state`; frozen integer weights are restored as frozen."""
+    from .calibrate import quant_layers
+
+    for name, layer in quant_layers(module):
+        key = f"{name}.weight_quantizer.weight_int"
+        layer.weight_quantizer.alpha = None
+        layer.weight_quantizer.weight_int = state[key].clone() if key in state else None
+    module.load_state_dict(state, strict=True)
