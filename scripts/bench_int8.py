@@ -119,7 +119,11 @@ def main(argv=None) -> int:
             qmodel = hub_dfq.quantize(model, weights=w, activations=a, calibration=calibration[0],
                                       calibration_size=calibration[1])
             path = export_onnx(qmodel, tmp / f"{name}-{config}.onnx")
-            engines[f"ORT {config}"] = (load_onnx(path, threads=args.threads), (qmodel, path))
+            engines[f"ORT {config}"] = (load_onnx(path, threads=args.threads), (qmodel, path, ()))
+            if a < 8:  # the float residual path of mixed-width graphs costs layout transposes in NHWC
+                nchw = ("NhwcTransformer",)
+                engines[f"ORT {config} (NCHW)"] = (load_onnx(path, threads=args.threads, disabled_optimizers=nchw),
+                                                   (qmodel, path, nchw))
             if config == args.configs[0]:
                 engines[f"PyTorch {config} simulated"] = (qmodel, None)
         base = {}
@@ -131,8 +135,8 @@ def main(argv=None) -> int:
             if engine == "ORT fp32":
                 base = {"batch1_ms": row["batch1_ms"], "throughput": row["throughput"]}
             if quant is not None:
-                qmodel, path = quant
-                ops = runtime_ops(path, threads=args.threads)
+                qmodel, path, disabled = quant
+                ops = runtime_ops(path, threads=args.threads, disabled_optimizers=disabled)
                 row["integer_kernels"] = sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS))
                 row["float_kernels"] = sum(v for k, v in ops.items() if k in FLOAT_OPS)
                 if test is not None:

@@ -27,7 +27,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -242,12 +242,14 @@ def _session_options(ort: Any, threads: int | None) -> Any:
     return options
 
 
-def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxClassifier:
+def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None,
+              disabled_optimizers: Sequence[str] = ()) -> OnnxClassifier:
     """Open an exported model with ONNX Runtime's CPU provider, all graph optimisations on.
 
     Args:
         path: the ``.onnx`` file.
         threads: intra-op threads (default: ONNX Runtime's choice, one per core).
+        disabled_optimizers: ONNX Runtime graph optimisers to leave out (e.g. ``"NhwcTransformer"``).
 
     Raises:
         DependencyError: onnxruntime is not installed.
@@ -258,13 +260,14 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> On
         raise CheckpointError(f"{path} does not exist: export one with hub_dfq.export_onnx or `hub-dfq export`")
     try:
         session = ort.InferenceSession(str(path), sess_options=_session_options(ort, threads),
-                                       providers=["CPUExecutionProvider"])
+                                       providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
     except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
         raise CheckpointError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}): export it again") from err
     return OnnxClassifier(session, Path(path))
 
 
-def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1) -> dict[str, int]:
+def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1,
+                disabled_optimizers: Sequence[str] = ()) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime actually runs after its fusions (``QLinearConv`` etc.)."""
     import onnx
 
@@ -272,7 +275,8 @@ def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1) -> dic
     with tempfile.TemporaryDirectory(prefix="hub-dfq-ort-") as tmp:
         options = _session_options(ort, threads)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(disabled_optimizers))
         return dict(sorted(Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node).items()))
 
 
