@@ -50,7 +50,7 @@ def test_bn_loss_hooks_sum_layer_kl_and_are_removed():
         model.module(x)
     ref = sum(gaussian_kl(bn.running_mean, bn.running_var, *reversed(torch.var_mean(a, dim=(0, 2, 3), correction=0))).mean()
               for (_, bn), a in zip(model.bn_layers, slots))
-    assert float(total.detach()) == pytest.approx(float(ref), rel=1e-4)
+    assert float(total.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
     assert all(not bn._forward_pre_hooks for _, bn in model.bn_layers)
 
 
