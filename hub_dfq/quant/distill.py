@@ -153,8 +153,8 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "generator": generator.get_state(), "losses": losses, "steps_done": step + 1})
     finally:
-        for p, state in saved_grad:
-            p.requires_grad_(state)
+        for p, needed in saved_grad:
+            p.requires_grad_(needed)
         for layer in layers:
             layer.weight_quantizer.freeze(layer.weight)
     return losses
