@@ -33,6 +33,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The embedded default ResNet-20 (a fresh one per test module: some tests change it)."""
+    import hub_dfq
+
+    return hub_dfq.load_model("default")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

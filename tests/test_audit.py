@@ -29,11 +29,6 @@ FEATURES = datasets.Features({"img": datasets.Image()})
 
 
 @pytest.fixture(scope="module")
-def model() -> VisionModel:
-    return hub_dfq.load_model("default")
-
-
-@pytest.fixture(scope="module")
 def clean_rows() -> datasets.Dataset:
     """The embedded CIFAR-10 sample (the model's own test distribution), images as stored bytes."""
     return hub_dfq.load_images("default").dataset

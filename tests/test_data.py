@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hub_dfq import iter_batches, load_images, load_model
+from hub_dfq import iter_batches, load_images
 from hub_dfq.data import decode_image, embedded_sample_path
 from hub_dfq.errors import DatasetError, ImageDecodeError
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("default")
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -22,11 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return hub_dfq.load_model("default")
-
-
-@pytest.fixture(scope="module")
 def images(model):
     return images_to_tensor(model, hub_dfq.load_images("default"))
 

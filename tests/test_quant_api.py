@@ -17,11 +17,6 @@ from hub_dfq.quant import DistillConfig, QuantizedModel, ReconstructConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
-def model():
-    return hub_dfq.load_model("default")
-
-
-@pytest.fixture(scope="module")
 def test_2000(cifar_test_parquet):
     return hub_dfq.load_images(str(cifar_test_parquet), limit=2000)
 

@@ -15,11 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return hub_dfq.load_model("default")
-
-
-@pytest.fixture(scope="module")
 def images(model):
     from hub_dfq.quant.data import images_to_tensor
 

@@ -22,11 +22,6 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 FAST = {"iters": 10, "batch_size": 8, "shard_size": 8, "progress": False}
 
 
-@pytest.fixture(scope="module")
-def model() -> VisionModel:
-    return hub_dfq.load_model("default")
-
-
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "data").glob("*.parquet"))}
 

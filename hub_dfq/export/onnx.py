@@ -121,11 +121,10 @@ class _ExportWeightLayer(nn.Module):
             self.conv_fn = F.conv1d if layer.weight.dim() == 3 else F.conv2d
         self.register_buffer("weight_int", wq.weight_int.clone())
         self.register_buffer("weight_scale", wq.scale.detach().clone().float())
-        bias_int = layer.bias_int() if _bias_on_grid(layer) else None
+        bias_int = layer.bias_int() if layer.bias_on_grid() else None
         self.register_buffer("bias_int", bias_int)
         if bias_int is not None:
-            input_scale = layer.input_quantizer.scale.detach().abs().clamp_min(1e-8)
-            self.register_buffer("bias_scale", (input_scale * self.weight_scale).float())
+            self.register_buffer("bias_scale", layer.bias_scale().detach().float())
         else:
             self.register_buffer("bias_float", None if layer.bias is None else layer.bias.detach().clone())
 
@@ -139,24 +138,14 @@ class _ExportWeightLayer(nn.Module):
         return self.conv_fn(x, weight, bias, **self.conv)
 
 
-def _bias_on_grid(layer: nn.Module) -> bool:
-    q = layer.input_quantizer
-    return layer.bias is not None and q is not None and q.mode == "quant" and layer.weight_quantizer.enabled
-
-
 def _export_module(qmodel: QuantizedModel) -> nn.Module:
     gm = copy.deepcopy(qmodel.module).eval()
-
-    def swap(name: str, new: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, child, new)
-
     for name, layer in quant_layers(gm):
         if layer.weight_quantizer.enabled:
-            swap(name, _ExportWeightLayer(layer))
+            gm.set_submodule(name, _ExportWeightLayer(layer))
     for name, q in act_quantizers(gm):
         if q.mode == "quant":
-            swap(name, _ExportActQuantizer(q))
+            gm.set_submodule(name, _ExportActQuantizer(q))
         elif q.mode != "off":
             raise ConfigError(f"activation quantizer {name} is still observing: calibrate the model before export")
     return gm

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergedError
 from .calibrate import act_quantizers, quant_layers, quant_mode
-from .resume import RunState
+from .resume import RunState, quantizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
                 losses.append(float(loss.detach()))
                 bar.set_postfix(kd=f"{losses[-1]:.4g}")
             if state is not None and (step + 1) % SAVE_EVERY == 0 and step + 1 < cfg.iters:
-                state.save("distill", {"module": {k: v.detach().clone() for k, v in module.state_dict().items()},
+                state.save("distill", {"module": quantizer_state(module),
                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "generator": generator.get_state(), "losses": losses, "steps_done": step + 1})
     finally:

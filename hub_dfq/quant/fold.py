@@ -64,7 +64,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
             continue
         fold_bn(conv, bn)
         remainder = bn_remainder(bn)
-        _replace_submodule(gm, node.target, remainder)
+        gm.set_submodule(node.target, remainder)
         if isinstance(remainder, nn.Identity):
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
@@ -84,7 +84,3 @@ def overrides_forward(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> 
     return base is None or type(module).forward is not base.forward
 
 
-def _replace_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, child = target.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

@@ -74,21 +74,27 @@ class QuantModule:
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
-    def quantized_bias(self) -> torch.Tensor | None:
+    def bias_on_grid(self) -> bool:
+        """Whether the bias is rounded to the int32 accumulator grid (quantized input and weight)."""
         quantizer = self.input_quantizer
-        if (self.bias is None or quantizer is None or quantizer.mode != "quant"
-                or not self.weight_quantizer.enabled):
+        return (self.bias is not None and quantizer is not None and quantizer.mode == "quant"
+                and self.weight_quantizer.enabled)
+
+    def bias_scale(self) -> torch.Tensor:
+        """Step of the int32 bias grid, ``input_scale * weight_scale`` per output channel."""
+        return self.input_quantizer.scale.abs().clamp_min(1e-8) * self.weight_quantizer.scale
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        if not self.bias_on_grid():
             return self.bias
-        scale = quantizer.scale.abs().clamp_min(1e-8) * self.weight_quantizer.scale
+        scale = self.bias_scale()
         return round_ste(self.bias / scale) * scale
 
     def bias_int(self) -> torch.Tensor | None:
         """The int32 bias an integer implementation adds to its accumulator (``None`` without bias)."""
-        quantizer = self.input_quantizer
-        if self.bias is None or quantizer is None:
+        if self.bias is None or self.input_quantizer is None:
             return None
-        scale = quantizer.scale.detach().abs().clamp_min(1e-8) * self.weight_quantizer.scale.detach()
-        return torch.round(self.bias.detach() / scale).to(torch.int32)
+        return torch.round(self.bias.detach() / self.bias_scale().detach()).to(torch.int32)
 
 
 def _copy_params(dst: nn.Module, src: nn.Module) -> None:

@@ -265,8 +265,7 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
             report.unsupported.append(f"{name} ({type(float_layer).__name__}, called more than once)")
             continue
         qlayer = qmodule_for(float_layer).from_float(float_layer, scheme)
-        parent, _, child = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, child, qlayer)
+        gm.set_submodule(name, qlayer)
         swapped[name] = node
         report.quantized[name] = {"type": type(float_layer).__name__, "weights": scheme.weights,
                                   "activations": scheme.activations, "first": name == first, "last": name == last}

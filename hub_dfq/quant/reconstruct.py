@@ -250,12 +250,13 @@ def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Ten
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             with quant_mode(block.module, enabled=False):
                 targets = _run(block, fp_env, 128)
-            if index >= done:
+            fit = index >= done  # earlier blocks were fitted by the interrupted run: only replayed
+            if fit:
                 inputs = {k: q_env[k] for k in block.inputs}
                 before = _loss_on(block, q_env, targets)
                 final = _fit_block(block, inputs, targets, cfg, generator, progress)
             outputs = _run(block, q_env, 128)
-            if index >= done:
+            if fit:
                 after = sum(float(_rec_loss(outputs[k], targets[k])) for k in block.outputs)
                 records.append({"block": block.name, "loss_before": before, "loss_after": after, "train_loss": final})
                 logger.info("block %s: reconstruction loss %.4g -> %.4g", block.name, before, after)

@@ -135,8 +135,7 @@ def swap_batchnorms(module: nn.Module, names: Sequence[str]) -> nn.Module:
     for name in names:
         bn = module.get_submodule(name)
         if _plain_forward(bn):
-            parent_name, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, child, StatsBatchNorm(bn))
+            module.set_submodule(name, StatsBatchNorm(bn))
     return module
 
 
