@@ -6,45 +6,91 @@ Public API, one entry point per job::
     model = hub_dfq.load_model("default")          # or "timm/resnet18.a1_in1k", "local-dir:PATH"
     data = hub_dfq.load_images("default")          # or a Hub dataset id, parquet, image folder
     hub_dfq.evaluate_accuracy(model, data)          # {"top1": .., "top5": .., "n": ..}
-    synthetic = hub_dfq.synthesize(model, "bns", n=256)
+    synthetic = hub_dfq.synthesize(model, "bns", num_images=256)
     qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns")
     hub_dfq.push_to_hub(qmodel, "me/model-w4a4-dfq")
     hub_dfq.export_onnx(qmodel, "model.onnx")      # integer kernels in ONNX Runtime: hub_dfq.load_onnx
     report = hub_dfq.audit(model, ["default", synthetic])
+
+Importing ``hub_dfq`` is cheap (no torch, timm, transformers or datasets): every name below is
+imported on first use. It also arranges that timm learns the CIFAR ResNets and transformers learns
+the ``hub_dfq`` quantization method as soon as either library is imported.
 """
 
-from .audit import AuditReport, audit
-from .data import ImageData, iter_batches, load_images
-from .errors import HubDfqError
-from .evaluation import evaluate_accuracy
-from .export import export_onnx, from_pretrained, load_onnx, push_to_hub, save_pretrained
-from .models import ModelSource, Preprocess, VisionModel, load_model
-from .quant import QuantConfig, QuantizedModel, QuantScheme, quantize
-from .synth import synthesize
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from . import plugins as _plugins
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AuditReport",
-    "HubDfqError",
-    "ImageData",
-    "ModelSource",
-    "Preprocess",
-    "QuantConfig",
-    "QuantScheme",
-    "QuantizedModel",
-    "VisionModel",
-    "__version__",
-    "audit",
-    "evaluate_accuracy",
-    "export_onnx",
-    "from_pretrained",
-    "iter_batches",
-    "load_images",
-    "load_model",
-    "load_onnx",
-    "push_to_hub",
-    "quantize",
-    "save_pretrained",
-    "synthesize",
-]
+# name -> module that defines it
+_API = {
+    "AuditReport": ".audit.core",
+    "audit": ".audit.core",
+    "ImageData": ".data",
+    "iter_batches": ".data",
+    "load_images": ".data",
+    "HubDfqError": ".errors",
+    "evaluate_accuracy": ".evaluation",
+    "export_onnx": ".backends.onnx",
+    "load_onnx": ".backends.onnx",
+    "from_pretrained": ".hub.checkpoint",
+    "push_to_hub": ".hub.checkpoint",
+    "save_pretrained": ".hub.checkpoint",
+    "ModelSource": ".models.vision_model",
+    "Preprocess": ".models.preprocess",
+    "VisionModel": ".models.vision_model",
+    "load_model": ".models.loader",
+    "QuantConfig": ".quant.config",
+    "QuantScheme": ".quant.config",
+    "QuantizedModel": ".quant.model",
+    "quantize": ".quant.api",
+    "synthesize": ".synth.api",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
+    from .audit.core import AuditReport, audit  # noqa: F401
+    from .backends.onnx import export_onnx, load_onnx  # noqa: F401
+    from .data import ImageData, iter_batches, load_images  # noqa: F401
+    from .errors import HubDfqError  # noqa: F401
+    from .evaluation import evaluate_accuracy  # noqa: F401
+    from .hub.checkpoint import from_pretrained, push_to_hub, save_pretrained  # noqa: F401
+    from .models.loader import load_model  # noqa: F401
+    from .models.preprocess import Preprocess  # noqa: F401
+    from .models.vision_model import ModelSource, VisionModel  # noqa: F401
+    from .quant.api import quantize  # noqa: F401
+    from .quant.config import QuantConfig, QuantScheme  # noqa: F401
+    from .quant.model import QuantizedModel  # noqa: F401
+    from .synth.api import synthesize  # noqa: F401
+
+
+class _Package(types.ModuleType):
+    """The package module, with its public names resolved on first access."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _API:
+            raise AttributeError(f"module 'hub_dfq' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_API[name], __name__), name)
+        types.ModuleType.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the sub-package hub_dfq.audit binds it as hub_dfq.audit; the verb of that name
+        # must stay the function, as it was when this package imported everything eagerly.
+        if isinstance(value, types.ModuleType) and name in _API and _API[name] != f".{name}":
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(_API))
+
+
+sys.modules[__name__].__class__ = _Package
+_plugins.install()

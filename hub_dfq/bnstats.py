@@ -24,7 +24,6 @@ __all__ = [
     "symmetric_kl",
     "wasserstein2",
     "zeroq_l2",
-    "DIVERGENCES",
 ]
 
 BNLayers = Sequence[tuple[str, nn.Module]]
@@ -185,6 +184,3 @@ def zeroq_l2(mu_p, var_p, mu_q, var_q, eps: float = 1e-5) -> torch.Tensor:
     return torch.linalg.vector_norm(mu_p - mu_q) + torch.linalg.vector_norm(
         torch.sqrt(var_p + eps) - torch.sqrt(var_q + eps))
 
-
-# Per-channel divergences, averaged over channels in reports.
-DIVERGENCES = {"kl": gaussian_kl, "symmetric_kl": symmetric_kl, "w2": wasserstein2}

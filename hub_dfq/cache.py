@@ -1,19 +1,117 @@
-"""Where hub-dfq caches what it can recompute (synthetic datasets, audit reference points)."""
+"""Where hub-dfq caches what it can recompute, and how to see and free it (``hub-dfq cache list|clear``).
+
+Three kinds of entries, each keyed on :func:`hub_dfq.fingerprint.fingerprint` of what made it:
+
+- ``synth/<method>-<key>/``: synthetic calibration datasets (a Hub dataset folder with ``generation.json``);
+- ``audit/<key>.json``: audit reference points;
+- ``quantize/<key>/``: saved progress of an interrupted ``reconstruct``/``distill`` run (``*.pt``).
+
+Listing and clearing only ever touch entries of those shapes: a file hub-dfq did not write is left alone,
+also when ``$HUB_DFQ_CACHE`` points at a folder that holds other things.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["cache_root"]
+__all__ = ["CACHE_KINDS", "CacheEntry", "cache_root", "list_cache", "clear_cache"]
+
+CACHE_KINDS = ("synth", "audit", "quantize")
+
+
+def cache_base() -> Path:
+    """``$HUB_DFQ_CACHE``, else ``$HF_HOME/hub_dfq``, else ``$XDG_CACHE_HOME/hub_dfq``, else ``~/.cache/hub_dfq``."""
+    if os.environ.get("HUB_DFQ_CACHE"):
+        return Path(os.environ["HUB_DFQ_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub_dfq"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "hub_dfq"
 
 
 def cache_root(kind: str) -> Path:
-    """Cache folder for ``kind``: ``$HUB_DFQ_CACHE/KIND``, else ``$HF_HOME/hub_dfq/KIND``, else
-    ``$XDG_CACHE_HOME/hub_dfq/KIND``, else ``~/.cache/hub_dfq/KIND``."""
-    if os.environ.get("HUB_DFQ_CACHE"):
-        return Path(os.environ["HUB_DFQ_CACHE"]).expanduser() / kind
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub_dfq" / kind
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "hub_dfq" / kind
+    """Cache folder of one kind of entry (see the module docstring)."""
+    return cache_base() / kind
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached result."""
+
+    kind: str
+    key: str
+    path: Path
+    bytes: int
+    modified: float
+    description: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "key": self.key, "path": str(self.path), "bytes": self.bytes,
+                "modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.modified)),
+                "description": self.description}
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe(kind: str, path: Path) -> str | None:
+    """A one-line description if ``path`` is an entry hub-dfq writes, else ``None``."""
+    if kind == "synth" and path.is_dir() and (path / "generation.json").is_file():
+        manifest = _read_json(path / "generation.json")
+        args = manifest.get("arguments") or {}
+        model = (manifest.get("model") or {}).get("spec", "?")
+        state = "complete" if manifest.get("complete") else "interrupted"
+        return f"{args.get('method', '?')} x {manifest.get('num_rows', '?')} images of {model} ({state})"
+    if kind == "audit" and path.is_file() and path.suffix == ".json":
+        entry = _read_json(path)
+        settings = entry.get("settings") or {}
+        return f"audit reference {settings.get('kind', '?')} ({entry.get('method', '?')}, {settings.get('n', '?')} images)"
+    if kind == "quantize" and path.is_dir() and any(path.glob("*.pt")):
+        return "saved progress of " + ", ".join(sorted(p.stem for p in path.glob("*.pt")))
+    return None
+
+
+def list_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS) -> list[CacheEntry]:
+    """The entries hub-dfq wrote, newest first."""
+    entries = []
+    for kind in kinds:
+        root = cache_root(kind)
+        if not root.is_dir():
+            continue
+        for path in root.iterdir():
+            description = _describe(kind, path)
+            if description is not None:
+                key = path.stem if path.is_file() else path.name
+                entries.append(CacheEntry(kind, key, path, _size(path), path.stat().st_mtime, description))
+    return sorted(entries, key=lambda e: e.modified, reverse=True)
+
+
+def clear_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS, *, older_than_days: float | None = None) -> list[CacheEntry]:
+    """Delete the cache entries of ``kinds`` (those older than ``older_than_days``); returns what was deleted."""
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    removed = []
+    for entry in list_cache(kinds):
+        if cutoff is not None and entry.modified > cutoff:
+            continue
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path)
+        else:
+            entry.path.unlink()
+        removed.append(entry)
+    return removed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,7 +25,8 @@ from .errors import DatasetError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageData", "Batch", "load_images", "iter_batches", "decode_image", "embedded_sample_path"]
+__all__ = ["ImageData", "Batch", "load_images", "iter_batches", "decode_image", "embedded_sample_path",
+           "embedded_sample_labels"]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo", "file")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
@@ -36,6 +38,14 @@ _SPELLINGS = ("'default', 'parquet:PATH', a .parquet file, a folder of images or
 def embedded_sample_path() -> Path:
     """1,000 labelled images of the CIFAR-10 (JPEG) test split, shipped with the package."""
     return Path(str(resources.files("hub_dfq") / "assets" / "cifar10-test-1k.parquet"))
+
+
+def embedded_sample_labels() -> list[str]:
+    """The class names of the embedded sample (CIFAR-10's), read from its schema."""
+    import pyarrow.parquet as pq  # why: only the schema is read, and only here
+
+    features = datasets.Features.from_arrow_schema(pq.read_schema(embedded_sample_path()))
+    return list(features["label"].names)
 
 
 @dataclass
@@ -86,7 +96,7 @@ def _pick_split(dd: dict, split: str | None, spec: str) -> tuple[Any, str]:
     names = list(dd.keys())
     if split is not None:
         if split not in dd:
-            raise DatasetError(f"{spec} has no split {split!r}; it has {names}: pass one with --split")
+            raise DatasetError(f"{spec} has no split {split!r}; it has {names}: pass one as `split`")
         return dd[split], split
     for name in SPLIT_PREFERENCE:
         if name in dd:
@@ -137,7 +147,7 @@ def _detect_column(features: dict, explicit: str | None, kind: str, spec: str, r
     if required:
         raise DatasetError(
             f"{spec} has no {kind} column (looked for an Image feature or one of {list(names)}); its columns are "
-            f"{columns}: name it with --{kind}-column"
+            f"{columns}: name it with `{kind}_column`"
         )
     return None
 
@@ -146,7 +156,7 @@ def load_images(
     spec: str | os.PathLike[str] | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
     *,
     split: str | None = None,
-    config: str | None = None,
+    dataset_config: str | None = None,
     revision: str | None = None,
     data_dir: str | None = None,
     limit: int | None = None,
@@ -154,6 +164,7 @@ def load_images(
     label_column: str | None = None,
     streaming: bool = False,
     token: str | bool | None = None,
+    config: str | None = None,
 ) -> ImageData:
     """Open a dataset of images for evaluation, calibration or audits.
 
@@ -162,7 +173,7 @@ def load_images(
             path, a folder (image folder or parquet dataset repo), a Hub dataset id, or a
             ``datasets`` object.
         split: split to use; by default test, then validation, then train.
-        config: dataset configuration name on the Hub.
+        dataset_config: dataset configuration name on the Hub (``name`` of ``datasets.load_dataset``).
         revision: Hub revision of the dataset.
         data_dir: sub-folder of the dataset repo.
         limit: use only the first ``limit`` rows.
@@ -170,6 +181,7 @@ def load_images(
         label_column: column with labels; by default the first ``ClassLabel``, or ``label``/``labels``.
         streaming: stream rows instead of downloading the whole dataset.
         token: Hub token for private datasets.
+        config: deprecated spelling of ``dataset_config``.
 
     Returns:
         An :class:`ImageData` whose rows :func:`iter_batches` turns into tensors.
@@ -177,14 +189,22 @@ def load_images(
     Raises:
         DatasetError: unknown spec, split or column, or an empty dataset.
     """
-    if limit is not None and limit <= 0:
-        raise DatasetError(f"--limit must be positive, got {limit}")
+    if config is not None:
+        warnings.warn("`config` is deprecated: use `dataset_config`", FutureWarning, stacklevel=2)
+        dataset_config = config
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise DatasetError(f"`limit` must be a positive integer, got {limit!r}")
+    dataset_types = (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
+    if not isinstance(spec, (str, os.PathLike) + dataset_types):
+        raise DatasetError(f"a dataset spec must be a string, a path or a datasets object, got "
+                           f"{type(spec).__name__}: use {_SPELLINGS}")
     if isinstance(spec, (datasets.Dataset, datasets.IterableDataset)):
         ds, name, chosen = spec, f"<{type(spec).__name__}>", split
     else:
         name = "<DatasetDict>" if isinstance(spec, (datasets.DatasetDict, datasets.IterableDatasetDict)) else os.fspath(spec)
         loaded = spec if not isinstance(spec, (str, os.PathLike)) else _load(
-            name, split=split, config=config, revision=revision, streaming=streaming, token=token, data_dir=data_dir)
+            name, split=split, config=dataset_config, revision=revision, streaming=streaming, token=token,
+            data_dir=data_dir)
         if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             ds, chosen = _pick_split(loaded, split, name)
         else:
@@ -231,7 +251,7 @@ def decode_image(value: Any) -> Image.Image:
         return image
     except ImageDecodeError:
         raise
-    except Exception as err:  # PIL raises many types for broken files
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files; reported as ImageDecodeError
         raise ImageDecodeError(f"{type(err).__name__}: {err}") from err
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .data import ImageData, iter_batches, load_images
 from .errors import DatasetError
 from .models.vision_model import VisionModel
+from .progress import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def evaluate_accuracy(
     *,
     batch_size: int = 128,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    token: str | bool | None = None,
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy (in percent) of ``model`` on the labelled images of ``data``.
 
@@ -45,7 +47,8 @@ def evaluate_accuracy(
         data: an :class:`ImageData` or anything :func:`load_images` accepts.
         batch_size: images per forward pass.
         forward: replaces ``model.module`` (e.g. a quantized model) while keeping the preprocessing.
-        progress: show a progress bar.
+        progress: show a progress bar (``None``: on a terminal).
+        token: Hub token, when ``data`` is a Hub dataset id.
 
     Returns:
         ``{"top1": .., "top5": .., "n": .., "skipped": ..}``.
@@ -54,15 +57,15 @@ def evaluate_accuracy(
         DatasetError: the dataset has no label column.
     """
     if not isinstance(data, ImageData):
-        data = load_images(data)
+        data = load_images(data, token=token)
     if data.label_column is None:
-        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name it with --label-column)")
+        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with `label_column`)")
     remap = label_mapping(model.labels, data.label_names)
     forward = forward or model.module
     device = model.device
     k = min(5, model.num_classes)
     top1 = top5 = n = skipped = 0
-    bar = tqdm(total=data.num_rows, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=data.num_rows, desc="eval", unit="img", disable=not progress_enabled(progress), dynamic_ncols=True)
     for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
         skipped += len(batch.skipped)
         bar.update(len(batch.indices) + len(batch.skipped))

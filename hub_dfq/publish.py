@@ -44,6 +44,7 @@ def push_folder(
     token: str | bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    keep_local: bool = True,
 ) -> PushResult:
     """Create ``repo_id`` if needed and upload every file of ``folder`` as one commit.
 
@@ -55,6 +56,8 @@ def push_folder(
         token: Hub token; by default the logged-in one (``hf auth login`` or ``HF_TOKEN``).
         revision: branch to commit to (created from the default branch if missing).
         commit_message: summary of the commit.
+        keep_local: ``folder`` stays after a failure, so the error message points to it; ``False`` when it is
+            a temporary copy.
 
     Returns:
         A :class:`PushResult` with the repo URL and the new commit sha.
@@ -68,7 +71,8 @@ def push_folder(
         raise PublishError(f"{folder} is not a folder: nothing to push")
     api = HfApi(token=token)
     where = f"{repo_type} repo {repo_id}"
-    keep = f"; the local folder {folder} is complete, push it again when fixed"
+    keep = f"; the local folder {folder} is complete, push it again when fixed" if keep_local else \
+        "; push again when fixed"
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if revision:

@@ -42,8 +42,8 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 import hub_dfq  # noqa: E402
-from hub_dfq.audit import auroc  # noqa: E402
 from hub_dfq.audit.core import measure_data, measure_tensors  # noqa: E402
+from hub_dfq.audit.scores import auroc  # noqa: E402
 from hub_dfq.data import decode_image, iter_batches  # noqa: E402
 
 FEATURES = datasets.Features({"img": datasets.Image()})

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import hub_dfq
-    from hub_dfq.export.onnx import compare_onnx, export_onnx, load_onnx, runtime_ops
+    from hub_dfq.backends.onnx import compare_onnx, export_onnx, load_onnx, runtime_ops
     from hub_dfq.quant.data import images_to_tensor
 
     results = {"machine": {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             w, a = CONFIGS[config]
             calibration = ("bns", 256) if cifar else ("gaussian", 32)
             qmodel = hub_dfq.quantize(model, weights=w, activations=a, calibration=calibration[0],
-                                      calibration_size=calibration[1])
+                                      calibration_images=calibration[1])
             path = export_onnx(qmodel, tmp / f"{name}-{config}.onnx")
             engines[f"ORT {config}"] = (load_onnx(path, threads=args.threads), (qmodel, path, ()))
             if a < 8:  # the float residual path of mixed-width graphs costs layout transposes in NHWC

@@ -147,9 +147,9 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     import hub_dfq
-    from hub_dfq.quant import PRESETS
+    from hub_dfq.quant.registry import PRESETS
 
-    preset = PRESETS[args.preset]
+    preset = PRESETS.get(args.preset)
     test = hub_dfq.load_images(str(TEST), limit=args.eval_limit)
     for model_name in args.models:
         model = hub_dfq.load_model(f"local-dir:{MODELS[model_name]}")
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                 weights, activations, first_last = CONFIGS[config]
                 start = time.perf_counter()
                 qmodel = hub_dfq.quantize(model, weights=weights, activations=activations, calibration=data,
-                                          calibration_size=len(data), method=method, preset=args.preset,
+                                          calibration_images=len(data), algorithm=method, preset=args.preset,
                                           first_last_bits=first_last,
                                           seed=args.seed)
                 seconds = time.perf_counter() - start

@@ -164,9 +164,9 @@ def straightforward(model, batch: int, iters: int, lr: float, seed: int) -> tupl
 def ours(model, batch: int, iters: int, seed: int, precision: str, lr: float | None = None) -> tuple[float, float]:
     """hub-dfq's BatchGenerator (optimisation only, no writing). Returns (seconds, final divergence)."""
     from hub_dfq.synth.config import SynthConfig
-    from hub_dfq.synth.methods import BatchGenerator
+    from hub_dfq.synth.generator import BatchGenerator
 
-    cfg = SynthConfig(method="bns", n=batch, batch_size=batch, iters=iters, lr=lr, seed=seed, precision=precision)
+    cfg = SynthConfig(method="bns", num_images=batch, batch_size=batch, iters=iters, lr=lr, seed=seed, precision=precision)
     gen = BatchGenerator(model, cfg)
     t = time.perf_counter()
     stamps: list[float] = []
@@ -204,7 +204,7 @@ def main() -> int:
     from hub_dfq import load_model
     from hub_dfq.synth.config import SynthConfig
 
-    precision = SynthConfig(method="bns", n=1, precision=args.precision).precision
+    precision = SynthConfig(method="bns", num_images=1, precision=args.precision).precision
     rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     rows, quality = [], []
     for name in args.models:

@@ -48,7 +48,6 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import pytest  # noqa: E402
-
 from hubserver import (  # noqa: E402,F401  (re-exported for tests: `from hub_server import WRITE_TOKEN`)
     COMMIT_PATH,
     LFS_BATCH_PATH,

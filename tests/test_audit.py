@@ -14,14 +14,15 @@ from PIL import Image
 from torch import nn
 
 import hub_dfq
-from hub_dfq.audit import auroc, measurement_path, similarity
 from hub_dfq.audit import core as audit_core
+from hub_dfq.audit import measurement_path
 from hub_dfq.audit import references as audit_refs
 from hub_dfq.audit.moments import MomentAccumulator
-from hub_dfq.bnstats import bn_layers_with_stats
-from hub_dfq.bnstats import capture_bn_inputs, gaussian_kl
+from hub_dfq.audit.scores import auroc, similarity
+from hub_dfq.bnstats import bn_layers_with_stats, capture_bn_inputs, gaussian_kl
 from hub_dfq.errors import DatasetError, UnsupportedModelError
-from hub_dfq.models import ModelSource, Preprocess, VisionModel
+from hub_dfq.models.preprocess import Preprocess
+from hub_dfq.models.vision_model import ModelSource, VisionModel
 
 torch.set_num_threads(1)
 
@@ -269,17 +270,22 @@ def test_cli_audit_writes_reports(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_near_reference_falls_back_when_synth_fails(model, clean_rows, tmp_path, monkeypatch, caplog):
+def test_a_failed_near_reference_is_reported_not_hidden(model, clean_rows, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HUB_DFQ_CACHE", str(tmp_path / "cache"))
 
     def broken_synth(m, **kwargs):
         raise RuntimeError("synthesis exploded")
 
     monkeypatch.setattr(audit_refs, "synth_near_dataset", broken_synth)
-    report = hub_dfq.audit(model, clean_rows.select(range(64)), reference_images=8, reference_steps=5,
-                           progress=False)
-    assert report.references["near"] is None and report.references["far"]["divergence"] > 0
-    assert report.settings["normalisation"].startswith("one-point")
+    report = hub_dfq.audit(model, clean_rows.select(range(64)), reference_images=8, reference_iters=5,
+                           progress=False, out_dir=tmp_path / "report")
+    near = report.references["near"]
+    assert near["failed"] and "synthesis exploded" in near["error"] and near["divergence"] is None
+    assert report.references["far"]["divergence"] > 0
+    assert report.settings["normalisation"].startswith("one-point") and "near reference failed" in \
+        report.settings["normalisation"]
+    markdown = (tmp_path / "report" / "audit.md").read_text()
+    assert "**failed**" in markdown and "synthesis exploded" in markdown
     assert "synthesis exploded" in caplog.text
 
 

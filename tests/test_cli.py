@@ -10,9 +10,7 @@ from hub_dfq.cli import main
 
 
 def test_help_lists_commands(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "info" in out and "eval" in out
 
@@ -29,10 +27,59 @@ def test_info_default(capsys):
     assert "airplane" in out and "269,722" in out
 
 
-def test_info_json(capsys):
+def test_info_json(capsys, tmp_path):
     assert main(["info", "default", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["bn_layers"] == 19 and info["input_size"] == [3, 32, 32] and info["num_classes"] == 10
+    assert main(["info", "default", "--json", str(tmp_path / "info.json")]) == 0  # --json PATH, as everywhere
+    assert json.loads((tmp_path / "info.json").read_text()) == info
+
+
+def test_every_command_takes_json_and_the_progress_switch(capsys):
+    from hub_dfq.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        leaves = sub._subparsers._group_actions[0].choices.values() if sub._subparsers else [sub]
+        for leaf in leaves:
+            flags = {flag for action in leaf._actions for flag in action.option_strings}
+            assert {"--json", "--progress", "--no-progress"} <= flags, name
+    assert len(commands) == len(COMMANDS)
+
+
+def test_library_messages_name_the_cli_flags(capsys, tmp_path):
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "generation.json").write_text("{}")
+    assert main(["synth", "default", "--num-images", "4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and "--out" in err and "`" not in err
+
+
+def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HUB_DFQ_CACHE", str(tmp_path))
+    assert main(["synth", "default", "--num-images", "4", "--method", "gaussian", "--out", str(tmp_path / "x")]) == 0
+    import hub_dfq
+
+    hub_dfq.synthesize("default", "gaussian", 4, progress=False)  # a cache entry
+    (tmp_path / "synth" / "notes.txt").write_text("not ours")
+    capsys.readouterr()
+    assert main(["cache", "list", "--json", str(tmp_path / "list.json")]) == 0
+    entries = json.loads((tmp_path / "list.json").read_text())["entries"]
+    assert [e["kind"] for e in entries] == ["synth"] and "gaussian x 4 images of default" in entries[0]["description"]
+    assert main(["cache", "clear", "--kind", "synth"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out
+    assert (tmp_path / "synth" / "notes.txt").read_text() == "not ours"  # only what hub-dfq wrote goes
+    assert not list((tmp_path / "synth").glob("gaussian-*")) and (tmp_path / "x" / "README.md").is_file()
+
+
+def test_eval_takes_a_quantized_checkpoint(tmp_path, capsys):
+    assert main(["quantize", "default", "--weights", "8", "--activations", "8", "--calibration", "default",
+                 "--calibration-images", "32", "--eval", "none", "--out", str(tmp_path / "q")]) == 0
+    assert main(["eval", str(tmp_path / "q"), "--limit", "100", "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] > 70
+    assert main(["info", str(tmp_path / "q")]) == 0
+    assert "W8A8 (calibrate, real: default" in capsys.readouterr().out
 
 
 def test_eval_default_writes_json(tmp_path, capsys):

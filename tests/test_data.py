@@ -83,7 +83,7 @@ def test_truncated_images_are_skipped_and_counted(model):
 
 def test_explicit_columns_and_missing_image_column():
     ds = datasets.Dataset.from_dict({"pic": [png_bytes(Image.new("L", (8, 8)))], "y": [1], "text": ["x"]})
-    with pytest.raises(DatasetError, match="--image-column"):
+    with pytest.raises(DatasetError, match="`image_column`"):
         load_images(ds)
     data = load_images(ds, image_column="pic", label_column="y")
     assert (data.image_column, data.label_column) == ("pic", "y")
@@ -118,7 +118,7 @@ def test_hub_dataset_with_config_and_split(hub, cifar_test_parquet, model, strea
     repo_id = hub.new_repo_id("cifar-mini")
     source = datasets.load_dataset("parquet", data_files=str(cifar_test_parquet), split="train[:20]")
     source.push_to_hub(repo_id, config_name="mini", split="validation", token=WRITE_TOKEN)
-    data = load_images(repo_id, config="mini", split="validation", limit=8, streaming=streaming)
+    data = load_images(repo_id, dataset_config="mini", split="validation", limit=8, streaming=streaming)
     assert data.streaming is streaming and data.split == "validation"
     assert (data.image_column, data.label_column) == ("img", "label") and data.label_names == model.labels
     batches = list(iter_batches(data, model.preprocess, batch_size=8))

@@ -11,9 +11,10 @@ from huggingface_hub import ModelCard
 
 import hub_dfq
 from hub_dfq.errors import CheckpointError, OutputExistsError
-from hub_dfq.export import from_pretrained, save_pretrained
-from hub_dfq.export.packing import pack, unpack
-from hub_dfq.quant import quantize
+from hub_dfq.hub.checkpoint import from_pretrained, save_pretrained
+from hub_dfq.models.loader import default_model_dir
+from hub_dfq.quant.api import quantize
+from hub_dfq.quant.packing import pack, unpack
 
 
 @pytest.mark.parametrize("bits", range(2, 9), ids=lambda b: f"{b}bit")
@@ -36,7 +37,7 @@ def calibration():
 
 
 def quantized(model, w: int, a: int, calibration, **kwargs):
-    return quantize(model, weights=w, activations=a, calibration=calibration, calibration_size=32, **kwargs)
+    return quantize(model, weights=w, activations=a, calibration=calibration, calibration_images=32, **kwargs)
 
 
 @pytest.mark.parametrize("w,a", [(8, 8), (4, 4), (3, 3), (2, 8)], ids=["W8A8", "W4A4", "W3A3", "W2A8"])
@@ -83,7 +84,7 @@ def test_output_folder_is_not_overwritten(tmp_path, default_model, calibration):
     qmodel = quantized(default_model, 8, 8, calibration)
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="`overwrite=True`"):
         save_pretrained(qmodel, tmp_path / "q")
     assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
 
@@ -114,16 +115,22 @@ def test_damaged_weights_give_a_clear_error(saved, damage):
         from_pretrained(saved)
 
 
-def test_float_loader_points_to_from_pretrained(saved):
-    with pytest.raises(CheckpointError, match="from_pretrained"):
-        hub_dfq.load_model(saved)
+def test_load_model_reads_a_quantized_checkpoint_and_from_pretrained_refuses_a_float_model(saved):
+    loaded = hub_dfq.load_model(saved)  # hub-dfq eval and audits take quantized checkpoints too
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(loaded.module(x), from_pretrained(saved)(x))
+    assert loaded.quantization_config["quant_method"] == "hub_dfq" and loaded.info()["quantized"].startswith("W4A4")
     with pytest.raises(CheckpointError, match="load_model"):
-        from_pretrained(Path(hub_dfq.models.default_model_dir()))
+        from_pretrained(Path(default_model_dir()))
 
 
 @pytest.fixture(scope="module")
 def hf_resnet(tmp_path_factory):
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("hf-fp")
@@ -137,7 +144,7 @@ def hf_resnet(tmp_path_factory):
 def test_transformers_plugin_loads_bit_identical(tmp_path, hf_resnet):
     from transformers import AutoModelForImageClassification
 
-    qmodel = quantize(hf_resnet, weights=4, activations=8, calibration="gaussian", calibration_size=16)
+    qmodel = quantize(hf_resnet, weights=4, activations=8, calibration="gaussian", calibration_images=16)
     assert "model.resnet.embedder.embedder.convolution" in qmodel.report.quantized
     folder = save_pretrained(qmodel, tmp_path / "q")
     assert (folder / "preprocessor_config.json").is_file()

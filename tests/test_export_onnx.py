@@ -11,10 +11,10 @@ import torch
 from onnx import numpy_helper
 
 import hub_dfq
+from hub_dfq.backends.onnx import compare_onnx, export_onnx, load_onnx, runtime_ops
 from hub_dfq.cli import main
 from hub_dfq.errors import CheckpointError, ConfigError
-from hub_dfq.export import compare_onnx, export_onnx, load_onnx, save_pretrained
-from hub_dfq.export.onnx import runtime_ops
+from hub_dfq.hub.checkpoint import save_pretrained
 from hub_dfq.quant.calibrate import quant_layers
 from hub_dfq.quant.data import images_to_tensor
 
@@ -88,7 +88,7 @@ def test_transformers_vit_quantizes_with_any_batch_and_exports(tmp_path):
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
     vit = hub_dfq.load_model(tmp_path / "vit")
     # the tracer must not bake the example's batch size into the class-token expand
-    qmodel = hub_dfq.quantize(vit, weights=8, activations=8, calibration="gaussian", calibration_size=12)
+    qmodel = hub_dfq.quantize(vit, weights=8, activations=8, calibration="gaussian", calibration_images=12)
     x = torch.randn(5, 3, 32, 32)
     assert qmodel(x).shape == (5, 4)
     session = load_onnx(threads=1, path=export_onnx(qmodel, tmp_path / "vit.onnx"))
@@ -99,7 +99,8 @@ def test_transformers_vit_quantizes_with_any_batch_and_exports(tmp_path):
 def test_reflect_padded_and_depthwise_convs_export(tmp_path):
     from torch import nn
 
-    from hub_dfq.models import ModelSource, Preprocess, VisionModel
+    from hub_dfq.models.preprocess import Preprocess
+    from hub_dfq.models.vision_model import ModelSource, VisionModel
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),
@@ -141,7 +142,7 @@ def test_bad_input(model, images, tmp_path, capsys):
     with pytest.raises(ConfigError, match="opset >= 13"):
         export_onnx(_quantize(model, 8, 8, images), tmp_path / "m.onnx", opset=11)
     assert main(["quantize", "default", "--onnx", "--eval", "none"]) == 2
-    assert "add --out DIR" in capsys.readouterr().err
+    assert "add --out" in capsys.readouterr().err
     (tmp_path / "taken.onnx").write_bytes(b"keep me")
     assert main(["export", "default", "--out", str(tmp_path / "taken.onnx")]) == 2
     assert "--overwrite" in capsys.readouterr().err

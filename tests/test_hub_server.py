@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-from hub_server import COMMIT_PATH, LFS_UPLOAD_PATH, OTHER_WRITE_TOKEN, READ_TOKEN, WRITE_TOKEN
+from hub_server import (
+    COMMIT_PATH,
+    LFS_UPLOAD_PATH,
+    OTHER_WRITE_TOKEN,
+    READ_TOKEN,
+    WRITE_TOKEN,
+)
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,

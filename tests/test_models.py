@@ -13,9 +13,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hub_dfq import load_images, load_model
-from hub_dfq.errors import ModelNotFoundError, ModelSpecError, UnsafeCheckpointError, UnsupportedModelError
+from hub_dfq.errors import (
+    ModelNotFoundError,
+    ModelSpecError,
+    UnsafeCheckpointError,
+    UnsupportedModelError,
+)
 from hub_dfq.evaluation import evaluate_accuracy
-from hub_dfq.models import BN_TYPES
+from hub_dfq.models.vision_model import BN_TYPES
 
 
 def card_accuracy(folder: Path) -> float:
@@ -89,7 +94,11 @@ def test_timm_hub_style_folder_gives_identical_logits(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_transformers_resnet(tmp_path_factory):
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
 
     torch.manual_seed(0)
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3,

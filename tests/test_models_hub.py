@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from huggingface_hub import HfApi, constants
 from hub_server import WRITE_TOKEN
+from huggingface_hub import HfApi, constants
 
 from hub_dfq import load_model
 from hub_dfq.errors import ModelNotFoundError, ModelSpecError
-from hub_dfq.models import default_model_dir
+from hub_dfq.models.loader import default_model_dir
 
 
 @pytest.fixture
@@ -60,7 +60,11 @@ def test_offline_mode_uses_the_cache(default_repo, monkeypatch):
 
 
 def test_transformers_repo(hub):
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
 
     repo_id = hub.new_repo_id("tiny-resnet")
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)

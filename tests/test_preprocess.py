@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from hub_dfq.models import Preprocess
+from hub_dfq.models.preprocess import Preprocess
 
 
 @pytest.fixture

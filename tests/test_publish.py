@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hub_server import COMMIT_PATH, LFS_UPLOAD_PATH, OTHER_WRITE_TOKEN, READ_TOKEN, WRITE_TOKEN
+from hub_server import (
+    COMMIT_PATH,
+    LFS_UPLOAD_PATH,
+    OTHER_WRITE_TOKEN,
+    READ_TOKEN,
+    WRITE_TOKEN,
+)
 
 from hub_dfq.errors import PublishError
 from hub_dfq.publish import push_folder

@@ -7,15 +7,21 @@ import json
 import datasets
 import pytest
 import torch
-from huggingface_hub import DatasetCard, HfApi, ModelCard, hf_hub_download, snapshot_download
 from hub_server import COMMIT_PATH, WRITE_TOKEN
+from huggingface_hub import (
+    DatasetCard,
+    HfApi,
+    ModelCard,
+    hf_hub_download,
+    snapshot_download,
+)
 
 import hub_dfq
 from hub_dfq.cli import main
 from hub_dfq.errors import PublishError
-from hub_dfq.models import default_model_dir
+from hub_dfq.models.loader import default_model_dir
 
-FAST = {"weights": 4, "activations": 8, "calibration": "gaussian", "calibration_size": 16}
+FAST = {"weights": 4, "activations": 8, "calibration": "gaussian", "calibration_images": 16}
 
 
 @pytest.fixture
@@ -94,11 +100,24 @@ def test_server_error_during_push_commits_nothing(hub, tmp_path):
     head = hub.head(repo_id)
     hub.fail_next(COMMIT_PATH, status=500)
     with pytest.raises(PublishError, match="nothing was committed"):
-        hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN, folder=tmp_path / "q")
+        hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN)
     assert hub.head(repo_id) == head
-    assert (tmp_path / "q" / "model.safetensors").is_file()
-    hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN, folder=tmp_path / "q")  # retry from the folder
+    hub_dfq.push_to_hub(qmodel, repo_id, token=WRITE_TOKEN)  # retry
     assert "model.safetensors" in hub.list_files(repo_id)
+
+
+def test_push_uploads_the_model_it_is_given_not_a_folder_lying_around(hub, tmp_path):
+    first = hub_dfq.quantize("default", **FAST)
+    second = hub_dfq.quantize("default", **{**FAST, "weights": 8})
+    hub_dfq.save_pretrained(first, tmp_path / "q")
+    repo_id = hub.new_repo_id()
+    hub_dfq.push_to_hub(second, repo_id, token=WRITE_TOKEN)
+    pushed = json.loads(hub.list_files(repo_id)["config.json"])
+    assert pushed["quantization_config"]["weights"] == 8
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(hub_dfq.from_pretrained(repo_id)(x), second(x))
+    # one commit holds the weights and the card: a pushed repo is never seen without it
+    assert {"README.md", "model.safetensors", "config.json"} <= set(hub.commits(repo_id)[0]["files"])
 
 
 def test_push_dataset_needs_synthetic_calibration(capsys):
@@ -109,8 +128,12 @@ def test_push_dataset_needs_synthetic_calibration(capsys):
 
 
 def test_transformers_checkpoint_from_the_hub(hub, tmp_path):
-    from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ResNetConfig, \
-        ResNetForImageClassification
+    from transformers import (
+        AutoModelForImageClassification,
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
 
     folder = tmp_path / "fp"
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)

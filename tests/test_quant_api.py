@@ -10,8 +10,9 @@ from PIL import Image
 
 import hub_dfq
 from hub_dfq.errors import ConfigError, DatasetError
-from hub_dfq.quant import DistillConfig, QuantizedModel, ReconstructConfig
-
+from hub_dfq.quant.distill import DistillConfig
+from hub_dfq.quant.model import QuantizedModel
+from hub_dfq.quant.reconstruct import ReconstructConfig
 
 # Bit-level expectations (same seed, same weights) were recorded with one thread.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,7 @@ def real_128(model, cifar_train_parquet):
 
 
 def test_w8a8_bns_calibration_within_half_a_point(model, test_2000, fp_top1):
-    qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration="bns", calibration_size=64,
+    qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration="bns", calibration_images=64,
                               synth_options={"iters": 40, "batch_size": 64})
     assert isinstance(qmodel, QuantizedModel)
     assert qmodel.calibration["kind"] == "synthetic" and qmodel.calibration["method"] == "bns"
@@ -44,8 +45,8 @@ def test_w8a8_bns_calibration_within_half_a_point(model, test_2000, fp_top1):
 
 def test_w4a4_reconstruct_beats_calibrate_on_a_small_budget(model, test_2000, real_128):
     common = dict(weights=4, activations=4, calibration=real_128, first_last_bits=None, residual_bits=None)
-    calibrated = hub_dfq.quantize(model, method="calibrate", **common)
-    rebuilt = hub_dfq.quantize(model, method="reconstruct", reconstruct_config=ReconstructConfig(iters=60), **common)
+    calibrated = hub_dfq.quantize(model, algorithm="calibrate", **common)
+    rebuilt = hub_dfq.quantize(model, algorithm="reconstruct", settings={"reconstruct": ReconstructConfig(iters=60)}, **common)
     a = calibrated.evaluate(test_2000, progress=False)["top1"]
     b = rebuilt.evaluate(test_2000, progress=False)["top1"]
     assert b > a + 0.5, (a, b)
@@ -59,8 +60,8 @@ def test_w4a4_reconstruct_beats_calibrate_on_a_small_budget(model, test_2000, re
 
 def test_same_seed_same_quantized_weights(model, real_128):
     def run(seed):
-        return hub_dfq.quantize(model, weights=4, activations=4, calibration=real_128[:32], method="reconstruct",
-                                reconstruct_config=ReconstructConfig(iters=4, batch_size=8), seed=seed).quant_state()
+        return hub_dfq.quantize(model, weights=4, activations=4, calibration=real_128[:32], algorithm="reconstruct",
+                                settings={"reconstruct": ReconstructConfig(iters=4, batch_size=8)}, seed=seed).integer_state()
 
     first, second, other = run(3), run(3), run(4)
     assert first.keys() == second.keys()
@@ -69,9 +70,9 @@ def test_same_seed_same_quantized_weights(model, real_128):
 
 
 def test_distill_runs_and_freezes_integer_weights(model, real_128):
-    qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=real_128[:32], method="distill",
-                              distill_config=DistillConfig(iters=3, batch_size=8))
-    state = qmodel.quant_state()
+    qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=real_128[:32], algorithm="distill",
+                              settings={"distill": DistillConfig(iters=3, batch_size=8)})
+    state = qmodel.integer_state()
     assert state["layer1.0.conv1.weight_int"].dtype == torch.int8
     assert state["layer1.0.conv1.weight_int"].abs().max() <= 7
     assert state["layer1.0.conv1.bias_int"].dtype == torch.int32
@@ -82,17 +83,17 @@ def test_a_calibration_tensor_is_used_whole_unless_a_size_is_given(model, real_1
     data = torch.cat([real_128] * 3)  # more rows than the preset's 256
     assert hub_dfq.quantize(model, weights=8, activations=8, calibration=data).calibration["n"] == 384
     assert hub_dfq.quantize(model, weights=8, activations=8, calibration=data,
-                            calibration_size=100).calibration["n"] == 100
+                            calibration_images=100).calibration["n"] == 100
 
 
 def test_quantized_model_predicts_and_saves(model, tmp_path, real_128):
     qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=real_128[:16])
     image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
     assert qmodel.predict([image])[0] in model.labels
-    out = qmodel.save_pretrained(tmp_path / "q")
+    out = hub_dfq.save_pretrained(qmodel, tmp_path / "q")
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     with pytest.raises(hub_dfq.HubDfqError, match="not empty"):
-        qmodel.save_pretrained(tmp_path / "q")
+        hub_dfq.save_pretrained(qmodel, tmp_path / "q")
 
 
 def _images(mode: str, size: int, n: int) -> datasets.Dataset:
@@ -108,13 +109,23 @@ def test_calibration_images_of_other_size_or_grayscale_are_converted(model, mode
     assert qmodel.calibration["n"] == 8
 
 
+def test_old_argument_names_still_work_with_a_warning(model, real_128):
+    new = hub_dfq.quantize(model, weights=4, activations=4, calibration=real_128[:16], calibration_images=8,
+                           algorithm="reconstruct", settings={"reconstruct": ReconstructConfig(iters=2, batch_size=4)})
+    with pytest.warns(FutureWarning, match="use `algorithm`"):
+        old = hub_dfq.quantize(model, weights=4, activations=4, calibration=real_128[:16], calibration_size=8,
+                               method="reconstruct", reconstruct_config=ReconstructConfig(iters=2, batch_size=4))
+    assert (old.algorithm, old.method, old.calibration["n"]) == ("reconstruct", "reconstruct", 8)
+    assert all(torch.equal(a, b) for a, b in zip(old.integer_state().values(), new.integer_state().values()))
+
+
 def test_bad_input(model):
     with pytest.raises(ConfigError, match="2 to 8"):
         hub_dfq.quantize(model, weights=9, calibration="gaussian")
     with pytest.raises(ConfigError, match="2 to 8"):
         hub_dfq.quantize(model, activations=1, calibration="gaussian")
-    with pytest.raises(ConfigError, match="unknown method"):
-        hub_dfq.quantize(model, method="qat", calibration="gaussian")
+    with pytest.raises(ConfigError, match="unknown algorithm 'qat': use one of calibrate, reconstruct, distill"):
+        hub_dfq.quantize(model, algorithm="qat", calibration="gaussian")
     with pytest.raises(ConfigError, match="unknown preset"):
         hub_dfq.quantize(model, preset="slow", calibration="gaussian")
     with pytest.raises(DatasetError, match="empty"):
@@ -129,5 +140,5 @@ def test_w4a4_fast_preset_on_bns_within_one_point_on_full_test_split(model, cifa
     """The fast preset's data-free W4A4, the README's main job (see docs/quantization.md for the numbers)."""
     full = hub_dfq.load_images(str(cifar_test_parquet))
     fp = hub_dfq.evaluate_accuracy(model, full, progress=False)["top1"]
-    qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns", method=method, preset="fast")
+    qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns", algorithm=method, preset="fast")
     assert qmodel.evaluate(full, progress=False)["top1"] >= fp - 1.0

@@ -8,7 +8,6 @@ import pytest
 
 from hub_dfq.cli import main
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -21,9 +20,9 @@ def test_quantize_prints_summary_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "W8A8" in text and "full precision" in text and "quantized" in text and "time:" in text
     result = json.loads(out.read_text())
-    for key in ("fp_top1", "quant_top1", "weights", "activations", "calibration", "method", "seconds"):
+    for key in ("fp_top1", "quant_top1", "weights", "activations", "calibration", "algorithm", "seconds"):
         assert key in result
-    assert result["weights"] == 8 and result["calibration"] == "gaussian" and result["method"] == "calibrate"
+    assert result["weights"] == 8 and result["calibration"] == "gaussian" and result["algorithm"] == "calibrate"
     assert result["eval_n"] == 200 and abs(result["fp_top1"] - result["quant_top1"]) < 3.0
     assert any(f.suffix == ".safetensors" for f in (tmp_path / "q").iterdir())
 
@@ -31,7 +30,7 @@ def test_quantize_prints_summary_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--weights", "9"], "2 to 8"),
     (["--activations", "1"], "2 to 8"),
-    (["--method", "qat"], "unknown method"),
+    (["--method", "qat"], "unknown algorithm 'qat': use one of calibrate, reconstruct, distill"),
     (["--preset", "slow"], "unknown preset"),
     (["--calibration", "/no/such/folder/"], "does not exist"),
 ], ids=["weights", "activations", "method", "preset", "missing-data"])

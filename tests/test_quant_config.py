@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub_dfq.errors import ConfigError
-from hub_dfq.quant import QuantConfig, QuantScheme
+from hub_dfq.quant.config import QuantConfig, QuantScheme
 
 
 @pytest.mark.parametrize("bits", [1, 9, 0, 16, 4.0, "4", True], ids=repr)

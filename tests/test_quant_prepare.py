@@ -8,9 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from hub_dfq.errors import UnsupportedModelError
-from hub_dfq.quant import QuantConfig, QuantConv2d, QuantLinear, QuantScheme
-from hub_dfq.quant.calibrate import calibrate_activations, calibrate_weights, freeze_weights, quant_mode
-from hub_dfq.quant.modules import qmodule_for, register_qmodule
+from hub_dfq.quant.calibrate import (
+    calibrate_activations,
+    calibrate_weights,
+    freeze_weights,
+    quant_mode,
+)
+from hub_dfq.quant.config import QuantConfig, QuantScheme
+from hub_dfq.quant.modules import (
+    QuantConv2d,
+    QuantLinear,
+    qmodule_for,
+    register_qmodule,
+)
 from hub_dfq.quant.prepare import prepare
 
 

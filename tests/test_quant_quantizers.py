@@ -8,7 +8,13 @@ from torch import nn
 
 from hub_dfq.quant.fold import fold_bn
 from hub_dfq.quant.observers import ActObserver, activation_range, weight_scale
-from hub_dfq.quant.quantizers import ActQuantizer, WeightQuantizer, act_qrange, fake_quant, weight_qrange
+from hub_dfq.quant.quantizers import (
+    ActQuantizer,
+    WeightQuantizer,
+    act_qrange,
+    fake_quant,
+    weight_qrange,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

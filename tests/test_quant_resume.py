@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import hub_dfq
-from hub_dfq.quant import DistillConfig, ReconstructConfig
+from hub_dfq.fingerprint import fingerprint
 from hub_dfq.quant import distill as distill_module
 from hub_dfq.quant import reconstruct as reconstruct_module
-from hub_dfq.quant.resume import RunState, fingerprint
+from hub_dfq.quant.distill import DistillConfig
+from hub_dfq.quant.reconstruct import ReconstructConfig
+from hub_dfq.quant.resume import RunState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +34,8 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_reconstruction_resumes_after_the_last_finished_block(model, images, monkeypatch, own_cache):
-    kwargs = dict(weights=4, activations=4, calibration=images, method="reconstruct",
-                  reconstruct_config=ReconstructConfig(iters=6, batch_size=8))
+    kwargs = dict(weights=4, activations=4, calibration=images, algorithm="reconstruct",
+                  settings={"reconstruct": ReconstructConfig(iters=6, batch_size=8)})
     expected = hub_dfq.quantize(model, **kwargs)
     assert not list((own_cache / "quantize").iterdir())  # finished runs leave nothing behind
 
@@ -52,13 +54,13 @@ def test_reconstruction_resumes_after_the_last_finished_block(model, images, mon
     resumed = hub_dfq.quantize(model, **kwargs)
     blocks = [b["block"] for b in expected.history["blocks"]]
     assert fitted == blocks  # the first four once, then only the rest
-    assert _same(resumed.quant_state(), expected.quant_state())
+    assert _same(resumed.integer_state(), expected.integer_state())
     assert resumed.history["blocks"] == expected.history["blocks"]
 
 
 def test_distillation_resumes_from_its_last_save(model, images, monkeypatch):
-    kwargs = dict(weights=4, activations=8, calibration=images, method="distill",
-                  distill_config=DistillConfig(iters=2 * distill_module.SAVE_EVERY + 10, batch_size=4))
+    kwargs = dict(weights=4, activations=8, calibration=images, algorithm="distill",
+                  settings={"distill": DistillConfig(iters=2 * distill_module.SAVE_EVERY + 10, batch_size=4)})
     expected = hub_dfq.quantize(model, **kwargs)
 
     loss, calls = distill_module._kd_loss, []
@@ -74,16 +76,18 @@ def test_distillation_resumes_from_its_last_save(model, images, monkeypatch):
         hub_dfq.quantize(model, **kwargs)
     calls.clear()
     resumed = hub_dfq.quantize(model, **kwargs)
-    assert len(calls) == kwargs["distill_config"].iters - distill_module.SAVE_EVERY
-    assert _same(resumed.quant_state(), expected.quant_state())
+    assert len(calls) == kwargs["settings"]["distill"].iters - distill_module.SAVE_EVERY
+    assert _same(resumed.integer_state(), expected.integer_state())
     assert resumed.history["distill_loss"] == expected.history["distill_loss"]
 
 
 def test_other_inputs_do_not_pick_up_saved_progress(model, images):
     base = dict(model=model.module, config={"w": 4}, data=images, seed=0)
-    assert fingerprint(**base) == fingerprint(**dict(base, data=images.clone()))
-    assert fingerprint(**base) != fingerprint(**dict(base, seed=1))
-    assert fingerprint(**base) != fingerprint(**dict(base, data=images[:-1]))
+    key = lambda **parts: fingerprint("quantize", version=1, **parts)  # noqa: E731
+    assert key(**base) == key(**dict(base, data=images.clone()))
+    assert key(**base) != key(**dict(base, seed=1))
+    assert key(**base) != key(**dict(base, data=images[:-1]))
+    assert key(**base) != fingerprint("quantize", version=2, **base)  # a new algorithm version never resumes old state
 
 
 def test_an_unreadable_state_starts_over(tmp_path):

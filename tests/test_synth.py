@@ -13,9 +13,16 @@ import torch
 from torch import nn
 
 import hub_dfq
-from hub_dfq.errors import ConfigError, DivergedError, OutputExistsError, UnsupportedModelError
-from hub_dfq.models import ModelSource, Preprocess, VisionModel
-from hub_dfq.synth import SynthConfig, generate_folder, shard_seed, synthesize
+from hub_dfq.errors import (
+    ConfigError,
+    DivergedError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
+from hub_dfq.models.preprocess import Preprocess
+from hub_dfq.models.vision_model import ModelSource, VisionModel
+from hub_dfq.synth.api import generate_folder, shard_seed, synthesize
+from hub_dfq.synth.config import SynthConfig
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
@@ -67,7 +74,7 @@ def test_repeated_class_names_get_their_index(model, tmp_path):
     # ImageNet names two classes "crane"; a ClassLabel needs unique names
     twin = copy.copy(model)
     twin.labels = ["crane"] + model.labels[1:-1] + ["crane"]
-    ds = synthesize(twin, "gaussian", n=4, out_dir=tmp_path / "g", **FAST)
+    ds = synthesize(twin, "gaussian", num_images=4, out_dir=tmp_path / "g", **FAST)
     names = ds.features["label"].names
     assert names[0] == "crane (0)" and names[-1] == "crane (9)" and names[1:-1] == model.labels[1:-1]
 
@@ -125,7 +132,7 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(model, tmp_path):
-    config = SynthConfig(method="bns", n=24, iters=10, batch_size=8, shard_size=8)
+    config = SynthConfig(method="bns", num_images=24, iters=10, batch_size=8, shard_size=8)
     generate_folder(model, config, tmp_path / "full", progress=False)
 
     def kill_after_first(index: int) -> None:
@@ -137,7 +144,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(model, tmp_path):
     assert not partial["complete"] and [s["index"] for s in partial["shards"]] == [0]
     assert not (tmp_path / "run" / "README.md").exists()
     first = (tmp_path / "run" / "data" / "train-00000-of-00003.parquet").stat().st_mtime_ns
-    with pytest.raises(OutputExistsError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="`resume=True`"):
         generate_folder(model, config, tmp_path / "run", progress=False)
     made = []
     generate_folder(model, config, tmp_path / "run", resume=True, progress=False, on_shard=made.append)
@@ -172,13 +179,13 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
     done = [s["index"] for s in manifest(out)["shards"]]
     assert 1 <= len(done) < 5
     assert subprocess.run(args + ["--resume"], env=env, capture_output=True).returncode == 0
-    config = SynthConfig(method="bns", n=40, iters=40, batch_size=8, shard_size=8)
+    config = SynthConfig(method="bns", num_images=40, iters=40, batch_size=8, shard_size=8)
     generate_folder(model, config, tmp_path / "full", progress=False)
     assert shard_bytes(out) == shard_bytes(tmp_path / "full")
 
 
 def test_half_written_shard_is_never_seen(model, tmp_path):
-    config = SynthConfig(method="gaussian", n=16, batch_size=8, shard_size=8)
+    config = SynthConfig(method="gaussian", num_images=16, batch_size=8, shard_size=8)
     generate_folder(model, config, tmp_path / "o", progress=False, stop_after_shards=1)
     (tmp_path / "o" / "data" / ".train-00001-of-00002.parquet.tmp").write_bytes(b"half a shard")
     generate_folder(model, config, tmp_path / "o", resume=True, progress=False)
@@ -189,7 +196,7 @@ def test_half_written_shard_is_never_seen(model, tmp_path):
 def test_output_folder_of_another_run_is_refused(model, tmp_path):
     out = tmp_path / "o"
     synthesize(model, "gaussian", 8, out_dir=out, progress=False)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="`overwrite=True`"):
         synthesize(model, "gaussian", 8, out_dir=out, progress=False)
     with pytest.raises(OutputExistsError, match="seed: stored 0, now 3"):
         synthesize(model, "gaussian", 8, seed=3, out_dir=out, resume=True, progress=False)
@@ -207,7 +214,7 @@ def test_bad_arguments(model, tmp_path):
         synthesize(model, "deepdream", 4, out_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match="unknown loss 'l1'"):
         synthesize(model, "bns", 4, loss="l1", out_dir=tmp_path / "a")
-    config = SynthConfig(method="bns", n=5, batch_size=64)
+    config = SynthConfig(method="bns", num_images=5, batch_size=64)
     assert config.batch_size == 5 and config.num_shards == 1  # clamped, not refused
     assert not (tmp_path / "a").exists()
 
@@ -313,11 +320,11 @@ def test_push_to_hub_is_one_commit_identical_to_the_folder(model, tmp_path, hub)
 
 def test_push_refuses_an_unfinished_folder(model, tmp_path):
     from hub_dfq.errors import PublishError
-    from hub_dfq.synth import push_dataset_folder
+    from hub_dfq.synth.publish import push_dataset_folder
 
-    config = SynthConfig(method="gaussian", n=8, batch_size=4, shard_size=4)
+    config = SynthConfig(method="gaussian", num_images=8, batch_size=4, shard_size=4)
     generate_folder(model, config, tmp_path / "o", progress=False, stop_after_shards=1)
-    with pytest.raises(PublishError, match="--resume"):
+    with pytest.raises(PublishError, match="`resume=True`"):
         push_dataset_folder(tmp_path / "o", "tester/x")
 
 

@@ -129,12 +129,12 @@ def test_priors_are_reproducible():
 
 
 def test_config_defaults_and_checks():
-    config = SynthConfig(method="bns", n=100, batch_size=32, shard_size=50)
+    config = SynthConfig(method="bns", num_images=100, batch_size=32, shard_size=50)
     assert config.iters == 200 and config.lr == 1.0 and config.shard_size == 64 and config.num_shards == 2
     assert list(config.shard_rows(1)) == list(range(64, 100))
-    assert SynthConfig(method="gaussian", n=3, iters=50).iters == 0
+    assert SynthConfig(method="gaussian", num_images=3, iters=50).iters == 0
     with pytest.raises(ConfigError, match="learning rate"):
-        SynthConfig(method="bns", n=3, lr=float("nan"))
+        SynthConfig(method="bns", num_images=3, lr=float("nan"))
     with pytest.raises(ConfigError, match="precision"):
-        SynthConfig(method="bns", n=3, precision="fp8")
+        SynthConfig(method="bns", num_images=3, precision="fp8")
     assert SynthConfig.from_dict(config.to_dict()) == config

@@ -4,17 +4,17 @@
     report = hub_dfq.audit("default", {"mine": "parquet:photos.parquet", "theirs": "ORG/NAME"}, limit=2000)
     report.ranking()[0].dataset, report["mine"].similarity
     report.save("audit_out")          # audit.json, audit.md, audit_layers.png
+
+``core`` streams data and has :func:`~hub_dfq.audit.core.audit`; ``moments`` accumulates BN-input
+moments; ``scores`` turns them into divergences, intervals and similarities; ``registry`` lists the
+divergences; ``references`` measures the reference points; ``results`` and ``report`` hold and write
+what was measured. Nothing heavy is imported here.
 """
 
 from importlib import resources
 from pathlib import Path
 
-from .core import AuditReport, CandidateResult, audit, measure_data, measure_tensors
-from .references import cache_dir
-from .scores import METRICS, auroc, similarity
-
-__all__ = ["AuditReport", "CandidateResult", "METRICS", "audit", "auroc", "cache_dir", "measure_data",
-           "measure_tensors", "measurement_path", "similarity"]
+__all__ = ["measurement_path"]
 
 
 def measurement_path() -> str:

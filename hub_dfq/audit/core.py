@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import datasets
@@ -13,11 +13,15 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
-from ..errors import ConfigError, DatasetError, UnsupportedModelError
+from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
+from ..models.loader import load_model
 from ..models.vision_model import VisionModel
+from ..progress import progress_enabled
 from . import references as refs
 from .moments import MomentAccumulator
-from .scores import METRICS, aggregate, bootstrap_ci, layer_divergences, similarity
+from .registry import DIVERGENCES
+from .results import AuditReport, CandidateResult
+from .scores import aggregate, bootstrap_ci, layer_divergences, similarity
 
 logger = logging.getLogger(__name__)
 
@@ -28,75 +32,6 @@ MAX_LISTED_SKIPPED = 1000
 REFERENCE_MODES = ("auto", "gaussian", "none")
 
 DataLike = Any  # str | PathLike | datasets.Dataset | IterableDataset | DatasetDict | ImageData
-
-
-@dataclass
-class CandidateResult:
-    """Audit of one dataset (or reference). ``divergence`` is ``None`` when no image was readable."""
-
-    dataset: str
-    n_images: int
-    n_skipped: int
-    divergence: float | None
-    divergences: dict[str, float | None]
-    ci: tuple[float, float] | None
-    layers: dict[str, float]
-    layers_detail: dict[str, dict[str, float]]
-    batch_scores: list[float]
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    similarity: float | None = None
-    similarity_ci: tuple[float, float] | None = None
-    rank: int | None = None
-    split: str | None = None
-
-    @property
-    def batch_summary(self) -> dict[str, float | int] | None:
-        """Mean, spread and quantiles of the batch-level scores."""
-        if not self.batch_scores:
-            return None
-        t = torch.tensor(self.batch_scores, dtype=torch.float64)
-        q = torch.quantile(t, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-        return {"n": len(self.batch_scores), "mean": t.mean().item(),
-                "std": t.std().item() if len(t) > 1 else 0.0, "min": t.min().item(), "p05": q[0],
-                "median": q[1], "p95": q[2], "max": t.max().item()}
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["ci"] = list(self.ci) if self.ci else None
-        data["similarity_ci"] = list(self.similarity_ci) if self.similarity_ci else None
-        data["batch_summary"] = self.batch_summary
-        return data
-
-
-@dataclass
-class AuditReport:
-    """Everything an audit measured; :meth:`save` writes ``audit.json``, ``audit.md`` and a plot."""
-
-    model: dict[str, Any]
-    settings: dict[str, Any]
-    references: dict[str, Any]
-    candidates: list[CandidateResult]
-
-    def ranking(self) -> list[CandidateResult]:
-        """Candidates from most to least similar (unscorable ones left out)."""
-        return sorted((c for c in self.candidates if c.rank is not None), key=lambda c: c.rank)
-
-    def __getitem__(self, dataset: str) -> CandidateResult:
-        for c in self.candidates:
-            if c.dataset == dataset:
-                return c
-        raise KeyError(f"no candidate {dataset!r}; candidates are {[c.dataset for c in self.candidates]}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "settings": self.settings, "references": self.references,
-                "ranking": [c.dataset for c in self.ranking()],
-                "candidates": [c.to_dict() for c in self.candidates]}
-
-    def save(self, out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, str]:
-        """Write the report files into ``out_dir``; returns their paths by kind."""
-        from .report import write_report
-
-        return write_report(self, out_dir, plot=plot)
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -129,11 +64,11 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
                split: str | None = None) -> CandidateResult:
     names = [n for n, _ in acc.layers]
     if acc.n_images == 0:
-        return CandidateResult(name, 0, n_skipped, None, {m: None for m in METRICS}, None, {}, {}, [],
+        return CandidateResult(name, 0, n_skipped, None, {m: None for m in DIVERGENCES.names()}, None, {}, {}, [],
                                skipped[:MAX_LISTED_SKIPPED], split=split)
     moments = acc.moments()
-    per_metric = {m: layer_divergences(moments, running, m) for m in METRICS}
-    detail = {n: {m: per_metric[m][i] for m in METRICS} for i, n in enumerate(names)}
+    per_metric = {m: layer_divergences(moments, running, m) for m in DIVERGENCES.names()}
+    detail = {n: {m: per_metric[m][i] for m in per_metric} for i, n in enumerate(names)}
     divergence = aggregate(per_metric[metric])
     ci = bootstrap_ci(acc.bootstrap_moments(), running, metric, estimate=divergence)
     return CandidateResult(
@@ -145,7 +80,7 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
 
 def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
                    progress: bool) -> Iterator[torch.Tensor]:
-    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", disable=not progress,
+    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", disable=not progress_enabled(progress),
                dynamic_ncols=True, leave=False)
     try:
         for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
@@ -194,11 +129,15 @@ def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name
 
 def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, batch_size: int, score_batch: int,
                metric: str, bootstrap: int, seed: int, cache: bool, progress: bool = False) -> dict[str, Any] | None:
-    """Measure (or read from the cache) one reference point; ``None`` if the near point cannot be made."""
+    """Measure (or read from the cache) one reference point.
+
+    If the near point's synthesis fails, the entry says so (``failed``, ``error``) and carries no
+    divergence: the audit goes on with the far point alone, and the report states why.
+    """
     method = "gaussian" if kind == "far" else "hub_dfq.synth bns"
     settings = {"kind": kind, "method": method, "n": n, "steps": None if kind == "far" else steps,
                 "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
-    key = refs.reference_key(layers, model.preprocess, settings)
+    key = refs.reference_key(model, settings)
     if cache and (hit := refs.load_cached(key)) is not None:
         logger.info("audit reference %s read from the cache (%s)", kind, key)
         return {**hit, "cached": True}
@@ -210,10 +149,13 @@ def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, bat
     else:
         try:
             synthetic = refs.synth_near_dataset(model, n=n, seed=seed, steps=steps, progress=progress)
-        except Exception as err:  # a reference must not sink the audit: fall back to the noise point, loudly
-            logger.warning("hub_dfq.synth could not make the near reference (%s: %s); similarity falls back to "
-                           "the one-point normalisation against noise", type(err).__name__, err)
-            return None
+        except (HubDfqError, RuntimeError, MemoryError, OSError) as err:
+            # a reference must not sink the audit (bad settings, divergence, out of memory, disk): go on without
+            # it, and say so in the log and the report
+            logger.warning("the near reference could not be synthesised (%s: %s); similarity uses the one-point "
+                           "normalisation against noise", type(err).__name__, err)
+            return {"method": method, "settings": settings, "failed": True,
+                    "error": f"{type(err).__name__}: {err}", "divergence": None}
         data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
         result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, **common)
     entry = {"method": method, "settings": settings, **result.to_dict()}
@@ -258,7 +200,7 @@ def audit(
     metric: str = "kl",
     references: str | Mapping[str, float] = "auto",
     reference_images: int = 64,
-    reference_steps: int = 200,
+    reference_iters: int = 200,
     bootstrap: int = 200,
     seed: int = 0,
     split: str | None = None,
@@ -266,7 +208,10 @@ def audit(
     streaming: bool = False,
     cache: bool = True,
     out_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    reference_steps: int | None = None,
 ) -> AuditReport:
     """Score how close each candidate dataset is to the data the model was trained on.
 
@@ -288,8 +233,8 @@ def audit(
             ``"gaussian"`` (noise only: one-point normalisation), ``"none"``, or a mapping
             ``{"far": d, "near": d}`` of known reference divergences.
         reference_images: images per reference point.
-        reference_steps: BNS optimisation steps per batch of the near reference (``iters`` of
-            ``hub_dfq.synth.synthesize``).
+        reference_iters: BNS optimisation steps per batch of the near reference (``iters`` of
+            :func:`hub_dfq.synthesize`).
         bootstrap: bootstrap replicates of the confidence interval (0: no interval).
         seed: seed of the reference points and the bootstrap.
         split: dataset split (default: test, then validation, then train).
@@ -297,7 +242,10 @@ def audit(
         streaming: stream Hub datasets instead of downloading them.
         cache: read and write reference points in :func:`hub_dfq.audit.references.cache_dir`.
         out_dir: also write ``audit.json``, ``audit.md`` and ``audit_layers.png`` there.
-        progress: show progress bars.
+        progress: show progress bars (``None``: on a terminal).
+        token: Hub token for the model and the datasets.
+        revision: Hub revision of the model, when ``model`` is a spec.
+        reference_steps: deprecated spelling of ``reference_iters``.
 
     Returns:
         An :class:`AuditReport`; ``report.ranking()`` lists candidates from closest to farthest.
@@ -311,23 +259,24 @@ def audit(
         >>> report = hub_dfq.audit("default", ["default", "parquet:my_photos.parquet"], limit=500)
         >>> [(c.dataset, round(c.similarity, 2)) for c in report.ranking()]
     """
-    from ..models import load_model
-
+    if reference_steps is not None:
+        warnings.warn("`reference_steps` is deprecated: use `reference_iters`", FutureWarning, stacklevel=2)
+        reference_iters = reference_steps
     if batch_size < 1 or score_batch < 1:
         raise ConfigError(f"batch sizes must be positive, got batch_size={batch_size}, score_batch={score_batch}")
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; use one of {list(METRICS)}")
-    if bootstrap < 0 or reference_images < 1 or reference_steps < 0:
-        raise ConfigError("bootstrap, reference_images and reference_steps must be non-negative (images >= 1)")
+    DIVERGENCES.get(metric)
+    if bootstrap < 0 or reference_images < 1 or reference_iters < 1:
+        raise ConfigError("`bootstrap` must be >= 0, `reference_images` and `reference_iters` >= 1; got "
+                          f"{bootstrap}, {reference_images}, {reference_iters}")
     if not isinstance(references, Mapping) and references not in REFERENCE_MODES:
         raise ConfigError(f"references must be one of {list(REFERENCE_MODES)} or a mapping {{'far': .., 'near': ..}},"
                           f" got {references!r}")
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(os.fspath(model))
+    if not isinstance(model, VisionModel):
+        model = load_model(model, token=token, revision=revision)
     layers = _check_model(model)
 
     # Open every candidate first: a wrong spec fails in seconds, not after the first audits.
-    load_kwargs = {"split": split, "limit": limit, "image_column": image_column, "streaming": streaming}
+    load_kwargs = {"split": split, "limit": limit, "image_column": image_column, "streaming": streaming, "token": token}
     opened = [_open(name, spec, load_kwargs) for name, spec in _candidates(data)]
     if not opened:
         raise DatasetError("no dataset to audit: pass at least one")
@@ -345,14 +294,16 @@ def audit(
     elif references != "none":
         kinds = ("far", "near") if references == "auto" else ("far",)
         for kind in kinds:
-            reference_info[kind] = _reference(model, layers, kind, n=reference_images, steps=reference_steps,
+            reference_info[kind] = _reference(model, layers, kind, n=reference_images, steps=reference_iters,
                                               batch_size=batch_size, cache=cache, progress=progress, **common)
     far = (reference_info["far"] or {}).get("divergence")
     near = (reference_info["near"] or {}).get("divergence")
+    near_failed = (reference_info["near"] or {}).get("error")
     if far is not None and near is not None and 0 < near < far:
         normalisation = "two-point: similarity = log(far / d) / log(far / near)"
     elif far is not None:
-        normalisation = "one-point: similarity = 1 - d / far"
+        normalisation = "one-point: similarity = 1 - d / far" + (
+            f" (the near reference failed: {near_failed})" if near_failed else "")
     else:
         normalisation = None
 

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..bnstats import DIVERGENCES, running_moments
+from ..bnstats import running_moments
+from .registry import divergence_fn
 
 __all__ = ["LayerMoments", "MomentAccumulator"]
 
@@ -60,7 +61,7 @@ class MomentAccumulator:
         layers: ``(name, bn)`` pairs, each with running statistics.
         device: where the accumulators live (the model's device).
         score_batch: images per batch-level score and per bootstrap unit.
-        metric: divergence of the batch-level scores (a key of :data:`hub_dfq.bnstats.DIVERGENCES`).
+        metric: divergence of the batch-level scores (see :mod:`hub_dfq.audit.registry`).
         bootstrap: number of Poisson-bootstrap replicates (0 disables the interval).
         seed: seed of the bootstrap weights.
 
@@ -72,7 +73,7 @@ class MomentAccumulator:
         self.layers = list(layers)
         self.device = device
         self.score_batch = int(score_batch)
-        self.metric = DIVERGENCES[metric]
+        self.metric = divergence_fn(metric)
         self.bootstrap = int(bootstrap)
         self.running = running_moments(self.layers, device=device)
         widths = [bn.running_mean.numel() for _, bn in self.layers]

@@ -5,14 +5,15 @@ so every audit measures two inputs on the same model: Gaussian noise in the mode
 input space, which ignores everything the BN layers remember, and synthetic images optimised to
 match the BN statistics (the paper's BNS data), which is as close as data-free inputs get.
 
-The near reference comes from ``hub_dfq.synth.synthesize(model, "bns", ...)`` (the one BNS
+The near reference comes from ``hub_dfq.synth.api.synthesize(model, "bns", ...)`` (the one BNS
 implementation, shared with synthesis). Both points are cached per model under :func:`cache_dir`,
-keyed by a hash of the BN buffers, the preprocessing and the settings, so repeated audits are fast.
+keyed on :func:`hub_dfq.fingerprint.fingerprint` of the weights, the preprocessing, the settings and
+the versions of the algorithms that made them, so repeated audits are fast and a changed algorithm
+never reuses an old point.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,14 +23,17 @@ from typing import Any, Iterator
 import torch
 
 from ..cache import cache_root
+from ..fingerprint import fingerprint, weights_sha256
+from ..synth.api import run_identity, synthesize
+from ..synth.config import SynthConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset",
-           "load_cached", "store_cached", "REFERENCE_VERSION"]
+__all__ = ["cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset", "load_cached", "store_cached",
+           "REFERENCE_VERSION"]
 
-# Bump when what a reference measures changes, so stale cache entries are ignored.
-REFERENCE_VERSION = 1
+# Bump when what a reference measures changes (the synthesis of the near point has its own versions).
+REFERENCE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -37,17 +41,21 @@ def cache_dir() -> Path:
     return cache_root("audit")
 
 
-def reference_key(layers, preprocess, settings: dict[str, Any]) -> str:
-    """Hash of the BN buffers (names, running mean/var), the preprocessing and ``settings``."""
-    h = hashlib.sha256()
-    for name, bn in layers:
-        h.update(name.encode())
-        for buf in (bn.running_mean, bn.running_var):
-            h.update(buf.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    payload = {"input_size": list(preprocess.input_size), "mean": list(preprocess.mean), "std": list(preprocess.std),
-               "version": REFERENCE_VERSION, **settings}
-    h.update(json.dumps(payload, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
+def near_config(*, n: int, seed: int, iters: int) -> SynthConfig:
+    """The synthesis run of the near reference."""
+    return SynthConfig(method="bns", num_images=n, iters=iters, seed=seed)
+
+
+def reference_key(model, settings: dict[str, Any]) -> str:
+    """Cache key of a reference point of ``model`` measured with ``settings``."""
+    near = settings.get("kind") == "near"
+    synth = run_identity(model, near_config(n=settings["n"], seed=settings["seed"], iters=settings["steps"])) \
+        if near else None
+    preprocess = model.preprocess
+    return fingerprint("audit-reference", version=REFERENCE_VERSION, length=32,
+                       weights=weights_sha256(model.module), preprocess=[list(preprocess.input_size),
+                                                                        list(preprocess.mean), list(preprocess.std)],
+                       settings=settings, synthesis=synth)
 
 
 def load_cached(key: str) -> dict[str, Any] | None:
@@ -82,8 +90,8 @@ def gaussian_batches(input_size: tuple[int, ...], *, n: int, batch_size: int, se
         done += size
 
 
-def synth_near_dataset(model, *, n: int, seed: int, steps: int, progress: bool = False) -> Any:
-    """``n`` BNS images from ``hub_dfq.synth.synthesize`` (cached by that module), as a ``datasets.Dataset``."""
-    from ..synth import synthesize
-
-    return synthesize(model, "bns", n=n, iters=steps, seed=seed, out_dir=None, progress=progress)
+def synth_near_dataset(model, *, n: int, seed: int, steps: int, progress: bool | None = None) -> Any:
+    """``n`` BNS images from :func:`hub_dfq.synth.api.synthesize` (cached by that module), as a ``datasets.Dataset``."""
+    config = near_config(n=n, seed=seed, iters=steps)
+    return synthesize(model, config.method, config.num_images, iters=config.iters, seed=config.seed, out_dir=None,
+                      progress=progress)

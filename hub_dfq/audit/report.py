@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .registry import DIVERGENCES
+
 if TYPE_CHECKING:
-    from .core import AuditReport
+    from .results import AuditReport
 
 __all__ = ["write_report", "json_safe", "to_json", "to_markdown", "plot_layers"]
 
@@ -42,11 +44,6 @@ HOW_TO_READ = """\
   not proof, that the data resembles the training data.
 """
 
-_METRIC_DOC = {
-    "kl": "KL(N(running_mean, running_var) || N(mean, var))",
-    "symmetric_kl": "(KL(p||q) + KL(q||p)) / 2 with p = N(running), q = N(data)",
-    "w2": "(mu_p - mu_q)^2 + (sigma_p - sigma_q)^2 (squared 2-Wasserstein)",
-}
 
 
 def json_safe(value: Any) -> Any:
@@ -106,7 +103,9 @@ def to_markdown(report: "AuditReport") -> str:
               "|---|---|---:|---:|---:|---|"]
     for kind in ("near", "far"):
         r = data["references"].get(kind)
-        if r:
+        if r and r.get("failed"):
+            lines.append(f"| {kind} | {r.get('method', '–')}: **failed** ({r.get('error')}) | – | – | – | – |")
+        elif r:
             lines.append(f"| {kind} | {r.get('method', '–')} | {r.get('n_images', '–')} | {_fmt(r.get('divergence'))} | "
                          f"{_fmt(r.get('similarity'), 3)} | {r.get('cached', '–')} |")
         else:
@@ -114,12 +113,15 @@ def to_markdown(report: "AuditReport") -> str:
     normalisation = s.get("normalisation")
     if normalisation and normalisation.startswith("two-point"):
         norm_doc = "`similarity = log(far / d) / log(far / near)` (1 at *near*, 0 at *far*, linear in log d)."
+    elif normalisation and (data["references"].get("near") or {}).get("failed"):
+        norm_doc = ("`similarity = 1 - d / far` (one-point normalisation, because the synthetic *near* reference "
+                    f"failed: {data['references']['near'].get('error')}; 0 is noise and 1 a perfect match).")
     elif normalisation:
         norm_doc = ("`similarity = 1 - d / far` (one-point normalisation: no synthetic *near* reference was "
                     "measured, so 0 is noise and 1 a perfect match).")
     else:
         norm_doc = "not computed (no reference points were measured)."
-    lines += ["", HOW_TO_READ.format(metric_doc=_METRIC_DOC[s["metric"]], normalisation_doc=norm_doc,
+    lines += ["", HOW_TO_READ.format(metric_doc=DIVERGENCES.get(s["metric"]).formula if s["metric"] in DIVERGENCES else s["metric"], normalisation_doc=norm_doc,
                                      score_batch=s["score_batch"], bootstrap=s["bootstrap"], seed=s["seed"])]
     lines += ["## Most divergent layers", "", "| dataset | top layers (divergence) |", "|---|---|"]
     for c in data["candidates"]:
@@ -141,6 +143,7 @@ def to_markdown(report: "AuditReport") -> str:
 def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
     """Per-layer divergence of every candidate (and the references), log scale, layers in forward order."""
     # A bare Figure renders with Agg and leaves pyplot's global backend (a notebook's) alone.
+    # why: matplotlib takes half a second to import and only the plot needs it
     import matplotlib
     from matplotlib.figure import Figure
 

@@ -20,12 +20,12 @@ from typing import Sequence
 
 import torch
 
-from ..bnstats import DIVERGENCES
 from .moments import LayerMoments
+from .registry import DIVERGENCES, divergence_fn
 
 __all__ = ["METRICS", "layer_divergences", "aggregate", "bootstrap_ci", "similarity", "auroc"]
 
-METRICS = tuple(DIVERGENCES)  # ("kl", "symmetric_kl", "w2")
+METRICS = DIVERGENCES  # kept name: the registry of divergences (kl, symmetric_kl, w2, ...)
 
 
 def _finite(value: float) -> float:
@@ -35,7 +35,7 @@ def _finite(value: float) -> float:
 def layer_divergences(moments: Sequence[LayerMoments], running: Sequence[tuple[torch.Tensor, torch.Tensor]],
                       metric: str) -> list[float]:
     """Channel-averaged divergence ``metric`` of every layer (float64)."""
-    fn = DIVERGENCES[metric]
+    fn = divergence_fn(metric)
     out = []
     for m, (mu_p, var_p) in zip(moments, running):
         value = fn(mu_p.double().cpu(), var_p.double().cpu(), m.mean, m.var).mean().item()
@@ -70,7 +70,7 @@ def bootstrap_ci(replicates: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
     """
     if not replicates or replicates[0][0].shape[0] < 2:
         return None
-    fn = DIVERGENCES[metric]
+    fn = divergence_fn(metric)
     per_layer = [fn(mu_p.double().cpu()[None], var_p.double().cpu()[None], mean, var).mean(-1)
                  for (mean, var), (mu_p, var_p) in zip(replicates, running)]
     agg = torch.stack(per_layer).mean(0)

@@ -1,7 +1,9 @@
 """The ``hub-dfq`` command: a thin layer over the public API.
 
-Each sub-command lives in its own module with ``register(subparsers)``; errors hub-dfq raises on
-purpose are printed as one line (set ``HUB_DFQ_DEBUG=1`` for the traceback) with exit code 2.
+Each sub-command lives in its own module with ``register(subparsers)`` and ``run(args)``. Building the
+parser imports only the registries, never torch, so ``hub-dfq --help`` is instant; ``run`` imports
+the API it calls. Errors hub-dfq raises on purpose (bad input) are printed as one line with exit
+code 2, anything else as one line with exit code 1; ``HUB_DFQ_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,33 +11,53 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
+from .. import __version__
 from ..errors import HubDfqError
 from . import audit as audit_cmd
+from . import cache as cache_cmd
 from . import eval as eval_cmd
 from . import export as export_cmd
 from . import info as info_cmd
 from . import quantize as quantize_cmd
+from . import registries as list_cmd
 from . import synth as synth_cmd
+from .options import cli_message
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = [info_cmd, eval_cmd, audit_cmd, quantize_cmd, synth_cmd, export_cmd]
+COMMANDS = [info_cmd, eval_cmd, synth_cmd, quantize_cmd, export_cmd, audit_cmd, list_cmd, cache_cmd]
+
+
+_INVALID_CHOICE = re.compile(r"argument (\S+): invalid choice: '(.*)' \(choose from (.*)\)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, in the words the library uses for the same mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        match = _INVALID_CHOICE.match(message)
+        if match:
+            flags, value, choices = match.groups()
+            action = next((a for a in self._actions if a.option_strings and flags.split("/")[0] in a.option_strings),
+                          None)
+            name = action.dest if action is not None else flags
+            message = f"unknown {name} {value!r}: use one of {choices.replace(chr(39), '')}"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hub-dfq",
         description="Compress Hugging Face Hub vision models without their training data, publish the results, "
         "and audit datasets against what a model's BatchNorm layers remember.",
     )
     parser.add_argument("--version", action="version", version=f"hub-dfq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         command.register(sub)
     return parser
@@ -44,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error already printed as one line
+        return int(exit_.code or 0)
     args.argv = argv  # for the "reproduce" line of published cards
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if not getattr(args, "func", None):
@@ -55,11 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HubDfqError as err:
         if os.environ.get("HUB_DFQ_DEBUG"):
             raise
-        print(f"hub-dfq {args.command}: error: {err}", file=sys.stderr)
+        print(f"hub-dfq {args.command}: error: {cli_message(str(err), args.parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hub-dfq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`hub-dfq list | head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except Exception as err:  # noqa: BLE001 - the last resort: one line instead of a traceback
+        if os.environ.get("HUB_DFQ_DEBUG"):
+            raise
+        print(f"hub-dfq {args.command}: internal error: {type(err).__name__}: {err} (this is a bug in hub-dfq or a "
+              "library it uses; set HUB_DFQ_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_dataset_options, add_model_arguments, load_model_from_args, write_json
+from ..audit.registry import DIVERGENCES
+from ..errors import OutputExistsError
+from .options import (
+    add_common_options,
+    add_dataset_options,
+    add_model_arguments,
+    check_json_path,
+    model_kwargs,
+    write_json,
+)
 
 
 def register(sub) -> None:
@@ -20,39 +29,47 @@ def register(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--score-batch", type=int, default=64,
                         help="images per batch-level score and bootstrap unit (default 64)")
-    parser.add_argument("--metric", choices=["kl", "symmetric_kl", "w2"], default="kl",
+    parser.add_argument("--metric", choices=DIVERGENCES.names(), default="kl",
                         help="main divergence (default kl, the paper's); all are reported per layer")
     parser.add_argument("--references", choices=["auto", "gaussian", "none"], default="auto",
                         help="reference points: auto = BNS synthetic data (near) and Gaussian noise (far); "
                         "gaussian = noise only; none = raw divergences only")
     parser.add_argument("--reference-images", type=int, default=64, help="images per reference point (default 64)")
+    parser.add_argument("--reference-iters", type=int, default=200,
+                        help="BNS steps per batch of the near reference (default 200)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (default 200, 0 = no CI)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the references and the bootstrap (default 0)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the reference points")
-    parser.add_argument("--out", help="write audit.json, audit.md and audit_layers.png into this folder")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference points")
+    parser.add_argument("--out", dest="out_dir", help="write audit.json, audit.md and audit_layers.png into this folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
-    parser.add_argument("--json", help="also write the JSON report to this file ('-' for stdout)")
-    parser.set_defaults(func=run)
+    add_common_options(parser, json_help="also write the JSON report to this file ('-' for stdout)")
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audit import audit
+    # why: keeps `hub-dfq --help` free of torch and datasets
+    from ..audit.core import audit
     from ..audit.report import json_safe
-    from ..errors import OutputExistsError
+    from ..models.loader import load_model
 
-    if args.out and (Path(args.out) / "audit.json").exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out} already holds an audit (audit.json): pass --overwrite or another --out")
-    model = load_model_from_args(args)
+    if args.out_dir and (Path(args.out_dir) / "audit.json").exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.out_dir} already holds an audit (audit.json): pass `overwrite=True` or "
+                                "another `out_dir`")
+    check_json_path(args.json)
+    model = load_model(args.model, **model_kwargs(args))
     report = audit(
         model, args.data, limit=args.limit, batch_size=args.batch_size, score_batch=args.score_batch,
         metric=args.metric, references=args.references, reference_images=args.reference_images,
-        bootstrap=args.bootstrap, seed=args.seed, split=args.split, image_column=args.image_column,
-        streaming=args.streaming, cache=not args.no_cache, out_dir=args.out,
+        reference_iters=args.reference_iters, bootstrap=args.bootstrap, seed=args.seed, split=args.split,
+        image_column=args.image_column, streaming=args.streaming, cache=args.cache, out_dir=args.out_dir,
+        progress=args.progress, token=args.token,
     )
-    quiet = args.json == "-"  # keep stdout parseable
-    if not quiet:
+    if args.json != "-":  # keep stdout parseable
         print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "
               f"metric {args.metric}); lower divergence = closer to the training data")
+        near = report.references.get("near") or {}
+        if near.get("failed"):
+            print(f"note: the near reference failed ({near['error']}); similarity is 1 - d / far (noise only)")
         print(f"{'rank':>4}  {'divergence':>11}  {'95% CI':>23}  {'similarity':>10}  {'images':>7}  dataset")
         for c in report.ranking() + [c for c in report.candidates if c.rank is None]:
             ci = f"[{c.ci[0]:.4g}, {c.ci[1]:.4g}]" if c.ci else "-"
@@ -60,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             div = f"{c.divergence:.4g}" if c.divergence is not None else "unscored"
             skipped = f" ({c.n_skipped} unreadable skipped)" if c.n_skipped else ""
             print(f"{c.rank or '-':>4}  {div:>11}  {ci:>23}  {sim:>10}  {c.n_images:>7}  {c.dataset}{skipped}")
-        if args.out:
-            print(f"report written to {args.out}/audit.md")
+        if args.out_dir:
+            print(f"report written to {args.out_dir}/audit.md")
     write_json(args.json, json_safe(report.to_dict()))
     return 0

@@ -1,28 +1,38 @@
-"""``hub-dfq eval MODEL --dataset DATA``: top-1 / top-5 accuracy."""
+"""``hub-dfq eval MODEL --dataset DATA``: top-1 / top-5 accuracy (of a float or a quantized checkpoint)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .options import add_dataset_options, add_model_arguments, dataset_kwargs, load_model_from_args, write_json
+from .options import (
+    add_common_options,
+    add_dataset_options,
+    add_model_arguments,
+    dataset_kwargs,
+    model_kwargs,
+    write_json,
+)
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("eval", help="top-1 / top-5 accuracy of a model on a labelled dataset")
+    parser = sub.add_parser("eval", help="top-1 / top-5 accuracy of a model (or a quantized checkpoint) on labelled "
+                                         "images")
     add_model_arguments(parser)
     add_dataset_options(parser, default="default")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    parser.add_argument("--json", help="also write {top1, top5, n} to this file ('-' for stdout)")
-    parser.set_defaults(func=run)
+    add_common_options(parser)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    # why: keeps `hub-dfq --help` free of torch, timm and datasets
     from ..data import load_images
     from ..evaluation import evaluate_accuracy
+    from ..models.loader import load_model
 
-    model = load_model_from_args(args)
+    model = load_model(args.model, **model_kwargs(args))
     data = load_images(args.dataset, **dataset_kwargs(args))
-    result = evaluate_accuracy(model, data, batch_size=args.batch_size)
+    result = evaluate_accuracy(model, data, batch_size=args.batch_size, progress=args.progress)
     print(f"{model.source.spec} on {data.spec} ({data.split or 'all'}): top-1 {result['top1']:.2f}%  "
           f"top-5 {result['top5']:.2f}%  ({result['n']} images"
           + (f", {result['skipped']} unreadable skipped" if result["skipped"] else "") + ")")

@@ -1,54 +1,77 @@
-"""``hub-dfq export CHECKPOINT --out model.onnx``: a published quantized model as an integer ONNX graph."""
+"""``hub-dfq export CHECKPOINT --backend onnx --out model.onnx``: a quantized checkpoint for an integer backend."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..backends.registry import BACKENDS
 from ..errors import OutputExistsError
-from .options import add_dataset_options, dataset_kwargs, write_json
+from ..registry import resolve
+from .options import (
+    add_common_options,
+    add_dataset_options,
+    check_json_path,
+    choices_help,
+    dataset_kwargs,
+    write_json,
+)
 
 
 def register(sub) -> None:
     parser = sub.add_parser(
-        "export", help="export a hub-dfq quantized checkpoint to ONNX (int8 kernels in ONNX Runtime)",
+        "export", help="export a hub-dfq quantized checkpoint for an integer inference backend (ONNX Runtime)",
         description="Write a quantized checkpoint (a folder or Hub repo made by `hub-dfq quantize --out/--push-to-hub`) "
-        "as an ONNX QDQ graph that ONNX Runtime runs with integer kernels; with --dataset, compare its top-1 "
-        "with the PyTorch model's on labelled images.")
+        "for an inference backend that runs it with integer kernels; with --dataset, compare its top-1 with the "
+        "PyTorch model's on labelled images.")
     parser.add_argument("checkpoint", help="quantized checkpoint: a folder, local-dir:PATH or ORG/NAME[@REV]")
     parser.add_argument("--revision", help="Hub revision of the checkpoint")
-    parser.add_argument("--out", default="model.onnx", help="the .onnx file to write (default model.onnx)")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one, or HF_TOKEN)")
+    parser.add_argument("--backend", choices=BACKENDS.names(), default="onnx",
+                        help="backend: " + choices_help(BACKENDS, "onnx"))
+    parser.add_argument("--out", dest="path", default=None,
+                        help="the file to write (default: the backend's file name, e.g. model.onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--batch-size", type=int, help="fix the batch dimension (default: dynamic)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 or newer (default 17)")
     add_dataset_options(parser)
-    parser.add_argument("--json", help="also write the summary to this file ('-' for stdout)")
-    parser.set_defaults(func=run)
+    add_common_options(parser, json_help="also write the summary to this file ('-' for stdout)")
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    # why: keeps `hub-dfq --help` free of torch and onnxruntime
+    from ..backends.onnx import compare_onnx
     from ..data import load_images
     from ..evaluation import evaluate_accuracy
-    from ..export import compare_onnx, export_onnx, from_pretrained, load_onnx
+    from ..hub.checkpoint import from_pretrained
     from ..quant.data import images_to_tensor
 
-    out = Path(args.out)
+    out = Path(args.path or BACKENDS.get(args.backend).file_name)
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a folder: `path` must name the file to write")
     if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} exists: choose another --out or pass --overwrite")
-    qmodel = from_pretrained(args.checkpoint, revision=args.revision)
-    export_onnx(qmodel, out, batch_size=args.batch_size, opset=args.opset)
-    summary = {"checkpoint": args.checkpoint, "out": str(out), "bytes": out.stat().st_size}
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    if args.dataset:
-        data = load_images(args.dataset, **dataset_kwargs(args))
-        session = load_onnx(out)
-        torch_acc = evaluate_accuracy(qmodel.model, data, forward=qmodel)
-        onnx_acc = session.evaluate(qmodel, data)
+        raise OutputExistsError(f"{out} exists: choose another `path` or pass `overwrite=True`")
+    check_json_path(args.json)
+    data = load_images(args.dataset, **dataset_kwargs(args)) if args.dataset else None
+    qmodel = from_pretrained(args.checkpoint, revision=args.revision, token=args.token)
+    backend = BACKENDS.get(args.backend)
+    resolve(backend.export)(qmodel, out, batch_size=args.batch_size, opset=args.opset, overwrite=args.overwrite)
+    summary = {"checkpoint": args.checkpoint, "backend": args.backend, "out": str(out), "bytes": out.stat().st_size}
+    quiet = args.json == "-"
+    if not quiet:
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if data is not None:
+        session = resolve(backend.load)(out)
+        torch_acc = evaluate_accuracy(qmodel.model, data, forward=qmodel, progress=args.progress)
+        onnx_acc = session.evaluate(qmodel, data, progress=args.progress)
         agreement = compare_onnx(qmodel, session, images_to_tensor(qmodel.model, data))
         summary.update(agreement, dataset=data.spec, torch_top1=torch_acc["top1"], onnx_top1=onnx_acc["top1"])
-        print(f"top-1 on {data.spec} ({onnx_acc['n']} images): PyTorch (simulated) {torch_acc['top1']:.2f}%  "
-              f"ONNX Runtime {onnx_acc['top1']:.2f}%  (same prediction on {100 * agreement['top1_agreement']:.2f}%, "
-              f"max logit difference {agreement['max_abs_logit_diff']:.3g})")
+        if not quiet:
+            print(f"top-1 on {data.spec} ({onnx_acc['n']} images): PyTorch (simulated) {torch_acc['top1']:.2f}%  "
+                  f"ONNX Runtime {onnx_acc['top1']:.2f}%  (same prediction on "
+                  f"{100 * agreement['top1_agreement']:.2f}%, max logit difference "
+                  f"{agreement['max_abs_logit_diff']:.3g})")
     write_json(args.json, summary)
     return 0
 

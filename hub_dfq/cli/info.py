@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from .options import add_model_arguments, load_model_from_args
+from .options import add_common_options, add_model_arguments, model_kwargs, write_json
 
 
 def register(sub) -> None:
     parser = sub.add_parser("info", help="describe a model: library, input, parameters, BN and weight layers, labels")
     add_model_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(func=run)
+    add_common_options(parser, json_help="write the summary as JSON to this file ('-' or no value: stdout)")
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    info = load_model_from_args(args).info()
-    if args.json:
-        print(json.dumps(info, indent=2))
+    from ..models.loader import (
+        load_model,  # why: keeps `hub-dfq --help` free of torch and timm
+    )
+
+    info = load_model(args.model, **model_kwargs(args)).info()
+    if args.json == "-":
+        write_json("-", info)
         return 0
     pre = info["preprocess"]
     labels = info["labels"]
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         ("library", f"{info['library']} ({info['architecture']})"),
         ("source", info["repo_id"] and f"{info['repo_id']}@{info['commit'] or 'latest'}" or "local"),
         ("license", info["license"] or "unknown"),
+        ("quantized", info["quantized"] or "no"),
         ("input", f"{'x'.join(map(str, info['input_size']))}, mean {tuple(round(v, 4) for v in pre['mean'])}, "
                   f"std {tuple(round(v, 4) for v in pre['std'])}, {pre['interpolation']}, "
                   f"resize {pre['resize']}, crop {pre['crop']}"),
@@ -39,4 +43,5 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    write_json(args.json, info)
     return 0

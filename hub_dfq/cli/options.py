@@ -1,26 +1,56 @@
-"""Argument groups shared by several sub-commands, and their translation into API calls."""
+"""Options shared by the sub-commands, and their translation into API calls and back.
+
+Every option's ``dest`` is the name of the API argument it sets, so a library error that names an
+argument (`` `resume=True` ``) is printed with the flag that sets it (``--resume``): see
+:func:`cli_message`. Nothing here imports torch: building the parser must stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import OutputExistsError
+
+__all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
+           "write_json", "cli_message", "choices_help"]
+
+
+def choices_help(registry, default: str | None = None) -> str:
+    """``name: summary`` of every entry of a registry, for an option's help."""
+    parts = []
+    for entry in registry:
+        mark = " (default)" if entry.name == default else ""
+        parts.append(f"{entry.name}{mark}: {entry.summary}" if getattr(entry, "summary", None) else entry.name + mark)
+    return "; ".join(parts).replace("%", "%%")  # argparse formats help strings with %
+
+
+def add_common_options(parser: argparse.ArgumentParser, *, json_help: str = "also write the result as JSON to this "
+                       "file ('-' for stdout)") -> None:
+    """``--json PATH`` and ``--progress/--no-progress``, which every command takes."""
+    parser.add_argument("--json", metavar="PATH", nargs="?", const="-", help=json_help)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: only on a terminal)")
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model spec: 'default', ORG/NAME[@REV], hf-hub:ORG/NAME, local-dir:PATH, "
-                        "a folder or a timm name")
+                        "a folder or a timm name; a hub-dfq quantized checkpoint loads too")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the model")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one, or HF_TOKEN)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow transformers models whose code lives in their repository")
+    parser.add_argument("--random-init", dest="pretrained", action="store_false",
+                        help="build the architecture with random weights instead of loading them")
 
 
-def load_model_from_args(args: argparse.Namespace):
-    from ..models import load_model
-
-    return load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"revision": args.revision, "token": args.token, "trust_remote_code": args.trust_remote_code,
+            "pretrained": args.pretrained}
 
 
 def add_dataset_options(parser: argparse.ArgumentParser, *, flag: str | None = "--dataset",
@@ -41,23 +71,59 @@ def add_dataset_options(parser: argparse.ArgumentParser, *, flag: str | None = "
 def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "split": args.split,
-        "config": args.dataset_config,
+        "dataset_config": args.dataset_config,
         "limit": args.limit,
         "image_column": args.image_column,
         "label_column": args.label_column,
         "streaming": args.streaming,
+        "token": getattr(args, "token", None),
     }
+
+
+def check_json_path(path: str | None) -> None:
+    """Refuse a ``--json`` target that cannot be written, before any work starts."""
+    if not path or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise OutputExistsError(f"{target} is a folder: `json` must name a file")
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if not path:
         return
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
     if path == "-":
         sys.stdout.write(text)
         return
+    check_json_path(path)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(target)  # atomic: a crash never leaves half a JSON file
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(target)  # atomic: a crash never leaves half a JSON file
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_ARGUMENT = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
+
+
+def cli_message(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """A library message with its `` `argument` `` / `` `argument=value` `` mentions spelled as CLI flags."""
+    actions = {a.dest: a for a in (parser._actions if parser is not None else []) if a.option_strings}
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        action = actions.get(name)
+        if action is None:
+            return name if value is None else f"{name}={value}"
+        long = max(action.option_strings, key=len)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"--no-{long[2:]}" if value == "False" else long
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or value is None:
+            return long
+        return f"{long} {value.strip(chr(39))}"
+
+    return _ARGUMENT.sub(flag, message)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import tempfile
 import time
+from pathlib import Path
 
-from ..errors import ConfigError
-
-from .options import add_model_arguments, load_model_from_args, write_json
-
-SYNTHETIC = ("bns", "bns+i", "inception", "gaussian")
+from ..errors import ConfigError, PublishError
+from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
+from ..synth.registry import SYNTH_METHODS
+from .options import (
+    add_common_options,
+    add_model_arguments,
+    check_json_path,
+    choices_help,
+    model_kwargs,
+    write_json,
+)
 
 
 def _bits_or_none(text: str) -> int | None:
@@ -46,64 +54,94 @@ def register(sub) -> None:
     parser.add_argument("--weights", type=int, default=4, help="weight bits, 2-8 (default 4)")
     parser.add_argument("--activations", type=int, default=4, help="activation bits, 2-8 (default 4)")
     parser.add_argument("--calibration", default="bns",
-                        help="synthetic method (bns, bns+i, inception, gaussian) or a dataset spec (default bns)")
+                        help="a synthesis method (" + ", ".join(SYNTH_METHODS.names()) + ") or a dataset spec "
+                        "(default bns)")
     parser.add_argument("--calibration-split", help="split of a calibration dataset")
-    parser.add_argument("--calibration-size", type=int, help="calibration images (default: the preset's)")
-    parser.add_argument("--method", default="calibrate", help="calibrate, reconstruct or distill (default calibrate)")
-    parser.add_argument("--preset", default="fast", help="fast or best (default fast)")
+    parser.add_argument("--calibration-images", "--calibration-size", dest="calibration_images", type=int,
+                        help="calibration images (default: the preset's)")
+    parser.add_argument("--algorithm", "--method", dest="algorithm", choices=QUANT_ALGORITHMS.names(),
+                        default="calibrate", help="quantization algorithm: " + choices_help(QUANT_ALGORITHMS,
+                                                                                            "calibrate"))
+    parser.add_argument("--preset", choices=PRESETS.names(), default="fast",
+                        help="budget: " + choices_help(PRESETS, "fast"))
     parser.add_argument("--first-last-bits", type=_bits_or_none, default=8,
                         help="bits of the first conv and last linear, or 'same' (default 8)")
     parser.add_argument("--residual-bits", type=_bits_or_none, default=8,
                         help="bits of residual-addition operands, or 'same' as --activations (default 8)")
-    parser.add_argument("--weight-observer", default="mse", help="minmax or mse (default mse)")
-    parser.add_argument("--act-observer", default="mse", help="minmax, percentile or mse (default mse)")
-    parser.add_argument("--override", action="append", type=_override, default=[], metavar="GLOB:FIELD=V,...",
-                        help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
+    parser.add_argument("--weight-observer", choices=WEIGHT_OBSERVERS.names(), default="mse",
+                        help="weight ranges: " + choices_help(WEIGHT_OBSERVERS, "mse"))
+    parser.add_argument("--act-observer", choices=ACT_OBSERVERS.names(), default="mse",
+                        help="activation ranges: " + choices_help(ACT_OBSERVERS, "mse"))
+    parser.add_argument("--override", dest="overrides", action="append", type=_override, default=[],
+                        metavar="GLOB:FIELD=V,...", help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
-    parser.add_argument("--eval", dest="eval_data", default="default",
-                        help="labelled images to compare FP and quantized top-1 on (default: the embedded 1,000 "
-                        "CIFAR-10 test images); 'none' skips")
+    parser.add_argument("--eval", dest="eval_data", default="auto",
+                        help="labelled images to compare FP and quantized top-1 on; default 'auto': the embedded "
+                        "1,000 CIFAR-10 test images for a model with CIFAR-10's classes, otherwise none; 'none' skips")
     parser.add_argument("--eval-split", help="split of the evaluation dataset")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N images only")
-    parser.add_argument("--json", help="write the summary to this file ('-' for stdout)")
-    parser.add_argument("--out", help="save the quantized model to this folder (a Hub model repo)")
+    parser.add_argument("--out", dest="out_dir", help="save the quantized model to this folder (a Hub model repo)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (integer kernels in ONNX Runtime) to --out / the pushed repo, "
                         "and report its top-1 next to the PyTorch model's")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the quantized model to this Hub repo")
-    parser.add_argument("--push-dataset", metavar="REPO",
+    parser.add_argument("--push-dataset", dest="dataset_repo", metavar="REPO",
                         help="also publish the synthetic calibration set to this Hub dataset repo (cards link both)")
     parser.add_argument("--private", action="store_true", help="create the Hub repositories as private")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
-    parser.set_defaults(func=run)
+    add_common_options(parser, json_help="write the summary as JSON to this file ('-' for stdout)")
+    parser.set_defaults(func=run, parser=parser)
+
+
+def _eval_spec(args: argparse.Namespace, model) -> str | None:
+    """The evaluation data: the one asked for, or for 'auto' the embedded CIFAR-10 sample when it fits the model."""
+    if args.eval_data.lower() == "none":
+        return None
+    if args.eval_data.lower() != "auto":
+        return args.eval_data
+    from ..data import (
+        embedded_sample_labels,  # why: the parquet schema is read only for 'auto'
+    )
+
+    return "default" if list(model.labels) == embedded_sample_labels() else None
 
 
 def run(args: argparse.Namespace) -> int:
+    # why: keeps `hub-dfq --help` free of torch, timm and datasets
     from ..data import load_images
     from ..evaluation import evaluate_accuracy
-    from ..quant import quantize
+    from ..hub.mixin import check_out_dir
+    from ..models.loader import load_model
+    from ..quant.api import quantize
+    from ..quant.data import is_synthetic
 
-    if args.push_dataset and not args.push_to_hub:
-        raise ConfigError("--push-dataset needs --push-to-hub REPO (the dataset card links to the model)")
-    if args.onnx and not (args.out or args.push_to_hub):
-        raise ConfigError("--onnx adds model.onnx to the saved or published checkpoint: add --out DIR or --push-to-hub "
-                          "REPO (or export a saved checkpoint later with `hub-dfq export`)")
-    if args.push_dataset and args.calibration.lower() not in SYNTHETIC:
-        raise ConfigError("--push-dataset publishes synthetic calibration data; with real data "
+    if args.dataset_repo and not args.push_to_hub:
+        raise ConfigError("`dataset_repo` needs `push_to_hub` (the dataset card links to the model)")
+    if args.onnx and not (args.out_dir or args.push_to_hub):
+        raise ConfigError("`onnx` adds model.onnx to the saved or published checkpoint: add `out_dir` or "
+                          "`push_to_hub` (or export a saved checkpoint later with `hub-dfq export`)")
+    if args.dataset_repo and not is_synthetic(args.calibration):
+        raise ConfigError("`dataset_repo` publishes synthetic calibration data; with real data "
                           f"({args.calibration}) there is nothing to publish")
+    if args.out_dir:  # before minutes of work, not after
+        check_out_dir(args.out_dir, overwrite=args.overwrite)
+    check_json_path(args.json)
     start = time.perf_counter()
-    model = load_model_from_args(args)
+    model = load_model(args.model, **model_kwargs(args))
+    eval_spec = _eval_spec(args, model)
+    eval_data = load_images(eval_spec, split=args.eval_split, limit=args.eval_limit, token=args.token) \
+        if eval_spec else None  # opened now: a wrong spec fails before quantizing
     calibration = args.calibration
-    if calibration.lower() not in SYNTHETIC:
-        calibration = load_images(calibration, split=args.calibration_split, limit=args.calibration_size)
+    if not is_synthetic(calibration):
+        calibration = load_images(calibration, split=args.calibration_split, limit=args.calibration_images,
+                                  token=args.token)
     qmodel = quantize(model, weights=args.weights, activations=args.activations, calibration=calibration,
-                      calibration_size=args.calibration_size, method=args.method, preset=args.preset,
+                      calibration_images=args.calibration_images, algorithm=args.algorithm, preset=args.preset,
                       first_last_bits=args.first_last_bits, residual_bits=args.residual_bits,
                       weight_observer=args.weight_observer, act_observer=args.act_observer,
-                      overrides=dict(args.override), exclude=args.exclude, seed=args.seed, progress=args.progress)
+                      overrides=dict(args.overrides), exclude=args.exclude, seed=args.seed, progress=args.progress)
     quant_seconds = time.perf_counter() - start
     summary = {
         "model": model.source.spec,
@@ -113,40 +151,43 @@ def run(args: argparse.Namespace) -> int:
         "residual_bits": args.residual_bits,
         "calibration": args.calibration,
         "calibration_provenance": qmodel.calibration,
-        "method": args.method,
+        "algorithm": args.algorithm,
         "preset": args.preset,
         "seed": args.seed,
+        "fingerprint": qmodel.history.get("fingerprint"),
         "seconds": round(quant_seconds, 2),
         "fp_top1": None,
         "quant_top1": None,
-        "left_in_float": qmodel.report.unsupported + qmodel.report.excluded,
+        "left_in_float": qmodel.left_in_float,
     }
-    if args.eval_data and args.eval_data.lower() != "none":
-        data = load_images(args.eval_data, split=args.eval_split, limit=args.eval_limit)
-        fp = evaluate_accuracy(model, data, progress=args.progress)
-        quant = evaluate_accuracy(model, data, forward=qmodel, progress=args.progress)
-        summary.update(fp_top1=fp["top1"], quant_top1=quant["top1"], eval=data.spec, eval_n=quant["n"])
-        evaluation = {"dataset": data.spec, "split": data.split, "n": quant["n"], "fp_top1": fp["top1"],
+    evaluation = None
+    if eval_data is not None:
+        fp = evaluate_accuracy(model, eval_data, progress=args.progress)
+        quant = evaluate_accuracy(model, eval_data, forward=qmodel, progress=args.progress)
+        summary.update(fp_top1=fp["top1"], quant_top1=quant["top1"], eval=eval_data.spec, eval_n=quant["n"])
+        evaluation = {"dataset": eval_data.spec, "split": eval_data.split, "n": quant["n"], "fp_top1": fp["top1"],
                       "fp_top5": fp["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"]}
         if args.onnx:
-            evaluation.update(_onnx_accuracy(qmodel, data, progress=args.progress))
+            evaluation.update(_onnx_accuracy(qmodel, eval_data, progress=args.progress))
             summary["onnx_top1"] = evaluation["onnx_top1"]
     else:
-        evaluation = None
-    if args.out or args.push_to_hub:
+        summary["eval_note"] = ("no evaluation: the model's classes are not CIFAR-10's; pass --eval DATA (labelled "
+                                "images of its classes) to compare full-precision and quantized accuracy")
+    if args.out_dir or args.push_to_hub:
         _publish(args, qmodel, evaluation, summary)
     summary["total_seconds"] = round(time.perf_counter() - start, 2)
-    print(_render(summary, qmodel))
+    if args.json != "-":
+        print(_render(summary, qmodel))
     write_json(args.json, summary)
     return 0
 
 
 def _onnx_accuracy(qmodel, data, *, progress: bool) -> dict:
     """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the same)."""
-    import tempfile
-    from pathlib import Path
-
-    from ..export import export_onnx, load_onnx
+    from ..backends.onnx import (  # why: onnx and onnxruntime load only when asked for
+        export_onnx,
+        load_onnx,
+    )
 
     with tempfile.TemporaryDirectory(prefix="hub-dfq-onnx-") as tmp:
         session = load_onnx(export_onnx(qmodel, Path(tmp) / "model.onnx"))
@@ -155,29 +196,37 @@ def _onnx_accuracy(qmodel, data, *, progress: bool) -> dict:
 
 
 def _publish(args: argparse.Namespace, qmodel, evaluation: dict | None, summary: dict) -> None:
-    """Write the checkpoint folder first, then push it: a failed push keeps the complete folder."""
-    from ..export import push_to_hub, save_pretrained
+    """Write the checkpoint folder, then push: the push writes the same model into a fresh folder and uploads it."""
+    from ..hub.checkpoint import (  # why: huggingface_hub and safetensors load late
+        push_to_hub,
+        save_pretrained,
+    )
 
     command = "hub-dfq " + shlex.join(getattr(args, "argv", None) or ["quantize", args.model])
     card_args = {"evaluation": evaluation, "command": command, "onnx": args.onnx}
-    if args.out:
-        save_pretrained(qmodel, args.out, repo_id=args.push_to_hub, calibration_repo=args.push_dataset,
+    if args.out_dir:
+        save_pretrained(qmodel, args.out_dir, repo_id=args.push_to_hub, calibration_repo=args.dataset_repo,
                         overwrite=args.overwrite, **card_args)
-        summary["out"] = args.out
+        summary["out"] = args.out_dir
     if args.push_to_hub:
-        result = push_to_hub(qmodel, args.push_to_hub, private=args.private, folder=args.out,
-                             calibration_folder=qmodel.calibration.get("folder"), dataset_repo=args.push_dataset,
-                             **card_args)
+        try:
+            result = push_to_hub(qmodel, args.push_to_hub, private=args.private, token=args.token,
+                                 calibration_folder=qmodel.calibration.get("folder"), dataset_repo=args.dataset_repo,
+                                 **card_args)
+        except PublishError as err:
+            if not args.out_dir:
+                raise
+            raise PublishError(f"{err}; the checkpoint is saved in {args.out_dir}") from err
         summary["pushed"] = result.url
-        if args.push_dataset:
-            summary["pushed_dataset"] = args.push_dataset
+        if args.dataset_repo:
+            summary["pushed_dataset"] = args.dataset_repo
 
 
 def _render(summary: dict, qmodel) -> str:
     fl = summary["first_last_bits"]
     lines = [
         f"{summary['model']}: W{summary['weights']}A{summary['activations']} "
-        f"(first/last layer {'%d-bit' % fl if fl else 'same'}), {summary['method']} ({summary['preset']}), "
+        f"(first/last layer {'%d-bit' % fl if fl else 'same'}), {summary['algorithm']} ({summary['preset']}), "
         f"calibrated on {summary['calibration']} ({qmodel.calibration.get('n', '?')} images)",
     ]
     if summary["fp_top1"] is not None:
@@ -185,6 +234,8 @@ def _render(summary: dict, qmodel) -> str:
         lines.append(f"top-1 on {summary['eval']} ({summary['eval_n']} images): full precision "
                      f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)"
                      + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%" if summary.get("onnx_top1") is not None else ""))
+    if summary.get("eval_note"):
+        lines.append(summary["eval_note"])
     lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")
     if summary["left_in_float"]:
         lines.append("left in full precision: " + "; ".join(summary["left_in_float"]))

@@ -1,18 +1,7 @@
-"""Model adapters: timm, transformers, the CIFAR ResNets and the embedded default."""
+"""Model adapters: timm, transformers, the CIFAR ResNets, the embedded default; :func:`load_model`.
 
-from . import cifar_resnet  # registers resnet{20,32,44,56}_cifar with timm
-from .loader import default_model_dir, detect_library, load_model
-from .preprocess import Preprocess
-from .vision_model import BN_TYPES, ModelSource, VisionModel, find_bn_layers
-
-__all__ = [
-    "BN_TYPES",
-    "ModelSource",
-    "Preprocess",
-    "VisionModel",
-    "cifar_resnet",
-    "default_model_dir",
-    "detect_library",
-    "find_bn_layers",
-    "load_model",
-]
+``loader`` parses every model spec (Hub id, folder, timm name, ``default``), ``adapters`` decides which
+library reads a folder, ``timm_adapter`` and ``transformers_adapter`` turn the library's model into a
+:class:`~hub_dfq.models.vision_model.VisionModel`, and ``cifar_resnet`` registers the CIFAR ResNets
+with timm. Nothing is re-exported here: importing a module of this package costs only that module.
+"""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import timm
-from timm.data import resolve_data_config
+from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
 from ..errors import UnsupportedModelError
 from .checkpoints import check_weights_present, unsafe_checkpoint_error
 from .preprocess import Preprocess
 from .vision_model import ModelSource, VisionModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load_timm_folder", "load_timm_name", "timm_labels"]
 
@@ -23,15 +26,13 @@ def timm_labels(model: Any, num_classes: int) -> list[str]:
     if names and len(names) == num_classes:
         return [str(n) for n in names]
     if num_classes in (1000, 11821, 21841, 21843):
-        try:
-            from timm.data import ImageNetInfo, infer_imagenet_subset
-
-            subset = infer_imagenet_subset(model)
-            if subset:
+        subset = infer_imagenet_subset(model)
+        if subset:
+            try:
                 info = ImageNetInfo(subset)
                 return [info.index_to_description(i) for i in range(num_classes)]
-        except Exception:  # label names are cosmetic; never fail a load over them
-            pass
+            except (OSError, KeyError, IndexError, ValueError) as err:  # timm's label files are package data
+                logger.warning("timm's ImageNet label names could not be read (%s); using class_N names", err)
     return [f"class_{i}" for i in range(num_classes)]
 
 
@@ -52,8 +53,12 @@ def _wrap(model: Any, source: ModelSource, config: dict[str, Any]) -> VisionMode
     )
 
 
-def load_timm_folder(folder: Path, source: ModelSource, *, pretrained: bool = True) -> VisionModel:
-    """Load a folder with a timm ``config.json`` (``architecture`` key) and weights."""
+def load_timm_folder(folder: Path, source: ModelSource, *, pretrained: bool = True,
+                     trust_remote_code: bool = False) -> VisionModel:
+    """Load a folder with a timm ``config.json`` (``architecture`` key) and weights.
+
+    ``trust_remote_code`` is accepted for the adapter interface; timm models never run repo code.
+    """
     config = json.loads((folder / "config.json").read_text())
     architecture = config.get("architecture", "")
     if not timm.is_model(architecture):
@@ -65,7 +70,7 @@ def load_timm_folder(folder: Path, source: ModelSource, *, pretrained: bool = Tr
         check_weights_present(folder)
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=pretrained)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - translated to UnsafeCheckpointError or re-raised as is
         unsafe = unsafe_checkpoint_error(folder, err)
         if unsafe is not None:
             raise unsafe from err

@@ -38,12 +38,13 @@ def _default_processor_preprocess(config) -> Preprocess:
 
 
 def _from_pretrained(folder: Path, trust_remote_code: bool) -> nn.Module:
+    # why: transformers takes seconds to import; only transformers models pay for it
     from transformers import AutoModelForImageClassification
 
     check_weights_present(folder)
     try:
         return AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - translated to UnsafeCheckpointError or re-raised as is
         unsafe = unsafe_checkpoint_error(folder, err)
         if unsafe is not None:
             raise unsafe from err
@@ -57,16 +58,23 @@ def load_transformers_folder(folder: Path, source: ModelSource, *, trust_remote_
     With ``pretrained=False`` only the architecture is built (random weights), e.g. to receive a
     quantized state.
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    # why: transformers takes seconds to import; only transformers models pay for it
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise UnsupportedModelError(
-                f"{source.spec} needs custom code from its repository; pass trust_remote_code=True "
-                "(--trust-remote-code) only if you trust its authors"
+                f"{source.spec} needs custom code from its repository; pass `trust_remote_code=True` only if you "
+                "trust its authors"
             ) from err
         raise UnsupportedModelError(f"transformers cannot read the config of {source.spec}: {err}") from err
     remote = bool(getattr(config, "auto_map", None)) and trust_remote_code

@@ -47,7 +47,9 @@ class ModelSource:
         """Hub URL of the exact revision, when there is one."""
         if not self.repo_id:
             return None
-        from huggingface_hub import constants
+        from huggingface_hub import (
+            constants,  # why: only a Hub URL needs the client; models load without it
+        )
 
         rev = self.commit or self.revision
         base = f"{constants.ENDPOINT}/{self.repo_id}"
@@ -88,6 +90,13 @@ def find_bn_layers(module: nn.Module, example: torch.Tensor) -> list[tuple[str, 
     return layers
 
 
+def _quantized_summary(qc: dict[str, Any] | None) -> str | None:
+    if not qc:
+        return None
+    algorithm = qc.get("algorithm", qc.get("method", "?"))
+    return f"W{qc.get('weights', '?')}A{qc.get('activations', '?')} ({algorithm}, {qc.get('calibration_source', '?')})"
+
+
 @dataclass
 class VisionModel:
     """An eval-mode image classifier with everything the pipeline needs beside it.
@@ -101,6 +110,8 @@ class VisionModel:
             transformers ``PretrainedConfig`` as a dict).
         library_model: the object the library returned (the timm model, or the transformers
             ``PreTrainedModel`` that ``module`` wraps).
+        quantization_config: for a hub-dfq quantized checkpoint, its ``quantization_config``
+            (``module`` then computes the integer model).
     """
 
     module: nn.Module
@@ -109,6 +120,7 @@ class VisionModel:
     source: ModelSource
     config: dict[str, Any] = field(default_factory=dict)
     library_model: nn.Module | None = None
+    quantization_config: dict[str, Any] | None = None
     bn_layers: list[tuple[str, nn.Module]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +169,7 @@ class VisionModel:
             "linear_layers": sum(1 for _, m in self.weight_layers() if isinstance(m, nn.Linear)),
             "num_classes": self.num_classes,
             "labels": list(self.labels),
+            "quantized": _quantized_summary(self.quantization_config),
         }
 
     # ---- inference -----------------------------------------------------------------------------

@@ -1,35 +1,16 @@
 """Quantization with simulated integer arithmetic, calibrated on real or synthetic data.
 
-Layers, bottom-up (lower layers never import higher ones): ``config`` (schemes as data),
-``quantizers`` (fake-quant ops on the integer grid), ``observers`` (range finders), ``fold``
-(BN folding), ``modules`` (quantized layers and their registry), ``prepare`` (trace, fold, swap,
-place quantizers), ``calibrate`` / ``reconstruct`` / ``distill`` (the three methods), ``data``
-(calibration sets) and ``api`` (:func:`quantize`).
+Layers, bottom-up (lower modules never import higher ones):
+
+- the core: ``config`` (schemes as data), ``integer`` (the integer model as plain data),
+  ``quantizers`` (fake-quant ops on the integer grid), ``observers`` (range finders), ``fold`` (BN
+  folding), ``modules`` (quantized layers and their registry), ``tracing`` and ``prepare`` (trace,
+  fold, swap, place quantizers), ``packing`` and ``model`` (:class:`~hub_dfq.quant.model.QuantizedModel`
+  and its integer state);
+- the algorithms: ``calibrate``, ``reconstruct``, ``distill``, run through ``algorithms`` and
+  described in ``registry`` (with the observers and presets), ``resume`` (saved progress);
+- ``data`` (calibration sets) and ``api`` (:func:`~hub_dfq.quant.api.quantize`).
+
+Nothing here imports the Hub layer (:mod:`hub_dfq.hub`) or the backends (:mod:`hub_dfq.backends`).
+Nothing is re-exported either, so reading the registry (as ``hub-dfq --help`` does) does not import torch.
 """
-
-from .api import METHODS, PRESETS, Preset, QuantizedModel, quantize
-from .config import QuantConfig, QuantScheme
-from .distill import DistillConfig
-from .modules import QuantConv1d, QuantConv2d, QuantLinear, register_qmodule
-from .prepare import PrepareReport
-from .quantizers import ActQuantizer, WeightQuantizer
-from .reconstruct import ReconstructConfig
-
-__all__ = [
-    "METHODS",
-    "PRESETS",
-    "ActQuantizer",
-    "DistillConfig",
-    "PrepareReport",
-    "Preset",
-    "QuantConfig",
-    "QuantConv1d",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantScheme",
-    "QuantizedModel",
-    "ReconstructConfig",
-    "WeightQuantizer",
-    "quantize",
-    "register_qmodule",
-]

@@ -15,22 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modules import QuantModule
+from ..progress import progress_enabled
+from .modules import act_quantizers, quant_layers
 from .observers import ActObserver, activation_range, weight_scale
-from .quantizers import ActQuantizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["quant_mode", "calibrate_weights", "calibrate_activations", "freeze_weights", "iter_tensor_batches",
            "quant_layers", "act_quantizers"]
-
-
-def quant_layers(module: nn.Module) -> list[tuple[str, QuantModule]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantModule)]
-
-
-def act_quantizers(module: nn.Module) -> list[tuple[str, ActQuantizer]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, ActQuantizer)]
 
 
 @contextmanager
@@ -86,7 +78,7 @@ def calibrate_activations(module: nn.Module, data: torch.Tensor, *, batch_size: 
     with quant_mode(module, enabled=False):
         for _, q in quantizers:
             q.mode = "observe"
-        for batch in tqdm(list(iter_tensor_batches(data, batch_size)), desc="calibrate", disable=not progress,
+        for batch in tqdm(list(iter_tensor_batches(data, batch_size)), desc="calibrate", disable=not progress_enabled(progress),
                           leave=False):
             module(batch.to(device))
     for name, q in quantizers:
@@ -103,3 +95,8 @@ def freeze_weights(module: nn.Module) -> None:
     """Fix the integer weights of every quantized layer (hard rounding)."""
     for _, layer in quant_layers(module):
         layer.weight_quantizer.freeze(layer.weight)
+
+
+def run_calibrate(context) -> dict:
+    """The ``calibrate`` algorithm: the ranges :func:`hub_dfq.quantize` set are the result; nothing more."""
+    return {}

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS", "WEIGHT_OBSERVERS", "ACT_OBSERVERS"]
+__all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS"]
 
 MIN_BITS, MAX_BITS = 2, 8
-WEIGHT_OBSERVERS = ("minmax", "mse")
-ACT_OBSERVERS = ("minmax", "percentile", "mse")
 
 
 def check_bits(value: Any, what: str) -> int:
@@ -37,8 +36,9 @@ class QuantScheme:
         weights: weight bit width (2-8), symmetric, one scale per output channel.
         activations: bit width (2-8) of the activations entering the layer, one scale per tensor
             (unsigned after ReLU, asymmetric with a zero point otherwise).
-        weight_observer: weight range finder, ``"minmax"`` or ``"mse"``.
-        act_observer: activation range finder, ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        weight_observer: weight range finder, ``"minmax"`` or ``"mse"`` (or another registered one).
+        act_observer: activation range finder, ``"minmax"``, ``"percentile"`` or ``"mse"`` (or another
+            registered one).
         percentile: upper percentile kept by the ``"percentile"`` observer (the lower one mirrors it).
         enabled: ``False`` keeps the layer in full precision.
     """
@@ -53,10 +53,8 @@ class QuantScheme:
     def __post_init__(self) -> None:
         check_bits(self.weights, "weight bits")
         check_bits(self.activations, "activation bits")
-        if self.weight_observer not in WEIGHT_OBSERVERS:
-            raise ConfigError(f"weight_observer must be one of {WEIGHT_OBSERVERS}, got {self.weight_observer!r}")
-        if self.act_observer not in ACT_OBSERVERS:
-            raise ConfigError(f"act_observer must be one of {ACT_OBSERVERS}, got {self.act_observer!r}")
+        WEIGHT_OBSERVERS.get(self.weight_observer)
+        ACT_OBSERVERS.get(self.act_observer)
         if not 50.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
 

@@ -15,12 +15,18 @@ import torch
 from ..data import ImageData, iter_batches, load_images
 from ..errors import ConfigError, DatasetError
 from ..models.vision_model import VisionModel
+from ..synth.api import load_folder, synthesize_folder
+from ..synth.registry import SYNTH_METHODS
+from ..synth.writer import read_manifest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNTHETIC_METHODS", "calibration_tensor", "images_to_tensor"]
+__all__ = ["calibration_tensor", "images_to_tensor", "is_synthetic"]
 
-SYNTHETIC_METHODS = ("gaussian", "inception", "bns", "bns+i")
+
+def is_synthetic(calibration: Any) -> bool:
+    """Whether ``calibration`` names a registered synthesis method (rather than a dataset)."""
+    return isinstance(calibration, str) and calibration.lower() in SYNTH_METHODS
 
 
 def images_to_tensor(model: VisionModel, data: ImageData, *, limit: int | None = None,
@@ -47,14 +53,14 @@ def images_to_tensor(model: VisionModel, data: ImageData, *, limit: int | None =
 
 
 def _synthesize(model: VisionModel, method: str, n: int, *, seed: int, options: dict[str, Any]):
-    from ..synth import load_folder, synthesize_folder
-
-    if method == "gaussian":  # noise has no optimisation steps
+    if not SYNTH_METHODS.get(method).optimised:  # noise has no optimisation steps
         options = {k: v for k, v in options.items() if k not in ("iters", "lr")}
-    # A cached Hub dataset folder: repeated runs reuse it, and --push-dataset publishes exactly it.
+    # A cached Hub dataset folder: repeated runs reuse it, and a pushed calibration set is exactly it.
     folder = synthesize_folder(model, method, n, seed=seed, **options)
-    data = load_images(load_folder(folder, progress=bool(options.get("progress"))))
+    data = load_images(load_folder(folder, progress=options.get("progress")))
+    manifest = read_manifest(folder) or {}
     provenance = {"method": method, "n": n, "seed": seed, "folder": str(folder),
+                  "fingerprint": manifest.get("fingerprint"),
                   **{k: v for k, v in options.items() if k != "progress"}}
     return images_to_tensor(model, data, limit=n), provenance
 
@@ -65,9 +71,9 @@ def calibration_tensor(model: VisionModel, calibration: Any, *, size: int | None
 
     Args:
         model: the float model (its preprocessing is applied).
-        calibration: a synthetic method (``"gaussian"``, ``"inception"``, ``"bns"``, ``"bns+i"``), a
-            dataset spec :func:`hub_dfq.load_images` understands, an :class:`ImageData`, a
-            ``datasets.Dataset``, or a tensor of normalised inputs.
+        calibration: a registered synthesis method (``"gaussian"``, ``"inception"``, ``"bns"``,
+            ``"bns+i"``, ...), a dataset spec :func:`hub_dfq.load_images` understands, an
+            :class:`ImageData`, a ``datasets.Dataset``, or a tensor of normalised inputs.
         size: number of images (``None``: all of a dataset; required for synthetic methods).
         seed: seed of synthetic generation.
         synth_options: extra keyword arguments of :func:`hub_dfq.synth.synthesize`.
@@ -79,8 +85,8 @@ def calibration_tensor(model: VisionModel, calibration: Any, *, size: int | None
         ConfigError: a synthetic method without a size, or an unusable value.
         DatasetError: an empty dataset or one without readable images.
     """
-    if size is not None and size <= 0:
-        raise ConfigError(f"calibration size must be positive, got {size}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ConfigError(f"`calibration_images` must be a positive integer, got {size!r}")
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 4 or tuple(calibration.shape[1:]) != tuple(model.input_size):
             raise ConfigError(f"calibration tensor must be (N, {', '.join(map(str, model.input_size))}), "
@@ -89,7 +95,7 @@ def calibration_tensor(model: VisionModel, calibration: Any, *, size: int | None
             raise DatasetError("calibration tensor is empty")
         data = calibration[:size] if size else calibration
         return data.float(), {"kind": "tensor", "n": len(data)}
-    if isinstance(calibration, str) and calibration.lower() in SYNTHETIC_METHODS:
+    if is_synthetic(calibration):
         method = calibration.lower()
         tensor, provenance = _synthesize(model, method, size or 256, seed=seed, options=dict(synth_options or {}))
         return tensor, {"kind": "synthetic", **provenance}

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergedError
+from ..progress import progress_enabled
 from .calibrate import act_quantizers, quant_layers, quant_mode
 from .resume import RunState, quantizer_state
 
@@ -70,7 +71,7 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
                     reduction="batchmean") * (t * t)
 
 
-def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool = False,
+def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool | None = None,
             state: RunState | None = None) -> list[float]:
     """Fine-tune a calibrated quantized model to match its own full-precision outputs on ``data``.
 
@@ -124,7 +125,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         generator.set_state(saved["generator"])
         losses, start = list(saved["losses"]), int(saved["steps_done"])
         logger.warning("resuming distillation at step %d of %d (saved in %s)", start, cfg.iters, state.folder)
-    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress, leave=False, initial=start,
+    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress_enabled(progress), leave=False, initial=start,
                total=cfg.iters)
     try:
         for step in bar:
@@ -158,3 +159,13 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         for layer in layers:
             layer.weight_quantizer.freeze(layer.weight)
     return losses
+
+
+def run_distill(context) -> dict[str, Any]:
+    """The ``distill`` algorithm; with ``init="reconstruct"`` it first runs ``reconstruct``."""
+    history: dict[str, Any] = {}
+    if context.settings.init == "reconstruct":
+        history.update(context.run("reconstruct"))
+    history["distill_loss"] = distill(context.module, context.data, context.settings, progress=context.progress,
+                                      state=context.state)
+    return history

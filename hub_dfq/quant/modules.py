@@ -20,9 +20,11 @@ from torch import nn
 
 from .config import QuantScheme
 from .fold import overrides_forward
+from .integer import IntegerLayer
 from .quantizers import ActQuantizer, WeightQuantizer, round_ste
 
-__all__ = ["register_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantModule"]
+__all__ = ["register_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantModule",
+           "quant_layers", "act_quantizers"]
 
 _REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -96,6 +98,24 @@ class QuantModule:
             return None
         return torch.round(self.bias.detach() / self.bias_scale().detach()).to(torch.int32)
 
+    def _geometry(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def integer_layer(self, name: str, input_grid: str | None = None) -> IntegerLayer:
+        """This layer as integers (weights frozen first if they are not yet)."""
+        wq = self.weight_quantizer
+        if not wq.frozen:
+            wq.freeze(self.weight)
+        on_grid = self.bias_on_grid()
+        return IntegerLayer(
+            name=name, kind=self._kind, bits=wq.bits, weight_int=wq.weight_int.clone(),
+            weight_scale=wq.scale.detach().clone().float(),
+            bias_int=self.bias_int() if on_grid else None,
+            bias_scale=self.bias_scale().detach().clone().float() if on_grid else None,
+            bias=None if on_grid or self.bias is None else self.bias.detach().clone(),
+            input_grid=input_grid, **self._geometry())
+
 
 def _copy_params(dst: nn.Module, src: nn.Module) -> None:
     with torch.no_grad():
@@ -120,6 +140,18 @@ class _QuantConv(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
+    @property
+    def _kind(self) -> str:
+        return f"conv{self.weight.dim() - 2}d"
+
+    def _geometry(self) -> dict:
+        # as nn.Conv*d._conv_forward: a non-zero padding mode is an explicit pad before an unpadded conv
+        zeros = self.padding_mode == "zeros"
+        return {"stride": tuple(self.stride), "padding": tuple(self.padding) if zeros else (0,) * len(self.stride),
+                "dilation": tuple(self.dilation), "groups": self.groups,
+                "pre_pad": None if zeros else tuple(self._reversed_padding_repeated_twice),
+                "pre_pad_mode": "constant" if zeros else self.padding_mode}
+
 
 @register_qmodule(nn.Conv2d)
 class QuantConv2d(_QuantConv, nn.Conv2d):
@@ -142,5 +174,17 @@ class QuantLinear(QuantModule, nn.Linear):
         q._init_quant(scheme, linear.out_features)
         return q
 
+    _kind = "linear"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
+
+
+def quant_layers(module: nn.Module) -> list[tuple[str, QuantModule]]:
+    """The quantized weight layers of ``module``, in module order."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantModule)]
+
+
+def act_quantizers(module: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    """The activation quantizers of ``module``, in module order."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, ActQuantizer)]

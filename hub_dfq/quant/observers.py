@@ -11,35 +11,43 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..registry import resolve
 from .quantizers import act_qrange, fake_quant, weight_qrange
+from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["weight_scale", "ActObserver", "activation_range"]
+__all__ = ["weight_scale", "ActObserver", "activation_range", "minmax_weight_scale", "mse_weight_scale",
+           "minmax_range", "percentile_range", "mse_range"]
 
 _GRID = 100  # clipping ratios tried by the MSE searches
 
 
-def weight_scale(weight: torch.Tensor, bits: int, *, method: str = "mse", channel_dim: int = 0,
-                 norm: float = 2.0) -> torch.Tensor:
+def weight_scale(weight: torch.Tensor, bits: int, *, method: str = "mse", channel_dim: int = 0) -> torch.Tensor:
     """Per-output-channel scale of a symmetric ``bits``-bit weight quantizer.
 
     Args:
         weight: the float weight.
         bits: weight bit width.
-        method: ``"minmax"`` or ``"mse"``.
+        method: a registered weight observer (``"minmax"``, ``"mse"``).
         channel_dim: output-channel dimension of ``weight``.
-        norm: exponent of the error the ``"mse"`` search minimises (2 = squared error).
 
     Returns:
         A ``(channels,)`` tensor of scales.
     """
+    fn = resolve(WEIGHT_OBSERVERS.get(method).fn)
     w = weight.detach().float().transpose(0, channel_dim).reshape(weight.shape[channel_dim], -1)
+    return fn(w, bits)
+
+
+def minmax_weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``max |w| / qmax`` per row of ``w`` (one row per output channel)."""
+    _, qmax = weight_qrange(bits)
+    return w.abs().amax(dim=1).clamp_min(1e-8) / qmax
+
+
+def mse_weight_scale(w: torch.Tensor, bits: int, norm: float = 2.0) -> torch.Tensor:
+    """The clipping of ``max |w|`` per row that minimises ``sum |fake_quant(w) - w|^norm``."""
     _, qmax = weight_qrange(bits)
     absmax = w.abs().amax(dim=1).clamp_min(1e-8)
-    if method == "minmax":
-        return absmax / qmax
-    if method != "mse":
-        raise ConfigError(f"unknown weight observer {method!r}: use 'minmax' or 'mse'")
     best_scale = absmax / qmax
     best_err = torch.full_like(absmax, float("inf"))
     for i in range(_GRID):
@@ -102,20 +110,34 @@ def activation_range(observer: ActObserver, bits: int, *, signed: bool, method: 
         ConfigError: unknown method.
         ValueError: the observer saw no values.
     """
+    fn = resolve(ACT_OBSERVERS.get(method).fn)
     if observer.empty:
         raise ValueError("observer saw no values (was the layer ever reached during calibration?)")
+    return fn(observer, bits, signed=signed, percentile=percentile)
+
+
+def _observed(observer: ActObserver, signed: bool) -> tuple[float, float]:
     low, high = min(observer.low, 0.0), max(observer.high, 0.0)
-    if not signed:
-        low = 0.0
-    if method == "minmax":
-        return low, high
+    return (low if signed else 0.0), high
+
+
+def minmax_range(observer: ActObserver, bits: int, *, signed: bool, percentile: float = 99.99) -> tuple[float, float]:
+    """The observed minimum and maximum (widened to contain 0)."""
+    return _observed(observer, signed)
+
+
+def percentile_range(observer: ActObserver, bits: int, *, signed: bool,
+                     percentile: float = 99.99) -> tuple[float, float]:
+    """The ``percentile`` and its mirror of the sampled values (widened to contain 0)."""
+    q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0])
+    lo, hi = torch.quantile(observer.values()[: 1 << 24], q).tolist()
+    return (min(lo, 0.0) if signed else 0.0), max(hi, 0.0)
+
+
+def mse_range(observer: ActObserver, bits: int, *, signed: bool, percentile: float = 99.99) -> tuple[float, float]:
+    """The shrinking of the observed range that minimises the squared quantization error of the samples."""
+    low, high = _observed(observer, signed)
     values = observer.values()
-    if method == "percentile":
-        q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0])
-        lo, hi = torch.quantile(values[: 1 << 24], q).tolist()
-        return (min(lo, 0.0) if signed else 0.0), max(hi, 0.0)
-    if method != "mse":
-        raise ConfigError(f"unknown activation observer {method!r}: use 'minmax', 'percentile' or 'mse'")
     qmin, qmax = act_qrange(bits)
     best, best_err = (low, high), float("inf")
     for i in range(_GRID):

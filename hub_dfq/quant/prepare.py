@@ -26,8 +26,8 @@ from ..models.vision_model import BN_TYPES
 from .config import QuantConfig
 from .fold import fold_batchnorms
 from .modules import QuantModule, qmodule_for
-from .tracing import ConcreteTracer
 from .quantizers import ActQuantizer
+from .tracing import ConcreteTracer
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,12 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         functions: tuple = ()
         self._notrace_modules: tuple = ()
+        # why: timm (with torchvision) takes seconds to import; the quantization core reads it only when tracing
         try:  # timm knows which of its layers fx cannot trace
-            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+            from timm.models._features_fx import (
+                get_notrace_functions,
+                get_notrace_modules,
+            )
 
             functions = tuple(get_notrace_functions())
             self._notrace_modules = tuple(get_notrace_modules())
@@ -144,17 +148,21 @@ def _trace(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     try:
         tracer: fx.Tracer = _Tracer()
         graph = tracer.trace(module)
-    except Exception:  # fx raises many types for Python control flow; retry knowing concrete shapes
+    except Exception as symbolic_error:  # noqa: BLE001 - fx raises many types on Python control flow
+        # Retry knowing concrete shapes (models that branch on sizes, e.g. transformers), and say so.
+        logger.info("symbolic tracing of %s failed (%s: %s); tracing with concrete shapes", type(module).__name__,
+                    type(symbolic_error).__name__, symbolic_error)
         # a batch of 2: the concrete tracer keeps a batch-sized first dimension symbolic (see .tracing)
         batch = torch.cat([example_input[:1]] * 2) if example_input.dim() else example_input
         tracer = _ConcreteTracer(example_inputs=(batch,))
         try:
             graph = tracer.trace(module)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - reported below with both failures
             raise UnsupportedModelError(
-                f"cannot trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}); quantization "
-                "needs a static graph to place the integer quantizers: use a model without data-dependent "
-                "control flow") from err
+                f"cannot trace {type(module).__name__} with torch.fx (symbolic: {type(symbolic_error).__name__}: "
+                f"{symbolic_error}; with concrete shapes: {type(err).__name__}: {err}); quantization needs a static "
+                "graph to place the integer quantizers: use a model without data-dependent control flow, or keep "
+                "the offending module in float with `exclude`") from err
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 

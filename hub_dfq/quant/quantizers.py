@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from .integer import ActivationGrid
+
 __all__ = [
     "round_ste",
     "weight_qrange",
@@ -198,6 +200,12 @@ class ActQuantizer(nn.Module):
         self.scale.fill_(scale)
         self.zero_point.fill_(zero_point)
         self.calibrated = True
+
+    def grid(self, name: str) -> ActivationGrid:
+        """This quantizer's integer grid (see :class:`~hub_dfq.quant.integer.ActivationGrid`)."""
+        return ActivationGrid(name=name, scale=float(self.scale.detach().abs().clamp_min(1e-8)),
+                              zero_point=int(self.zero_point), qmin=self.qmin, qmax=self.qmax, bits=self.bits,
+                              signed=self.signed)
 
     def range(self) -> tuple[float, float]:
         """The represented ``(low, high)`` interval."""

@@ -20,6 +20,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergedError
+from ..progress import progress_enabled
 from .calibrate import act_quantizers, quant_layers, quant_mode
 from .resume import RunState, load_quantizer_state, quantizer_state
 
@@ -182,7 +183,7 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
     device = _device(block.module)
     warm = int(cfg.warmup * cfg.iters)
     rec = torch.zeros(())
-    bar = tqdm(range(cfg.iters), desc=f"reconstruct {block.name}", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.iters), desc=f"reconstruct {block.name}", disable=not progress_enabled(progress), leave=False)
     try:
         for step in bar:
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=generator)
@@ -216,7 +217,7 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
 
 
 def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Tensor, cfg: ReconstructConfig, *,
-                progress: bool = False, state: RunState | None = None) -> list[dict[str, Any]]:
+                progress: bool | None = None, state: RunState | None = None) -> list[dict[str, Any]]:
     """Fit every block of a calibrated model, in order, to its full-precision output on ``data``.
 
     Args:
@@ -247,7 +248,7 @@ def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Ten
             records, done = list(saved["records"]), int(saved["blocks_done"])
             logger.warning("resuming block reconstruction after block %d of %d (saved in %s)", done, len(blocks),
                            state.folder)
-        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress_enabled(progress))):
             with quant_mode(block.module, enabled=False):
                 targets = _run(block, fp_env, 128)
             fit = index >= done  # earlier blocks were fitted by the interrupted run: only replayed
@@ -286,3 +287,9 @@ def _uses(blocks: list[Block]) -> dict[str, int]:
 def _loss_on(block: Block, env: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> float:
     outputs = _run(block, env, 128)
     return sum(float(_rec_loss(outputs[k], targets[k])) for k in block.outputs)
+
+
+def run_reconstruct(context) -> dict[str, Any]:
+    """The ``reconstruct`` algorithm (see :class:`hub_dfq.quant.algorithms.AlgorithmContext`)."""
+    return {"blocks": reconstruct(context.module, context.node_blocks, context.data, context.settings,
+                                  progress=context.progress, state=context.state)}

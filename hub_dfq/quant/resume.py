@@ -2,16 +2,15 @@
 
 Block reconstruction saves the quantizer state after every block, distillation every few dozen
 steps, together with the random generators' states, under ``$HUB_DFQ_CACHE/quantize/<key>``. The
-key hashes everything that determines the result (the float weights, the quantization config, the
-method's settings, the calibration tensor, the seed), so a rerun of the same command picks the
-saved state up and finishes with the same bytes as an uninterrupted run; any other run starts
-fresh. :func:`hub_dfq.quantize` deletes the state once the model is complete.
+key is :func:`hub_dfq.fingerprint.fingerprint` of everything that determines the result (the float
+weights, the quantization config, the algorithm, its version and settings, the calibration tensor,
+the seed, the device type), so a rerun of the same command picks the saved state up and finishes
+with the same bytes as an uninterrupted run; any other run starts fresh. :func:`hub_dfq.quantize`
+deletes the state once the model is complete.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -22,35 +21,12 @@ import torch
 from torch import nn
 
 from ..cache import cache_root
+from ..fingerprint import fingerprint
+from .modules import quant_layers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunState", "fingerprint", "load_quantizer_state", "quantizer_state"]
-
-
-def _update(digest: "hashlib._Hash", value: Any) -> None:
-    if isinstance(value, nn.Module):
-        value = value.state_dict()
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    elif isinstance(value, dict):
-        for key in sorted(value, key=str):
-            digest.update(str(key).encode())
-            _update(digest, value[key])
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _update(digest, item)
-    else:
-        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
-
-
-def fingerprint(**parts: Any) -> str:
-    """A short hex digest of tensors, modules (their state) and JSON-able values."""
-    digest = hashlib.sha256()
-    _update(digest, parts)
-    return digest.hexdigest()[:24]
+__all__ = ["RunState", "load_quantizer_state", "quantizer_state"]
 
 
 class RunState:
@@ -64,9 +40,9 @@ class RunState:
         self.folder = Path(folder)
 
     @classmethod
-    def for_run(cls, **parts: Any) -> "RunState":
-        """The state folder of the run that ``parts`` determine (see :func:`fingerprint`)."""
-        return cls(cache_root("quantize") / fingerprint(**parts))
+    def for_run(cls, *, version: int, **parts: Any) -> "RunState":
+        """The state folder of the run that ``parts`` determine (see :func:`hub_dfq.fingerprint.fingerprint`)."""
+        return cls(cache_root("quantize") / fingerprint("quantize", version=version, **parts))
 
     def _file(self, stage: str) -> Path:
         return self.folder / f"{stage}.pt"
@@ -78,8 +54,10 @@ class RunState:
             return None
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a torn or foreign file: start the stage again rather than fail
-            logger.warning("ignoring unreadable saved progress %s (%s)", path, err)
+        except Exception as err:  # noqa: BLE001 - torch's safe unpickler raises anything on a torn file
+            # a torn or foreign file of our own cache: say so and start the stage again rather than fail
+            logger.warning("ignoring unreadable saved progress %s (%s: %s); starting this stage again", path,
+                           type(err).__name__, err)
             return None
 
     def save(self, stage: str, state: dict[str, Any]) -> None:
@@ -101,8 +79,6 @@ def quantizer_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_quantizer_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`quantizer_state`; frozen integer weights are restored as frozen."""
-    from .calibrate import quant_layers
-
     for name, layer in quant_layers(module):
         key = f"{name}.weight_quantizer.weight_int"
         layer.weight_quantizer.alpha = None

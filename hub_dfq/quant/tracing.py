@@ -10,10 +10,13 @@ to the example's shape, which is what a fixed-input classifier needs, except the
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import fx, nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ConcreteTracer"]
 
@@ -106,7 +109,8 @@ class ConcreteTracer(fx.Tracer):
         self._computing = True
         try:
             value = self._compute(kind, target, args, kwargs)
-        except Exception:  # an op we cannot evaluate leaves its value unknown; tracing goes on symbolically
+        except Exception as err:  # noqa: BLE001 - an op we cannot evaluate stays unknown; tracing goes on symbolically
+            logger.debug("no concrete value for %s %s (%s: %s)", kind, target, type(err).__name__, err)
             value = _MISSING
         finally:
             self._computing = False

@@ -3,40 +3,46 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import platform
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .. import __version__
 from ..cache import cache_root
 from ..errors import ConfigError
-from ..models import VisionModel
+from ..fingerprint import fingerprint, weights_sha256
+from ..models.loader import load_model
+from ..models.vision_model import VisionModel
+from ..progress import progress_bar, progress_enabled
+from .card import write_card, write_preview
 from .config import Priors, SynthConfig
-from .methods import BatchGenerator, check_model_supports
+from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
+from .publish import push_dataset_folder
+from .registry import BN_LOSSES
 from .writer import (
-    DATA_DIR, MANIFEST_FORMAT, features_for, finished_shards, prepare_folder, shard_name, unique_label_names,
-    write_manifest, write_shard,
+    DATA_DIR,
+    MANIFEST_FORMAT,
+    features_for,
+    finished_shards,
+    prepare_folder,
+    read_manifest,
+    shard_name,
+    unique_label_names,
+    write_manifest,
+    write_shard,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["synthesize", "synthesize_folder", "generate_folder", "weights_sha256", "shard_seed", "cache_dir", "load_folder"]
-
-
-def weights_sha256(model: VisionModel) -> str:
-    """Hash of the model's state dict (names, dtypes, shapes and values), for cache keys and resume checks."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+__all__ = ["synthesize", "synthesize_folder", "generate_folder", "shard_seed", "cache_dir", "load_folder",
+           "synth_fingerprint", "run_identity"]
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -47,6 +53,25 @@ def shard_seed(seed: int, index: int) -> int:
 def cache_dir() -> Path:
     """Root of cached synthetic datasets (see :func:`hub_dfq.cache.cache_root`)."""
     return cache_root("synth")
+
+
+def run_identity(model: VisionModel, config: SynthConfig, *, weights: str | None = None) -> dict[str, Any]:
+    """Everything that decides the bytes of a run: arguments, weights, algorithm versions and where it ran.
+
+    Stored in ``generation.json``; a run resumes only into a folder with the same identity.
+    """
+    return {
+        "arguments": config.to_dict(),
+        "weights_sha256": weights or weights_sha256(model.module),
+        "algorithm": {"loop": ALGORITHM_VERSION, "method": config.spec.version,
+                      "loss": BN_LOSSES.get(config.loss).version},
+        "device_type": model.device.type,
+    }
+
+
+def synth_fingerprint(identity: dict[str, Any]) -> str:
+    """The cache key of a run (see :func:`hub_dfq.fingerprint.fingerprint`)."""
+    return fingerprint("synth", version=identity["algorithm"]["loop"], **identity)
 
 
 def _model_record(model: VisionModel, weights: str) -> dict[str, Any]:
@@ -67,7 +92,7 @@ def _summary(layers: dict[str, float]) -> dict[str, Any] | None:
 
 
 def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
-                    overwrite: bool = False, progress: bool = True, repo_id: str | None = None,
+                    overwrite: bool = False, progress: bool | None = None, repo_id: str | None = None,
                     stop_after_shards: int | None = None,
                     on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate (or finish) the dataset folder of one run; returns its manifest (``generation.json``).
@@ -78,18 +103,15 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
         out_dir: output folder (a Hub dataset repository).
         resume: continue a run with the same arguments from its finished shards.
         overwrite: replace another run's files.
-        progress: show a progress bar.
+        progress: show a progress bar (``None``: on a terminal).
         repo_id: Hub id the card's loading snippet names (when the folder will be pushed).
         stop_after_shards: generate at most this many new shards and return (for tests of resuming).
         on_shard: called with the index of each shard after it is written.
     """
-    from .. import __version__
-    from .card import write_card, write_preview
-
     check_model_supports(model, config.method)
     folder = Path(out_dir)
-    weights = weights_sha256(model)
-    identity = {"arguments": config.to_dict(), "weights_sha256": weights}
+    weights = weights_sha256(model.module)
+    identity = run_identity(model, config, weights=weights)
     previous = prepare_folder(folder, identity, resume=resume, overwrite=overwrite)
     for stale in (folder / DATA_DIR).glob(".*.tmp") if (folder / DATA_DIR).is_dir() else ():
         stale.unlink()  # a temporary file of a killed run: never a finished shard
@@ -104,12 +126,15 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
         "arguments": config.to_dict(),
         "label_names": unique_label_names(model.labels),
         "input_size": list(model.input_size),
-        "num_rows": config.n,
+        "num_rows": config.num_images,
         "num_shards": total,
+        "fingerprint": synth_fingerprint(identity),
+        "algorithm": identity["algorithm"],
+        "device_type": identity["device_type"],
         "complete": False,
         "shards": [done[i] for i in sorted(done)],
     }
-    if config.method == "inception":
+    if config.spec.augment is not None:
         manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
     features = features_for(model.labels)
     generator = BatchGenerator(model, config)
@@ -140,12 +165,11 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     return manifest
 
 
-def _progress(config: SynthConfig, initial: int, enabled: bool):
-    if not enabled:
+def _progress(config: SynthConfig, initial: int, enabled: bool | None):
+    if not progress_enabled(enabled):
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.n, initial=initial, unit="img", desc=f"synth {config.method}", dynamic_ncols=True)
+    return progress_bar(progress=True, total=config.num_images, initial=initial, unit="img",
+                        desc=f"synth {config.method}")
 
 
 def _generate_shard(generator: BatchGenerator, config: SynthConfig, index: int, total: int, folder: Path, features,
@@ -215,11 +239,11 @@ def _finish(manifest: dict[str, Any], config: SynthConfig) -> None:
     manifest["label_counts"] = {manifest["label_names"][int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
-def load_folder(folder: str | os.PathLike[str], *, progress: bool = True):
+def load_folder(folder: str | os.PathLike[str], *, progress: bool | None = None):
     """The ``train`` split of a dataset folder as a ``datasets.Dataset`` (via ``load_dataset(DIR)``)."""
-    import datasets
+    import datasets  # why: datasets costs a second to import and only this reader needs it here
 
-    quiet = not progress and datasets.is_progress_bar_enabled()
+    quiet = not progress_enabled(progress) and datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
     try:
@@ -229,26 +253,37 @@ def load_folder(folder: str | os.PathLike[str], *, progress: bool = True):
             datasets.enable_progress_bars()
 
 
-def synthesize(model: VisionModel | str, method: str = "bns", n: int = 256, *, progress: bool = True, **options: Any):
-    """Generate ``n`` calibration images from the model alone ("The Knowledge Within").
+def synthesize(model: VisionModel | str, method: str = "bns", num_images: int = 256, *,
+               progress: bool | None = None, **options: Any):
+    """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
     The result is written as a Hub dataset folder (see :func:`synthesize_folder`, which takes the
     same arguments and documents them) and returned as a ``datasets.Dataset`` with columns
     ``image`` and ``label``.
 
     Example:
-        >>> ds = hub_dfq.synthesize("default", "bns", n=64, out_dir="bns-64")  # doctest: +SKIP
+        >>> ds = hub_dfq.synthesize("default", "bns", num_images=64, out_dir="bns-64")  # doctest: +SKIP
         >>> ds.features["label"].names[:2]  # doctest: +SKIP
         ['airplane', 'automobile']
     """
-    folder = synthesize_folder(model, method, n, progress=progress, **options)
+    folder = synthesize_folder(model, method, num_images, progress=progress, **options)
     return load_folder(folder, progress=progress)
+
+
+def _reusable(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a complete run with this identity whose shards are all intact, else ``None``."""
+    existing = read_manifest(folder)
+    if existing is None or not existing.get("complete") or existing.get("fingerprint") != synth_fingerprint(identity):
+        return None
+    if len(finished_shards(folder, existing)) != existing.get("num_shards"):
+        return None
+    return existing
 
 
 def synthesize_folder(
     model: VisionModel | str,
     method: str = "bns",
-    n: int = 256,
+    num_images: int = 256,
     *,
     iters: int | None = None,
     batch_size: int = 64,
@@ -261,88 +296,79 @@ def synthesize_folder(
     shard_size: int = 1024,
     precision: str = "auto",
     priors: Priors | dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
     token: str | bool | None = None,
-):
-    """Generate ``n`` calibration images from the model alone ("The Knowledge Within").
+    revision: str | None = None,
+    n: int | None = None,
+) -> Path:
+    """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
     The result is written as a Hub dataset folder (parquet shards under ``data/``, ``README.md``
-    card, ``preview.png``, ``generation.json``) and returned as a ``datasets.Dataset`` with columns
-    ``image`` and ``label``.
+    card, ``preview.png``, ``generation.json``).
 
     Args:
         model: a :class:`VisionModel` or a model spec for :func:`hub_dfq.load_model`.
-        method: ``gaussian``, ``inception``, ``bns`` or ``bns+i``.
-        n: number of images.
-        iters: optimisation steps per batch (default: 200; 0 for gaussian).
-        batch_size: images optimised together (clamped to ``n``).
-        loss: ``kl`` (paper) or ``l2`` (ZeroQ) BN loss.
-        lr: peak Adam learning rate (default: 1.0 for bns/bns+i, 0.1 for inception).
+        method: a registered synthesis method: ``gaussian``, ``inception``, ``bns``, ``bns+i`` (see
+            :mod:`hub_dfq.synth.registry`).
+        num_images: number of images.
+        iters: optimisation steps per batch (default: the method's, 200; none for gaussian).
+        batch_size: images optimised together (clamped to ``num_images``).
+        loss: BN loss, ``kl`` (paper) or ``l2`` (ZeroQ), or another registered one.
+        lr: peak Adam learning rate (default: the method's; 1.0 for bns/bns+i, 0.1 for inception).
         seed: run seed; shard ``i`` depends only on ``(seed, i)``.
-        out_dir: output folder; ``None`` uses a cache folder keyed by the weights and arguments, so a
-            repeated call loads instead of regenerating.
+        out_dir: output folder; ``None`` uses a cache folder keyed on the fingerprint of the run (weights,
+            arguments, algorithm versions, precision and device type), so a repeated call loads
+            instead of regenerating.
         resume: continue an interrupted run in ``out_dir`` (same arguments required).
         overwrite: replace another run's files in ``out_dir``.
         shard_size: rows per parquet shard.
         precision: ``auto``, ``fp32`` or ``bf16``.
         priors: :class:`Priors` (or a dict of its fields) for inception and bns+i.
-        progress: show a progress bar.
+        progress: show a progress bar (``None``: on a terminal).
         push_to_hub: also push the folder to this dataset repository (one commit).
         private: create the Hub repository as private.
-        token: Hub token for the push.
+        token: Hub token for loading the model and for the push.
+        revision: Hub revision of the model, when ``model`` is a spec.
+        n: deprecated spelling of ``num_images``.
 
     Returns:
         The finished folder (the cache folder when ``out_dir`` is ``None``).
 
     Raises:
-        ConfigError: an unknown method or loss, or a non-positive ``n``.
-        UnsupportedModelError: ``bns``/``bns+i`` on a model without BatchNorm layers.
+        ConfigError: an unknown method or loss, or a non-positive ``num_images`` or ``iters``.
+        UnsupportedModelError: a BN method on a model without BatchNorm layers.
         OutputExistsError: ``out_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
         DivergedError: the loss became NaN/Inf (nothing of the broken batch is saved).
         PublishError: the push failed (the local folder stays complete).
 
     Example:
-        >>> folder = hub_dfq.synth.synthesize_folder("default", "bns", n=512, out_dir="bns-resnet20")  # doctest: +SKIP
+        >>> folder = hub_dfq.synth.api.synthesize_folder("default", "bns", 512, out_dir="bns-r20")  # doctest: +SKIP
     """
-    if isinstance(model, str):
-        from ..models import load_model
-
-        model = load_model(model)
+    if n is not None:
+        warnings.warn("`n` is deprecated: use `num_images`", FutureWarning, stacklevel=2)
+        num_images = n
+    if not isinstance(model, VisionModel):
+        model = load_model(model, revision=revision, token=token)
     if isinstance(priors, dict):
         priors = Priors(**priors)
-    config = SynthConfig(method=method, n=n, iters=iters, batch_size=batch_size, loss=loss, lr=lr, seed=seed,
-                         shard_size=shard_size, precision=precision, priors=priors or Priors())
+    config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
+                         seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
     check_model_supports(model, config.method)
+    identity = run_identity(model, config)
     if out_dir is None:
         if overwrite:
-            raise ConfigError("overwrite needs an explicit out_dir (the cache is keyed by the arguments)")
-        key = hashlib.sha256(json.dumps({"weights": weights_sha256(model), "arguments": config.to_dict()},
-                                        sort_keys=True).encode()).hexdigest()[:20]
-        out_dir = cache_dir() / f"{config.method.replace('+', '-plus-')}-{key}"
+            raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
+        out_dir = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
         resume = True  # a cache entry is always ours: finish or reuse it
     folder = Path(out_dir)
-    from .writer import read_manifest
-
-    existing = read_manifest(folder) if resume else None
-    reusable = (existing is not None and existing.get("complete") and existing.get("arguments") == config.to_dict()
-                and existing.get("model", {}).get("weights_sha256") == weights_sha256(model)
-                and not finished_shards_missing(folder, existing))
-    if not reusable:
+    existing = _reusable(folder, identity) if resume else None
+    if existing is None:
         generate_folder(model, config, folder, resume=resume, overwrite=overwrite, progress=progress,
                         repo_id=push_to_hub)
     elif push_to_hub:
-        from .card import write_card
-
         write_card(folder, existing, repo_id=push_to_hub)
     if push_to_hub:
-        from .publish import push_dataset_folder
-
         push_dataset_folder(folder, push_to_hub, private=private, token=token)
     return folder
-
-
-def finished_shards_missing(folder: Path, manifest: dict[str, Any]) -> bool:
-    """Whether a complete run lost (or had changed) any of its shards."""
-    return len(finished_shards(folder, manifest)) != manifest.get("num_shards")

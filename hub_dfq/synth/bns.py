@@ -9,28 +9,29 @@ the moments in one autograd node; any other BN layer is read through a forward p
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..bnstats import affine_moments, batch_moments, gaussian_kl, zeroq_l2
+from ..bnstats import affine_moments, batch_moments, gaussian_kl
 from ..models.vision_model import BN_TYPES, bn_remainder
+from ..registry import resolve
+from .registry import BN_LOSSES
 
-__all__ = ["BNLoss", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "layer_terms"]
+__all__ = ["BNLoss", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "kl_term"]
 
 
 class StopForward(Exception):
     """Raised by the last BN hook to end a forward pass whose logits are not needed."""
 
 
-def layer_terms(loss: str, running_mean: torch.Tensor, running_var: torch.Tensor,
-                mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """One layer's BN loss: channel-mean KL(N(running) || N(batch)), or ZeroQ's L2 distance."""
-    if loss == "kl":
-        return gaussian_kl(running_mean, running_var, mean, var).mean()
-    return zeroq_l2(running_mean, running_var, mean, var)
+def kl_term(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+            var: torch.Tensor) -> torch.Tensor:
+    """One layer's paper loss: KL(N(running) || N(batch)) averaged over channels."""
+    return gaussian_kl(running_mean, running_var, mean, var).mean()
 
 
 class BNLoss:
@@ -43,6 +44,7 @@ class BNLoss:
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], loss: str, stop_after_last: bool):
         self.names = [name for name, _ in layers]
         self.loss = loss
+        self._term = resolve(BN_LOSSES.get(loss).layer_term)
         self.stop_after_last = stop_after_last
         self.terms: list[torch.Tensor] = []
         self.enabled = True
@@ -62,7 +64,7 @@ class BNLoss:
 
     def _record(self, index: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         running_mean, running_var = self._running[index]
-        self.terms.append(layer_terms(self.loss, running_mean.to(mean.device), running_var.to(mean.device), mean, var))
+        self.terms.append(self._term(running_mean.to(mean.device), running_var.to(mean.device), mean, var))
         if index == len(self.names) - 1 and self.stop_after_last:
             raise StopForward
 
@@ -118,12 +120,9 @@ def _plain_forward(bn: nn.Module) -> bool:
     if not isinstance(bn, BN_TYPES) or bn.running_mean is None or bn.running_var is None:
         return False
     forwards = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward}
-    try:
-        from timm.layers import BatchNormAct2d
-
-        forwards.add(BatchNormAct2d.forward)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
+    timm_layers = sys.modules.get("timm.layers")  # a timm BN only exists if timm is loaded: no need to import it
+    if timm_layers is not None:
+        forwards.add(timm_layers.BatchNormAct2d.forward)
     return type(bn).forward in forwards
 
 

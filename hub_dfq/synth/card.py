@@ -8,25 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image
 
-__all__ = ["render_card", "write_card", "write_preview", "METHOD_DESCRIPTIONS", "size_category"]
+from .registry import BN_LOSSES, SYNTH_METHODS
 
-METHOD_DESCRIPTIONS = {
-    "gaussian": "Random inputs drawn from N(0, 1) in the model's normalised input space and clipped to the valid "
-                "pixel range: the paper's baseline. Labels are the model's predictions.",
-    "inception": "Inputs optimised (Adam) to maximise a target class logit under image priors: total variation, an "
-                 "L2 penalty, random jitter and horizontal flips. Targets are spread evenly over the classes.",
-    "bns": "Inputs optimised (Adam) so that, at the input of every BatchNorm layer, the batch's per-channel mean "
-           "and standard deviation match the layer's running statistics (BN-Statistics). Labels are the model's "
-           "predictions.",
-    "bns+i": "BN-Statistics plus a cross-entropy term towards class-balanced target labels (BNS+I).",
-}
-LOSS_DESCRIPTIONS = {
-    "kl": "KL divergence between N(running mean, running var) and N(batch mean, batch var), averaged over channels "
-          "and summed over layers (the paper's)",
-    "l2": "ZeroQ's ||mu - mu_batch||_2 + ||sigma - sigma_batch||_2 per layer, summed over layers",
-}
+__all__ = ["render_card", "write_card", "write_preview", "size_category"]
+
+# how the card names each Priors field a method can use
+_HYPERPARAMETER_LABELS = {"tv_weight": "total variation weight", "l2_weight": "L2 weight",
+                          "jitter": "jitter (pixels)", "flip": "random flips", "ce_weight": "cross-entropy weight",
+                          "warmup": "warm-up fraction"}
 
 
 def size_category(n: int) -> str:
@@ -81,8 +73,6 @@ def render_card(manifest: dict[str, Any], *, repo_id: str | None = None, model_r
         repo_id: Hub id the card is written for (used in the loading snippet); the local folder otherwise.
         model_repo: Hub id of a quantized model calibrated with this data, linked from the card.
     """
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     args = manifest["arguments"]
     model = manifest["model"]
     names = manifest["label_names"]
@@ -104,23 +94,25 @@ def render_card(manifest: dict[str, Any], *, repo_id: str | None = None, model_r
             "dataset_size": shard_bytes,
         },
     )
-    hyper = [("images", n), ("iterations per batch", args["iters"]), ("batch size", args["batch_size"]),
-             ("BN loss", f"{args['loss']}: {LOSS_DESCRIPTIONS[args['loss']]}"), ("learning rate (Adam, peak)", args["lr"]),
-             ("schedule", f"linear warm-up {args['priors']['warmup']:.0%}, cosine decay"),
-             ("precision", args["precision"]), ("rows per shard", args["shard_size"])]
-    if args["method"] == "inception":
-        priors = args["priors"]
-        hyper += [("total variation weight", priors["tv_weight"]), ("L2 weight", priors["l2_weight"]),
-                  ("jitter (pixels)", manifest.get("jitter")), ("random flips", priors["flip"])]
-    if args["method"] == "bns+i":
-        hyper.append(("cross-entropy weight", args["priors"]["ce_weight"]))
-    if args["method"] == "gaussian":
+    method = SYNTH_METHODS.get(args["method"])
+    priors = args["priors"]
+    if method.optimised:
+        loss = BN_LOSSES.get(args["loss"]) if args["loss"] in BN_LOSSES else None
+        hyper = [("images", n), ("iterations per batch", args["iters"]), ("batch size", args["batch_size"])]
+        if method.needs_bn:
+            hyper.append(("BN loss", f"{args['loss']}: {loss.summary if loss else 'not registered here'}"))
+        hyper += [("learning rate (Adam, peak)", args["lr"]),
+                  ("schedule", f"linear warm-up {priors['warmup']:.0%}, cosine decay"),
+                  ("precision", args["precision"]), ("rows per shard", args["shard_size"])]
+        for field in method.hyperparameters:
+            value = manifest.get("jitter") if field == "jitter" else priors.get(field)
+            hyper.append((_HYPERPARAMETER_LABELS.get(field, field), value))
+    else:
         hyper = [("images", n), ("precision", args["precision"]), ("rows per shard", args["shard_size"])]
-    targets = args["method"] in ("inception", "bns+i")
-    label_note = ("the target class each image was optimised towards (class-balanced)." if targets else
+    label_note = ("the target class each image was optimised towards (class-balanced)." if method.class_targets else
                   "the model's prediction on the stored image.")
     spec = model.get("repo_id") or model.get("spec")
-    command = (f"hub-dfq synth {spec} --method {args['method']} --n {n} --iters {args['iters']} "
+    command = (f"hub-dfq synth {spec} --method {args['method']} --num-images {n} --iters {args['iters']} "
                f"--batch-size {args['batch_size']} --loss {args['loss']} --lr {args['lr']:g} --seed {args['seed']} "
                f"--shard-size {args['shard_size']} --precision {args['precision']} --out DIR")
     c, h, w = manifest["input_size"]
@@ -138,7 +130,8 @@ def render_card(manifest: dict[str, Any], *, repo_id: str | None = None, model_r
         model_spec=spec,
         weights_sha256=model.get("weights_sha256"),
         method=args["method"],
-        method_description=METHOD_DESCRIPTIONS[args["method"]],
+        method_description=method.description,
+        fingerprint=manifest.get("fingerprint", "n/a"),
         hyperparameters=hyper,
         seed=args["seed"],
         metric=divergence.get("metric", args["loss"]),
@@ -157,8 +150,6 @@ def render_card(manifest: dict[str, Any], *, repo_id: str | None = None, model_r
 
 
 def _model_url(repo_id: str) -> str:
-    from huggingface_hub import constants
-
     return f"{constants.ENDPOINT}/{repo_id}"
 
 

@@ -10,22 +10,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
+from ..runtime import fast_bf16
+from .registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS, SynthMethod
 
-__all__ = ["SynthConfig", "METHODS", "LOSSES", "PRECISIONS", "DEFAULT_ITERS", "DEFAULT_LR"]
-
-METHODS = ("gaussian", "inception", "bns", "bns+i")
-BN_METHODS = ("bns", "bns+i")
-LOSSES = ("kl", "l2")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-# Iterations and Adam learning rates per method. The BNS defaults come from scripts/bench_synth.py:
-# lr 1.0 with a short warm-up and a cosine decay reaches in 200 iterations the divergence a plain
-# constant-lr-0.1 Adam loop has after 500.
-DEFAULT_ITERS = {"gaussian": 0, "inception": 200, "bns": 200, "bns+i": 200}
-DEFAULT_LR = {"gaussian": 0.0, "inception": 0.1, "bns": 1.0, "bns+i": 1.0}
+__all__ = ["SynthConfig", "Priors"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +44,11 @@ class SynthConfig:
     """Arguments of one synthesis run (see :func:`hub_dfq.synthesize`).
 
     Args:
-        method: ``gaussian``, ``inception``, ``bns`` or ``bns+i``.
-        n: number of images.
-        iters: optimisation steps per batch (``None``: the method's default; 0 for gaussian).
-        batch_size: images optimised together (clamped to ``n``). BN statistics are matched per batch.
+        method: a registered synthesis method (``gaussian``, ``inception``, ``bns``, ``bns+i``, ...).
+        num_images: number of images.
+        iters: optimisation steps per batch (``None``: the method's default; 0 for methods that
+            optimise nothing).
+        batch_size: images optimised together (clamped to ``num_images``). BN statistics are matched per batch.
         loss: BN loss, ``kl`` (the paper) or ``l2`` (ZeroQ); also the reported divergence.
         lr: Adam learning rate in the normalised input space (``None``: the method's default).
         seed: run seed; shard ``i`` is generated from ``(seed, i)`` alone.
@@ -69,7 +59,7 @@ class SynthConfig:
     """
 
     method: str = "bns"
-    n: int = 256
+    num_images: int = 256
     iters: int | None = None
     batch_size: int = 64
     loss: str = "kl"
@@ -80,30 +70,30 @@ class SynthConfig:
     priors: Priors = field(default_factory=Priors)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"unknown loss {self.loss!r}: use 'kl' (the paper's) or 'l2' (ZeroQ's)")
+        spec = SYNTH_METHODS.get(self.method)
+        BN_LOSSES.get(self.loss)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if not isinstance(self.n, int) or self.n <= 0:
-            raise ConfigError(f"n (number of images) must be a positive integer, got {self.n!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
-        if self.shard_size <= 0:
-            raise ConfigError(f"shard size must be positive, got {self.shard_size}")
-        iters = DEFAULT_ITERS[self.method] if self.iters is None else self.iters
-        lr = DEFAULT_LR[self.method] if self.lr is None else float(self.lr)
-        if self.method == "gaussian":
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images <= 0:
+            raise ConfigError(f"`num_images` must be a positive integer, got {self.num_images!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ConfigError(f"`batch_size` must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.shard_size, int) or self.shard_size <= 0:
+            raise ConfigError(f"`shard_size` must be a positive integer, got {self.shard_size!r}")
+        iters = spec.iters if self.iters is None else self.iters
+        lr = spec.lr if self.lr is None else float(self.lr)
+        if not spec.optimised:
             iters, lr = 0, 0.0  # nothing is optimised
-        if iters < 0:
-            raise ConfigError(f"iters must be >= 0, got {iters}")
-        if self.method != "gaussian" and iters > 0 and not (math.isfinite(lr) and lr > 0):
-            raise ConfigError(f"learning rate must be a positive number, got {lr}")
+        elif isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
+            raise ConfigError(
+                f"`iters` must be a positive integer for method {self.method!r}, got {iters!r}: with no optimisation "
+                "step the images would be unoptimised noise under its name (use method 'gaussian' for noise)")
+        if spec.optimised and not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"`lr` (learning rate) must be a positive number, got {lr}")
         if not 0.0 <= self.priors.warmup < 1.0:
             raise ConfigError(f"warm-up fraction must be in [0, 1), got {self.priors.warmup}")
-        batch = min(self.batch_size, self.n)  # a batch larger than n is clamped, not refused
-        shard = batch * math.ceil(min(self.shard_size, self.n) / batch)
+        batch = min(self.batch_size, self.num_images)  # a batch larger than the run is clamped, not refused
+        shard = batch * math.ceil(min(self.shard_size, self.num_images) / batch)
         object.__setattr__(self, "iters", int(iters))
         object.__setattr__(self, "lr", lr)
         object.__setattr__(self, "batch_size", batch)
@@ -112,21 +102,18 @@ class SynthConfig:
             object.__setattr__(self, "precision", "bf16" if fast_bf16() else "fp32")
 
     @property
+    def spec(self) -> SynthMethod:
+        """The method's descriptor."""
+        return SYNTH_METHODS.get(self.method)
+
+    @property
     def num_shards(self) -> int:
-        return math.ceil(self.n / self.shard_size)
+        return math.ceil(self.num_images / self.shard_size)
 
     def shard_rows(self, index: int) -> range:
         """Global row indices of shard ``index``."""
         start = index * self.shard_size
-        return range(start, min(start + self.shard_size, self.n))
-
-    @property
-    def uses_bn(self) -> bool:
-        return self.method in BN_METHODS
-
-    @property
-    def has_targets(self) -> bool:
-        return self.method in ("inception", "bns+i")
+        return range(start, min(start + self.shard_size, self.num_images))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,23 +121,7 @@ class SynthConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SynthConfig":
         known = {f.name for f in fields(cls)}
+        data = {("num_images" if k == "n" else k): v for k, v in data.items()}  # manifests before 0.2 said "n"
         values = {k: v for k, v in data.items() if k in known}
         values["priors"] = Priors(**data.get("priors", {}))
         return cls(**values)
-
-
-def fast_bf16() -> bool:
-    """Whether bf16 matmuls are natively fast here (CUDA, or a CPU with AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # older torch
-        return False
-    if capability not in ("AVX512", "AMX"):
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

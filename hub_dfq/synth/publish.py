@@ -6,11 +6,12 @@ folder that is not a finished dataset (no shards, or an interrupted run) before 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from ..errors import PublishError
+from ..publish import push_folder
+from .writer import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,13 @@ def push_dataset_folder(folder: str | Path, repo_id: str, *, private: bool = Fal
         >>> push_dataset_folder("out/bns-resnet20", "me/resnet20-bns", private=True)  # doctest: +SKIP
         'https://huggingface.co/datasets/me/resnet20-bns'
     """
-    from ..publish import push_folder
-
     folder = Path(folder)
     if not folder.is_dir() or not any((folder / "data").glob("*.parquet")):
         raise PublishError(f"{folder} is not a finished dataset folder (no data/*.parquet): generate it first")
-    manifest = folder / "generation.json"
-    if manifest.is_file():
-        try:
-            complete = json.loads(manifest.read_text()).get("complete", True)
-        except json.JSONDecodeError:
-            complete = True  # not ours to judge: a hand-made folder may carry its own generation.json
-        if not complete:
-            raise PublishError(f"{folder} holds an interrupted run: finish it with --resume before pushing")
+    # A folder without a readable generation.json is a hand-made dataset: not ours to judge (read_manifest logs it)
+    manifest = read_manifest(folder) or {}
+    if not manifest.get("complete", True):
+        raise PublishError(f"{folder} holds an interrupted run: finish it with `resume=True` before pushing")
     message = commit_message or f"Upload synthetic dataset {folder.name} (hub-dfq)"
     result = push_folder(folder, repo_id, repo_type="dataset", private=private, token=token, revision=revision,
                          commit_message=message)

@@ -117,13 +117,19 @@ def write_shard(path: Path, pixels: torch.Tensor, labels: torch.Tensor, features
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``generation.json``, or ``None`` if there is none (or it cannot be read, which is logged)."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        logger.warning("%s cannot be read (%s): it is treated as missing", path, err)
         return None
+    if not isinstance(manifest, dict):
+        logger.warning("%s does not hold a JSON object: it is treated as missing", path)
+        return None
+    return manifest
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -151,7 +157,7 @@ def prepare_folder(folder: Path, identity: dict[str, Any], *, resume: bool, over
 
     Args:
         folder: output folder.
-        identity: ``{"arguments": ..., "weights_sha256": ...}`` that must match to resume.
+        identity: what decides the run's bytes (:func:`hub_dfq.synth.api.run_identity`); must match to resume.
         resume: continue a run with the same identity.
         overwrite: delete a previous run's files (other files in the folder are kept).
 
@@ -160,7 +166,7 @@ def prepare_folder(folder: Path, identity: dict[str, Any], *, resume: bool, over
             was asked for a run with different arguments or weights.
     """
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: pick one")
+        raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
     if not folder.exists() or not _holds_results(folder):
         folder.mkdir(parents=True, exist_ok=True)
         return None
@@ -170,22 +176,24 @@ def prepare_folder(folder: Path, identity: dict[str, Any], *, resume: bool, over
                 (folder / name).unlink()
         if (folder / DATA_DIR).is_dir():
             shutil.rmtree(folder / DATA_DIR)
-        logger.info("removed the previous run in %s (--overwrite)", folder)
+        logger.info("removed the previous run in %s (overwrite)", folder)
         return None
     manifest = read_manifest(folder)
     if not resume:
         raise OutputExistsError(
             f"{folder} already holds a synthetic dataset (generation.json, README.md or data/*.parquet): pass "
-            f"--resume to continue that run with the same arguments, --overwrite to replace it, or another --out")
+            f"`resume=True` to continue that run with the same arguments, `overwrite=True` to replace it, or another "
+            "`out_dir`")
     if manifest is None:
         raise OutputExistsError(
-            f"cannot resume in {folder}: it has shards or a card but no readable generation.json; use --overwrite")
-    stored = {"arguments": manifest.get("arguments", {}), "weights_sha256": manifest.get("model", {}).get("weights_sha256")}
+            f"cannot resume in {folder}: it has shards or a card but no readable generation.json; pass `overwrite=True`")
+    stored = {"arguments": manifest.get("arguments", {}), "weights_sha256": manifest.get("model", {}).get("weights_sha256"),
+              "algorithm": manifest.get("algorithm"), "device_type": manifest.get("device_type")}
     diffs = _differences(stored, identity)
     if diffs:
         raise OutputExistsError(
             f"cannot resume in {folder}: the stored run used other arguments or model weights ({'; '.join(diffs)}); "
-            f"rerun with the stored arguments, use --overwrite, or pick another --out")
+            f"rerun with the stored arguments, pass `overwrite=True`, or pick another `out_dir`")
     return manifest
 
 

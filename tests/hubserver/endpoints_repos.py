@@ -7,7 +7,16 @@ import re
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from .storage import REPO_TYPES, URL_PREFIXES, HubError, Repo, iso, parse_front_matter, safetensors_summary, tree_id
+from .storage import (
+    REPO_TYPES,
+    URL_PREFIXES,
+    HubError,
+    Repo,
+    iso,
+    parse_front_matter,
+    safetensors_summary,
+    tree_id,
+)
 from .util import TYPE_FROM_PLURAL, split_rev, truthy
 
 

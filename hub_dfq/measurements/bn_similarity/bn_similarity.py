@@ -8,6 +8,8 @@ running statistics, and returns the same numbers as the API (divergence, similar
 import datasets
 import evaluate
 
+import hub_dfq
+
 _CITATION = """\
 @inproceedings{haroush2020knowledge,
   title={The Knowledge Within: Methods for Data-Free Model Compression},
@@ -66,8 +68,6 @@ class BnSimilarity(evaluate.Measurement):
 
     def _compute(self, images, model="default", metric="kl", reference_points="auto", batch_size=64, score_batch=64,
                  seed=0, bootstrap=200):
-        import hub_dfq
-
         data = datasets.Dataset.from_dict({"images": list(images)},
                                           features=datasets.Features({"images": datasets.Image(decode=False)}))
         report = hub_dfq.audit(model, {"images": data}, batch_size=batch_size, score_batch=score_batch,

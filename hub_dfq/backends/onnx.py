@@ -20,7 +20,6 @@ rounding boundary, so logits agree closely but not bit for bit (:func:`compare_o
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import warnings
@@ -33,11 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DependencyError, UnsupportedModelError
-from ..quant.api import QuantizedModel
-from ..quant.calibrate import act_quantizers, quant_layers
-from ..quant.modules import QuantLinear
-from ..quant.quantizers import ActQuantizer
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    DependencyError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
+from ..evaluation import evaluate_accuracy
+from ..quant.integer import ActivationGrid, IntegerLayer
+from ..quant.model import QuantizedModel
 
 __all__ = ["ONNX_NAME", "OnnxClassifier", "compare_onnx", "export_onnx", "load_onnx", "runtime_ops"]
 
@@ -45,7 +49,7 @@ ONNX_NAME = "model.onnx"
 
 
 def _require_onnxruntime():
-    try:
+    try:  # why: onnx and onnxruntime are an optional extra ('hub-dfq[onnx]')
         import onnxruntime
     except ImportError as err:
         raise DependencyError("ONNX export and integer inference need onnx and onnxruntime: "
@@ -93,11 +97,10 @@ class _Dequantize(torch.autograd.Function):
 
 
 class _ExportActQuantizer(nn.Module):
-    def __init__(self, quantizer: ActQuantizer):
+    def __init__(self, grid: ActivationGrid):
         super().__init__()
-        self.scale = float(quantizer.scale.detach().abs().clamp_min(1e-8))
-        self.zero_point = int(quantizer.zero_point)
-        self.qmin, self.qmax = quantizer.qmin, quantizer.qmax
+        self.scale, self.zero_point = grid.scale, grid.zero_point
+        self.qmin, self.qmax = grid.qmin, grid.qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
@@ -106,53 +109,37 @@ class _ExportActQuantizer(nn.Module):
 class _ExportWeightLayer(nn.Module):
     """A quantized conv/linear as integer weight + integer bias, dequantized in the graph."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: IntegerLayer):
         super().__init__()
-        wq = layer.weight_quantizer
-        if not wq.frozen:
-            wq.freeze(layer.weight)
-        self.linear = isinstance(layer, QuantLinear)
-        if not self.linear:
-            # as nn.Conv*d._conv_forward: a non-zero padding mode is an explicit pad before an unpadded conv
-            self.pad = None if layer.padding_mode == "zeros" else (layer._reversed_padding_repeated_twice,
-                                                                    layer.padding_mode)
-            self.conv = dict(stride=layer.stride, padding=layer.padding if self.pad is None else 0,
-                             dilation=layer.dilation, groups=layer.groups)
-            self.conv_fn = F.conv1d if layer.weight.dim() == 3 else F.conv2d
-        self.register_buffer("weight_int", wq.weight_int.clone())
-        self.register_buffer("weight_scale", wq.scale.detach().clone().float())
-        bias_int = layer.bias_int() if layer.bias_on_grid() else None
-        self.register_buffer("bias_int", bias_int)
-        if bias_int is not None:
-            self.register_buffer("bias_scale", layer.bias_scale().detach().float())
+        self.linear = not layer.is_conv
+        if layer.is_conv:
+            self.pre_pad = (layer.pre_pad, layer.pre_pad_mode) if layer.pre_pad is not None else None
+            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            self.conv_fn = {"conv1d": F.conv1d, "conv2d": F.conv2d}[layer.kind]
+        self.register_buffer("weight_int", layer.weight_int.clone())
+        self.register_buffer("weight_scale", layer.weight_scale.clone())
+        self.register_buffer("bias_int", layer.bias_int)
+        if layer.bias_int is not None:
+            self.register_buffer("bias_scale", layer.bias_scale)
         else:
-            self.register_buffer("bias_float", None if layer.bias is None else layer.bias.detach().clone())
+            self.register_buffer("bias_float", layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _Dequantize.apply(self.weight_int, self.weight_scale)
         bias = _Dequantize.apply(self.bias_int, self.bias_scale) if self.bias_int is not None else self.bias_float
         if self.linear:
             return F.linear(x, weight, bias)
-        if self.pad is not None:
-            x = F.pad(x, self.pad[0], mode=self.pad[1])
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
         return self.conv_fn(x, weight, bias, **self.conv)
 
 
 def _export_module(qmodel: QuantizedModel) -> nn.Module:
-    gm = copy.deepcopy(qmodel.module).eval()
-    for name, layer in quant_layers(gm):
-        if layer.weight_quantizer.enabled:
-            gm.set_submodule(name, _ExportWeightLayer(layer))
-    for name, q in act_quantizers(gm):
-        if q.mode == "quant":
-            gm.set_submodule(name, _ExportActQuantizer(q))
-        elif q.mode != "off":
-            raise ConfigError(f"activation quantizer {name} is still observing: calibrate the model before export")
-    return gm
+    return qmodel.lower(layer=_ExportWeightLayer, activation=_ExportActQuantizer)
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_size: int | None = None,
-                opset: int = 17) -> Path:
+                opset: int = 17, overwrite: bool = False) -> Path:
     """Write ``qmodel`` as an ONNX QDQ model that ONNX Runtime runs with integer kernels.
 
     Args:
@@ -160,6 +147,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
         path: the ``.onnx`` file to write (written next to it, then moved into place).
         batch_size: a fixed batch size; ``None`` makes the batch dimension dynamic.
         opset: ONNX opset (13 or newer: per-channel ``DequantizeLinear``).
+        overwrite: replace an existing file at ``path``.
 
     Returns:
         The written path. Input ``pixel_values`` (normalised, NCHW float32), output ``logits``.
@@ -167,14 +155,19 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
     Raises:
         DependencyError: onnx or onnxruntime is not installed.
         ConfigError: an opset below 13, or a model still being calibrated.
+        OutputExistsError: ``path`` exists and ``overwrite`` is false, or it is a folder.
         UnsupportedModelError: an operation the TorchScript exporter cannot write at this opset.
     """
     if opset < 13:
         raise ConfigError(f"per-channel weight quantization needs ONNX opset >= 13, got {opset}")
+    target = Path(path)
+    if target.is_dir():
+        raise OutputExistsError(f"{target} is a folder: give the .onnx file to write")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} exists: choose another path or pass `overwrite=True`")
     _require_onnxruntime()
     module = _export_module(qmodel)
     example = qmodel.model.example_input(batch_size or 2).cpu()
-    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     dynamic = None if batch_size else {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
@@ -190,7 +183,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
     except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as err:
         raise UnsupportedModelError(
             f"cannot export {qmodel.source.spec} to ONNX opset {opset} ({type(err).__name__}: {err}); try a newer "
-            "opset, or keep the offending layer in float with exclude=[...] (--exclude) when quantizing") from err
+            "opset, or keep the offending layer in float with `exclude` when quantizing") from err
     finally:
         partial.unlink(missing_ok=True)
     return target
@@ -216,8 +209,6 @@ class OnnxClassifier:
 
     def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float | int]:
         """Accuracy on a labelled dataset, with ``model``'s preprocessing (see :func:`hub_dfq.evaluate_accuracy`)."""
-        from ..evaluation import evaluate_accuracy
-
         return evaluate_accuracy(getattr(model, "model", model), data, forward=self, **kwargs)
 
 
@@ -246,11 +237,17 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None,
     """
     ort = _require_onnxruntime()
     if not Path(path).is_file():
-        raise CheckpointError(f"{path} does not exist: export one with hub_dfq.export_onnx or `hub-dfq export`")
+        raise CheckpointError(f"{path} does not exist: export one with hub_dfq.export_onnx")
+    from onnxruntime.capi import (
+        onnxruntime_pybind11_state as ort_errors,  # why: only after the import check above
+    )
+
+    unreadable = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.InvalidArgument,
+                  ort_errors.NotImplemented, ort_errors.RuntimeException, RuntimeError, ValueError)
     try:
         session = ort.InferenceSession(str(path), sess_options=_session_options(ort, threads),
                                        providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+    except unreadable as err:  # onnxruntime's own exception types for unreadable graphs (they derive from Exception)
         raise CheckpointError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}): export it again") from err
     return OnnxClassifier(session, Path(path))
 
@@ -258,7 +255,7 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None,
 def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1,
                 disabled_optimizers: Sequence[str] = ()) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime actually runs after its fusions (``QLinearConv`` etc.)."""
-    import onnx
+    import onnx  # why: an optional extra, checked by _require_onnxruntime below
 
     ort = _require_onnxruntime()
     with tempfile.TemporaryDirectory(prefix="hub-dfq-ort-") as tmp:

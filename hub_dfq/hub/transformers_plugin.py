@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
-from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.auto import (
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
-from .checkpoint import QUANT_METHOD, WEIGHTS_NAME, _read_tensors, build_quantized_module
+from ..models.adapters import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +72,20 @@ class HubDfqQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        # why: this module is imported while transformers itself is still importing (see hub_dfq.plugins);
+        # the graph code (and timm, through the adapters) is loaded only when a checkpoint is
         from ..models.transformers_adapter import LogitsModule
+        from ..quant.config import QuantConfig
+        from ..quant.model import rebuild_module
+        from .checkpoint import WEIGHTS_NAME, read_tensors
 
         files = [f for f in self.checkpoint_files if Path(f).name == WEIGHTS_NAME] or self.checkpoint_files
         if not files:
             raise CheckpointError("transformers found no model.safetensors for this hub-dfq checkpoint")
-        tensors = _read_tensors(Path(files[0]))
+        tensors = read_tensors(Path(files[0]))
         qc = self.quantization_config.to_dict()
         example = torch.zeros(1, *qc["input_size"])
-        graph, _ = build_quantized_module(LogitsModule(model), qc, tensors, example)
+        graph, _ = rebuild_module(LogitsModule(model), QuantConfig.from_dict(qc["config"]), tensors, example)
         model.hub_dfq_graph = graph
         model.forward = types.MethodType(_quantized_forward, model)
         model.eval()

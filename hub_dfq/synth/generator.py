@@ -16,19 +16,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DivergedError, UnsupportedModelError
-from ..models import VisionModel
-from ..models.vision_model import WEIGHT_LAYER_TYPES
+from ..errors import DivergedError, UnsupportedModelError
+from ..models.vision_model import WEIGHT_LAYER_TYPES, VisionModel
+from ..registry import resolve
 from .bns import StopForward, bn_loss, swap_batchnorms
-from .config import BN_METHODS, METHODS, SynthConfig
-from .priors import cosine_lr, jitter_flip, l2_prior, total_variation
+from .config import SynthConfig
+from .objectives import Step
+from .priors import cosine_lr
+from .registry import SYNTH_METHODS, methods_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchResult", "BatchGenerator", "check_model_supports"]
+
+ALGORITHM_VERSION = 1  # of the loop below; bump whenever it changes the bytes it writes (part of cache keys)
 
 # forwards of the layers autocast runs in bfloat16
 _LOW_PRECISION_FORWARDS = tuple(layer.forward for layer in WEIGHT_LAYER_TYPES)
@@ -54,14 +57,13 @@ class BatchResult:
 
 
 def check_model_supports(model: VisionModel, method: str) -> None:
-    """Refuse BN methods for models without BatchNorm layers, naming the methods that work."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if method in BN_METHODS and not model.bn_layers:
-        working = ", ".join(m for m in METHODS if m not in BN_METHODS)
+    """Refuse methods the model cannot serve (BN methods without BatchNorm), naming the methods that work."""
+    working = methods_for(has_bn=bool(model.bn_layers))
+    spec = SYNTH_METHODS.get(method, among=working)
+    if spec.needs_bn and not model.bn_layers:
         raise UnsupportedModelError(
             f"{model.source.spec} has no BatchNorm layers, so method {method!r} has no statistics to match: "
-            f"use one of {working}")
+            f"methods that work for this model: {', '.join(working)}")
 
 
 class BatchGenerator:
@@ -76,6 +78,9 @@ class BatchGenerator:
         check_model_supports(model, config.method)
         self.model = model
         self.config = config
+        self.method = config.spec
+        self._loss = resolve(self.method.loss) if self.method.optimised else None
+        self._augment = resolve(self.method.augment) if self.method.augment is not None else None
         self.device = model.device
         module = copy.deepcopy(model.module).eval()
         module.requires_grad_(False)  # only the inputs are optimised: no weight gradients at all
@@ -168,30 +173,28 @@ class BatchGenerator:
         start, _ = self.measure(x0, logits=False)
         losses: list[float] = []
         x = x0
-        if cfg.method != "gaussian" and cfg.iters > 0:
+        if self.method.optimised and cfg.iters > 0:
             x, losses = self._optimise(x0, targets.to(self.device), generator, on_step, where)
         pixels = self.to_pixels(x)
         end, logits = self.measure(self.from_pixels(pixels), logits=True)
-        labels = targets.clone() if cfg.has_targets else logits.argmax(-1).cpu()
+        labels = targets.clone() if self.method.class_targets else logits.argmax(-1).cpu()
         return BatchResult(pixels.cpu(), labels.cpu(), start, end, losses)
 
     def _optimise(self, x0, targets, generator, on_step, where):
-        cfg, priors = self.config, self.config.priors
+        cfg, priors, method = self.config, self.config.priors, self.method
         x = self._layout(x0.clone()).requires_grad_(True)
         optimiser = torch.optim.Adam([x], lr=cfg.lr)
-        need_logits = cfg.has_targets
-        use_bn = cfg.method in BN_METHODS
         losses: list[float] = []
-        hooks = (bn_loss(self.loop_bn_layers, loss=cfg.loss, stop_after_last=not need_logits) if use_bn
-                 else nullcontext())
+        hooks = (bn_loss(self.loop_bn_layers, loss=cfg.loss, stop_after_last=not method.uses_logits)
+                 if method.needs_bn else nullcontext())
         with hooks as state:
             for step in range(cfg.iters):
                 for group in optimiser.param_groups:
                     group["lr"] = cosine_lr(step, cfg.iters, base=cfg.lr, warmup=priors.warmup)
                 optimiser.zero_grad(set_to_none=True)
                 inputs = x
-                if cfg.method == "inception":
-                    inputs = jitter_flip(x, jitter=self.jitter, flip=priors.flip, generator=generator)
+                if self._augment is not None:
+                    inputs = self._augment(x, jitter=self.jitter, flip=priors.flip, generator=generator)
                 if state is not None:
                     state.reset()
                 with self._autocast():
@@ -199,17 +202,14 @@ class BatchGenerator:
                         logits = self.loop_module(inputs)
                     except StopForward:
                         logits = None
-                loss = state.total() if state is not None else x.new_zeros(())
-                if cfg.method == "inception":
-                    chosen = logits.float().gather(1, targets[:, None]).mean()
-                    loss = loss - chosen + priors.tv_weight * total_variation(x) + priors.l2_weight * l2_prior(x)
-                elif cfg.method == "bns+i":
-                    loss = loss + priors.ce_weight * F.cross_entropy(logits.float(), targets)
+                loss = self._loss(Step(x=x, inputs=inputs, logits=logits,
+                                       bn_loss=state.total() if state is not None else None,
+                                       targets=targets, priors=priors, index=step, total=cfg.iters))
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise DivergedError(
                         f"the {cfg.method} loss became {value} at step {step + 1} of {cfg.iters}{where}: lower the "
-                        f"learning rate (now {cfg.lr:g}); nothing of this batch was saved")
+                        f"learning rate `lr` (now {cfg.lr:g}); nothing of this batch was saved")
                 loss.backward()
                 optimiser.step()
                 with torch.no_grad():
@@ -218,5 +218,6 @@ class BatchGenerator:
                 if on_step is not None:
                     on_step(step, value)
         if not torch.isfinite(x).all():
-            raise DivergedError(f"the {cfg.method} inputs became NaN/Inf{where}: lower the learning rate ({cfg.lr:g})")
+            raise DivergedError(f"the {cfg.method} inputs became NaN/Inf{where}: lower the learning rate `lr` "
+                                f"({cfg.lr:g})")
         return x.detach(), losses

@@ -1,0 +1,80 @@
+"""What an audit measured: one :class:`CandidateResult` per dataset and the :class:`AuditReport` around them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .report import write_report
+
+__all__ = ["CandidateResult", "AuditReport"]
+
+
+@dataclass
+class CandidateResult:
+    """Audit of one dataset (or reference). ``divergence`` is ``None`` when no image was readable."""
+
+    dataset: str
+    n_images: int
+    n_skipped: int
+    divergence: float | None
+    divergences: dict[str, float | None]
+    ci: tuple[float, float] | None
+    layers: dict[str, float]
+    layers_detail: dict[str, dict[str, float]]
+    batch_scores: list[float]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    similarity: float | None = None
+    similarity_ci: tuple[float, float] | None = None
+    rank: int | None = None
+    split: str | None = None
+
+    @property
+    def batch_summary(self) -> dict[str, float | int] | None:
+        """Mean, spread and quantiles of the batch-level scores."""
+        if not self.batch_scores:
+            return None
+        t = torch.tensor(self.batch_scores, dtype=torch.float64)
+        q = torch.quantile(t, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+        return {"n": len(self.batch_scores), "mean": t.mean().item(),
+                "std": t.std().item() if len(t) > 1 else 0.0, "min": t.min().item(), "p05": q[0],
+                "median": q[1], "p95": q[2], "max": t.max().item()}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ci"] = list(self.ci) if self.ci else None
+        data["similarity_ci"] = list(self.similarity_ci) if self.similarity_ci else None
+        data["batch_summary"] = self.batch_summary
+        return data
+
+
+@dataclass
+class AuditReport:
+    """Everything an audit measured; :meth:`save` writes ``audit.json``, ``audit.md`` and a plot."""
+
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    references: dict[str, Any]
+    candidates: list[CandidateResult]
+
+    def ranking(self) -> list[CandidateResult]:
+        """Candidates from most to least similar (unscorable ones left out)."""
+        return sorted((c for c in self.candidates if c.rank is not None), key=lambda c: c.rank)
+
+    def __getitem__(self, dataset: str) -> CandidateResult:
+        for c in self.candidates:
+            if c.dataset == dataset:
+                return c
+        raise KeyError(f"no candidate {dataset!r}; candidates are {[c.dataset for c in self.candidates]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "settings": self.settings, "references": self.references,
+                "ranking": [c.dataset for c in self.ranking()],
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+    def save(self, out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, str]:
+        """Write the report files into ``out_dir``; returns their paths by kind."""
+        return write_report(self, out_dir, plot=plot)

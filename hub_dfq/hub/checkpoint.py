@@ -1,0 +1,314 @@
+"""The published format of a quantized model: save, push and reload it bit-exactly.
+
+A quantized checkpoint folder is a Hub model repo:
+
+- ``model.safetensors``: :meth:`QuantizedModel.checkpoint_tensors` — per quantized layer its integer
+  weights (``...weight_quantizer.weight_int``: ``int8`` at 5-8 bits, packed into ``uint8`` at 4 bits
+  and lower), per-channel ``scale`` and float ``bias``; per activation quantizer its ``scale`` and
+  ``zero_point``; every tensor that stays in floating point.
+- ``config.json``: the base model's config plus ``quantization_config`` (``quant_method: hub_dfq``).
+- ``README.md``: the model card; ``preprocessor_config.json`` for transformers models.
+- optional backend files, e.g. ``model.onnx`` (the same integer model for ONNX Runtime).
+
+Reloading rebuilds the float architecture from the config, folds and prepares it with the same
+:class:`~hub_dfq.quant.config.QuantConfig` (deterministic: same graph, same names) and loads the state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..backends.registry import BACKENDS
+from ..errors import CheckpointError, ConfigError
+from ..models.adapters import QUANT_METHOD
+from ..models.loader import build_architecture
+from ..models.vision_model import ModelSource, VisionModel
+from ..publish import PushResult
+from ..quant.config import QuantConfig
+from ..quant.model import QuantizedModel
+from ..quant.modules import quant_layers
+from ..registry import resolve
+from ..synth.card import write_card
+from ..synth.publish import push_dataset_folder
+from ..synth.writer import read_manifest
+from .mixin import HubMixin
+from .model_card import calibration_source, render_model_card
+
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WEIGHTS_NAME", "QuantizedCheckpoint", "save_pretrained", "push_to_hub",
+           "from_pretrained", "load_quantized_folder", "quantization_config", "is_quantized_checkpoint",
+           "read_tensors"]
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _layer_bits(qmodel: QuantizedModel) -> dict[str, dict[str, Any]]:
+    layers = {}
+    for name, layer in quant_layers(qmodel.module):
+        q = layer.input_quantizer
+        layers[name] = {"weights": layer.weight_quantizer.bits, "activations": q.bits if q is not None else None}
+    return layers
+
+
+def quantization_config(qmodel: QuantizedModel, *, calibration_repo: str | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` entry written into ``config.json``.
+
+    Local cache paths are left out (they mean nothing to others); a published calibration set is
+    named by its Hub repo.
+    """
+    cfg = qmodel.config
+    source = qmodel.source
+    calibration = {k: v for k, v in qmodel.calibration.items() if k != "folder"}
+    if calibration_repo:
+        calibration["repo_id"] = calibration_repo
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "hub_dfq_version": __version__,
+        "weights": cfg.default.weights,
+        "activations": cfg.default.activations,
+        "first_last_bits": cfg.first_last_bits,
+        "residual_bits": cfg.residual_bits,
+        "weight_observer": cfg.default.weight_observer,
+        "act_observer": cfg.default.act_observer,
+        "algorithm": qmodel.algorithm,
+        "algorithm_config": qmodel.algorithm_config,
+        "fingerprint": qmodel.history.get("fingerprint"),
+        "calibration": calibration,
+        "calibration_source": calibration_source(calibration),
+        "base_model": source.repo_id or source.spec,
+        "base_model_revision": source.commit or source.revision,
+        "input_size": list(qmodel.model.input_size),
+        "config": cfg.to_dict(),
+        "layers": _layer_bits(qmodel),
+        "unquantized": qmodel.left_in_float,
+    }
+
+
+def is_quantized_checkpoint(config: dict[str, Any]) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def _fp32_bytes(qmodel: QuantizedModel) -> int:
+    return sum(p.numel() * 4 for p in qmodel.model.module.state_dict().values() if p.is_floating_point())
+
+
+class QuantizedCheckpoint(HubMixin):
+    """A :class:`QuantizedModel` as a Hub model repo, with what its card says about it.
+
+    Args:
+        qmodel: the quantized model.
+        repo_id: the Hub repo it is meant for (used in the card's links and snippets).
+        evaluation: accuracy of the float and quantized models (see :func:`render_model_card`).
+        command: the command line that made it, for the card.
+        calibration_repo: Hub dataset repo of the published synthetic calibration set.
+        backends: inference backends whose files to add (``"onnx"`` writes ``model.onnx``).
+    """
+
+    def __init__(self, qmodel: QuantizedModel, *, repo_id: str | None = None, evaluation: dict[str, Any] | None = None,
+                 command: str | None = None, calibration_repo: str | None = None, backends: Sequence[str] = ()):
+        for name in backends:
+            BACKENDS.get(name)
+        self.qmodel = qmodel
+        self.repo_id = repo_id
+        self.evaluation = evaluation
+        self.command = command
+        self.calibration_repo = calibration_repo
+        self.backends = tuple(backends)
+
+    def _commit_message(self) -> str:
+        default = self.qmodel.config.default
+        return f"Upload W{default.weights}A{default.activations} quantized model (hub-dfq)"
+
+    def _save_pretrained(self, folder: Path) -> None:
+        qmodel = self.qmodel
+        metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
+        save_file(qmodel.checkpoint_tensors(), str(folder / WEIGHTS_NAME), metadata=metadata)
+        config = dict(qmodel.model.config)
+        config["quantization_config"] = quantization_config(qmodel, calibration_repo=self.calibration_repo)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        source_dir = Path(qmodel.source.path) if qmodel.source.path else None
+        if source_dir is not None and (source_dir / "preprocessor_config.json").is_file():
+            shutil.copyfile(source_dir / "preprocessor_config.json", folder / "preprocessor_config.json")
+        for name in self.backends:
+            backend = BACKENDS.get(name)
+            resolve(backend.export)(qmodel, folder / backend.file_name)
+        size = {"bytes": (folder / WEIGHTS_NAME).stat().st_size, "fp32_bytes": _fp32_bytes(qmodel)}
+        card = render_model_card(qmodel, repo_id=self.repo_id, evaluation=self.evaluation, command=self.command,
+                                 calibration_repo=self.calibration_repo, size=size, onnx="onnx" in self.backends)
+        card.save(folder / "README.md")
+
+    @classmethod
+    def _from_pretrained(cls, folder: Path, *, source: ModelSource) -> "QuantizedCheckpoint":
+        return cls(_load(folder, source, _read_config(folder)))
+
+
+def _load(folder: Path, source: ModelSource, config: dict[str, Any]) -> QuantizedModel:
+    qc = config["quantization_config"]
+    tensors = read_tensors(folder / WEIGHTS_NAME)
+    float_model = build_architecture(folder, source)
+    return QuantizedModel.from_checkpoint(
+        float_model, QuantConfig.from_dict(qc["config"]), tensors, calibration=dict(qc.get("calibration") or {}),
+        algorithm=qc.get("algorithm", qc.get("method", "calibrate")),  # "method" before hub-dfq 0.2
+        algorithm_config=dict(qc.get("algorithm_config", qc.get("method_config")) or {}),
+        history={"loaded_from": source.spec, "fingerprint": qc.get("fingerprint")})
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{folder} has no config.json: not a hub-dfq checkpoint") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{folder}/config.json is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or not is_quantized_checkpoint(config):
+        raise CheckpointError(f"{folder} is not a hub-dfq quantized checkpoint (no quantization_config with "
+                              f"quant_method '{QUANT_METHOD}'): load float models with hub_dfq.load_model")
+    qc = config["quantization_config"]
+    try:
+        version = int(qc.get("format_version", 0))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/config.json has format_version {qc.get('format_version')!r}, which is not "
+                              "a number: the file is damaged, download or save the checkpoint again") from err
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} uses hub-dfq checkpoint format {version}, newer than this hub-dfq understands "
+            f"({FORMAT_VERSION}, written by hub-dfq {qc.get('hub_dfq_version', '?')}): upgrade with "
+            "`pip install -U hub-dfq`"
+        )
+    if not isinstance(qc.get("config"), dict):
+        raise CheckpointError(f"{folder}/config.json has no quantization_config.config: the file is damaged, "
+                              "download or save the checkpoint again")
+    return config
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, with a clear error when it is missing or damaged."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete, download it again")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file} is corrupted or truncated ({err}): download or save it again") from err
+
+
+# ---- the verbs -------------------------------------------------------------------------------------
+
+def save_pretrained(
+    qmodel: QuantizedModel,
+    out_dir: str | os.PathLike[str],
+    *,
+    repo_id: str | None = None,
+    evaluation: dict[str, Any] | None = None,
+    command: str | None = None,
+    calibration_repo: str | None = None,
+    overwrite: bool = False,
+    onnx: bool = False,
+) -> Path:
+    """Write ``qmodel`` as a Hub model repo folder: integer safetensors, config, model card.
+
+    The folder is written beside its target and moved into place at the end, so an interrupted
+    save never leaves half a checkpoint, and a folder is never seen without its card.
+
+    Args:
+        qmodel: the quantized model.
+        out_dir: destination (must be empty or absent unless ``overwrite``).
+        repo_id: the Hub repo it is meant for (used in the card's links and snippets).
+        evaluation: accuracy of the float and quantized models (see :func:`render_model_card`).
+        command: the command line that made it, for the card.
+        calibration_repo: Hub dataset repo of the published synthetic calibration set.
+        overwrite: replace an existing folder.
+        onnx: also write ``model.onnx`` (the integer model for ONNX Runtime, see :mod:`hub_dfq.backends.onnx`).
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputExistsError: ``out_dir`` holds files and ``overwrite`` is false.
+
+    Example:
+        >>> qmodel = hub_dfq.quantize("default", weights=4, activations=8)  # doctest: +SKIP
+        >>> hub_dfq.save_pretrained(qmodel, "resnet20-w4a8")  # doctest: +SKIP
+    """
+    checkpoint = QuantizedCheckpoint(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
+                                     calibration_repo=calibration_repo, backends=("onnx",) if onnx else ())
+    return checkpoint.save_pretrained(out_dir, overwrite=overwrite)
+
+
+def push_to_hub(
+    qmodel: QuantizedModel,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    evaluation: dict[str, Any] | None = None,
+    command: str | None = None,
+    calibration_folder: str | os.PathLike[str] | None = None,
+    dataset_repo: str | None = None,
+    onnx: bool = False,
+) -> PushResult:
+    """Publish ``qmodel`` as a Hub model repo in one commit (and its calibration set, if asked).
+
+    ``qmodel`` itself is written into a fresh temporary folder and that folder is uploaded: what
+    lands on the Hub is always the model given here. A failed push commits nothing.
+
+    Args:
+        qmodel: the quantized model.
+        repo_id: target model repo (created if needed).
+        private: create the repo (and the dataset repo) as private.
+        token: Hub token; by default the logged-in one.
+        revision: branch to commit to.
+        evaluation: accuracy for the card and ``model-index``.
+        command: the command line that made it, for the card.
+        calibration_folder: the synthetic calibration set's dataset folder, pushed to ``dataset_repo``.
+        dataset_repo: Hub dataset repo for the calibration set; the two cards link to each other.
+        onnx: also publish ``model.onnx``.
+
+    Returns:
+        Where the model landed.
+
+    Raises:
+        ConfigError: ``dataset_repo`` without synthetic calibration data.
+        PublishError: no token, no write access or a failed upload.
+    """
+    if dataset_repo:
+        if calibration_folder is None:
+            raise ConfigError("`dataset_repo` needs synthetic calibration data (calibration='bns', 'bns+i', ...); "
+                              "real calibration data is not republished")
+        manifest = read_manifest(Path(calibration_folder))
+        write_card(Path(calibration_folder), manifest, repo_id=dataset_repo, model_repo=repo_id)
+        push_dataset_folder(calibration_folder, dataset_repo, private=private, token=token)
+    checkpoint = QuantizedCheckpoint(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
+                                     calibration_repo=dataset_repo, backends=("onnx",) if onnx else ())
+    return checkpoint.push_to_hub(repo_id, private=private, token=token, revision=revision)
+
+
+def from_pretrained(spec: str | os.PathLike[str], *, revision: str | None = None,
+                    token: str | bool | None = None) -> QuantizedModel:
+    """Load a hub-dfq quantized checkpoint from a folder or the Hub (bit-identical logits).
+
+    Raises:
+        CheckpointError: not a hub-dfq checkpoint, a newer format, or a corrupted/truncated file.
+
+    Example:
+        >>> qmodel = hub_dfq.from_pretrained("me/resnet20-w4a8-dfq")  # doctest: +SKIP
+    """
+    return QuantizedCheckpoint.from_pretrained(spec, revision=revision, token=token).qmodel
+
+
+def load_quantized_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False,
+                          pretrained: bool = True) -> VisionModel:
+    """The ``hub_dfq`` model adapter: a quantized checkpoint folder as a :class:`VisionModel` of its integer model."""
+    config = _read_config(folder)
+    return _load(folder, source, config).as_vision_model(config["quantization_config"])

@@ -1,0 +1,65 @@
+"""Model adapters: which library reads a model folder, decided from its ``config.json``.
+
+An adapter turns a folder (a Hub repo snapshot or a local save) into a :class:`VisionModel`. A new
+model family from another library is one module with a loader plus one :func:`register_adapter`
+call. Adapters are tried in registration order; the first whose ``detect`` accepts the config wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..registry import Registry
+
+__all__ = ["ModelAdapter", "ADAPTERS", "register_adapter", "QUANT_METHOD"]
+
+QUANT_METHOD = "hub_dfq"  # ``quantization_config.quant_method`` of a hub-dfq checkpoint
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How to load one kind of model folder.
+
+    Args:
+        name: the library (``"timm"``, ``"transformers"``) or format (``"hub_dfq"``).
+        summary: one line for listings.
+        detect: ``config -> bool``: whether this adapter reads a folder with that ``config.json``.
+        load: ``(folder, source, *, trust_remote_code, pretrained) -> VisionModel``, or its
+            ``"module:attribute"`` path.
+        builds_architecture: it can also build the bare architecture (``pretrained=False``), which
+            quantized checkpoints use to rebuild their float graph.
+    """
+
+    name: str
+    summary: str
+    detect: Callable[[dict[str, Any]], bool]
+    load: Callable[..., Any] | str
+    builds_architecture: bool = True
+
+
+ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", "adapter")
+
+
+def register_adapter(adapter: ModelAdapter, *, overwrite: bool = False) -> ModelAdapter:
+    """Add a model adapter (see :class:`ModelAdapter`)."""
+    return ADAPTERS.register(adapter, overwrite=overwrite)
+
+
+def _is_quantized(config: dict[str, Any]) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+register_adapter(ModelAdapter(
+    "hub_dfq", "a hub-dfq quantized checkpoint (the integer model, rebuilt on its base architecture)",
+    detect=_is_quantized,
+    # the checkpoint format belongs to the hub layer, which builds on this one: named, not imported
+    load="hub_dfq.hub.checkpoint:load_quantized_folder", builds_architecture=False))
+register_adapter(ModelAdapter(
+    "timm", "a timm model folder (config.json with 'architecture') or a timm registry name",
+    detect=lambda config: "architecture" in config and "model_type" not in config,
+    load="hub_dfq.models.timm_adapter:load_timm_folder"))
+register_adapter(ModelAdapter(
+    "transformers", "a transformers image classifier (config.json with 'model_type')",
+    detect=lambda config: "model_type" in config,
+    load="hub_dfq.models.transformers_adapter:load_transformers_folder"))

@@ -1,0 +1,95 @@
+"""Running a registered quantization algorithm: its settings and the context it works in.
+
+Settings of an algorithm come from three places, later ones winning: the dataclass defaults, the
+preset (``Preset.algorithms[name]``) and the caller (``settings={name: dataclass or dict}``); a
+``seed`` field always takes the run's seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import fx
+
+from ..errors import ConfigError
+from ..registry import resolve
+from .registry import QUANT_ALGORITHMS, Preset, QuantAlgorithm
+from .resume import RunState
+
+__all__ = ["AlgorithmContext", "algorithm_settings", "settings_dict"]
+
+
+def algorithm_settings(algorithm: QuantAlgorithm, preset: Preset, override: Any = None, *, seed: int) -> Any:
+    """The settings object ``algorithm`` runs with (``None`` if it takes none).
+
+    Raises:
+        ConfigError: an override of the wrong type or with unknown fields.
+    """
+    if algorithm.settings is None:
+        if override:
+            raise ConfigError(f"algorithm {algorithm.name!r} takes no settings, got {override!r}")
+        return None
+    cls = resolve(algorithm.settings)
+    if isinstance(override, cls):
+        settings = override
+    else:
+        values = {**dict(preset.algorithms.get(algorithm.name, {})), **dict(override or {})}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown} of algorithm {algorithm.name!r}; known: {sorted(known)}")
+        settings = cls(**values)
+    if any(f.name == "seed" for f in dataclasses.fields(cls)):
+        settings = dataclasses.replace(settings, seed=seed)
+    return settings
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A settings object as JSON-able data (for cards, configs and cache keys)."""
+    if settings is None:
+        return {}
+    if hasattr(settings, "to_dict"):
+        return settings.to_dict()
+    return dataclasses.asdict(settings)
+
+
+@dataclass
+class AlgorithmContext:
+    """What an algorithm's ``run`` function gets.
+
+    Attributes:
+        module: the prepared, calibrated model (changed in place).
+        node_blocks: the block each graph node belongs to (for block-wise algorithms).
+        data: normalised calibration inputs ``(N, C, H, W)``.
+        settings: the algorithm's settings object (``None`` if it takes none).
+        seed: the run's seed.
+        progress: show progress bars (``None``: on a terminal).
+        state: where to save progress and resume from (``None``: no resuming).
+        settings_of: the settings another algorithm gets in this run (e.g. distillation that starts
+            from a reconstructed model).
+    """
+
+    module: fx.GraphModule
+    node_blocks: dict[str, str]
+    data: torch.Tensor
+    settings: Any
+    seed: int
+    progress: bool | None
+    state: RunState | None
+    settings_of: Callable[[str], Any]
+
+    def run(self, name: str) -> dict[str, Any]:
+        """Run another registered algorithm on this context's model and data (with its settings in this run)."""
+        algorithm = QUANT_ALGORITHMS.get(name)
+        return resolve(algorithm.run)(dataclasses.replace(self, settings=self.settings_of(name)))
+
+
+def run_algorithm(name: str, context: AlgorithmContext) -> dict[str, Any]:
+    """Run the registered algorithm ``name``; returns its history."""
+    history = resolve(QUANT_ALGORITHMS.get(name).run)(context)
+    if not isinstance(history, Mapping):
+        raise TypeError(f"algorithm {name!r} must return a dict (its history), got {type(history).__name__}")
+    return dict(history)

@@ -1,0 +1,61 @@
+"""What the built-in synthesis methods minimise at each optimisation step.
+
+A loss takes a :class:`Step` (everything the loop computed for the current inputs) and returns a 0-d
+tensor; the loop differentiates it with respect to the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import Priors
+from .priors import l2_prior, total_variation
+
+__all__ = ["Step", "inception_loss", "bns_loss", "bns_inception_loss"]
+
+
+@dataclass
+class Step:
+    """One optimisation step, as a method's loss sees it.
+
+    Attributes:
+        x: the inputs being optimised (normalised space, ``requires_grad``).
+        inputs: what the model saw this step (``x`` after the method's augmentation).
+        logits: the model's logits on ``inputs`` (``None`` unless the method uses them).
+        bn_loss: the BN-statistics divergence of ``inputs`` summed over layers (``None`` unless the
+            method needs BatchNorm statistics).
+        targets: the class each image is optimised towards.
+        priors: image priors and auxiliary weights.
+        index: the step number, from 0.
+        total: the number of steps.
+    """
+
+    x: torch.Tensor
+    inputs: torch.Tensor
+    logits: torch.Tensor | None
+    bn_loss: torch.Tensor | None
+    targets: torch.Tensor
+    priors: Priors
+    index: int
+    total: int
+
+
+def inception_loss(step: Step) -> torch.Tensor:
+    """Minus the target logit, plus total-variation and L2 image priors."""
+    chosen = step.logits.float().gather(1, step.targets[:, None]).mean()
+    zero = step.x.new_zeros(())  # kept from the first implementation: the same float sums, the same bytes
+    return (zero - chosen + step.priors.tv_weight * total_variation(step.x)
+            + step.priors.l2_weight * l2_prior(step.x))
+
+
+def bns_loss(step: Step) -> torch.Tensor:
+    """The BN-statistics divergence alone."""
+    return step.bn_loss
+
+
+def bns_inception_loss(step: Step) -> torch.Tensor:
+    """The BN-statistics divergence plus cross-entropy towards the targets."""
+    return step.bn_loss + step.priors.ce_weight * F.cross_entropy(step.logits.float(), step.targets)

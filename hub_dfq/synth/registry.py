@@ -1,0 +1,140 @@
+"""The synthesis methods: one descriptor each, and the registry every listing reads.
+
+A method is what an optimisation step minimises (its ``loss`` over a :class:`~hub_dfq.synth.objectives.Step`)
+plus flags that say what the loop must provide: BatchNorm statistics, logits, class targets. The loop
+(``generator``), the config checks, the dataset card, the cache keys, the CLI's ``--method`` choices
+and the docs table all read these descriptors. A new method is one function (a loss) and one
+:func:`register_synth_method` call; it works from outside the package too::
+
+    from hub_dfq.synth.registry import SynthMethod, register_synth_method
+    register_synth_method(SynthMethod("bns-mean", summary="match BN means only", description="...",
+                                      loss=my_loss, needs_bn=True))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..registry import Registry
+
+__all__ = ["SynthMethod", "SYNTH_METHODS", "register_synth_method", "methods_for", "BNLossSpec", "BN_LOSSES",
+           "register_bn_loss", "PRECISIONS"]
+
+PRECISIONS = ("auto", "fp32", "bf16")  # of the optimisation loop; "auto": bf16 where it is natively fast
+
+
+@dataclass(frozen=True)
+class SynthMethod:
+    """One way of generating calibration images.
+
+    Args:
+        name: what users type (``--method NAME``).
+        summary: one line for the CLI help and the docs table.
+        description: a paragraph for the dataset card: what the images are and what the labels mean.
+        loss: ``Step -> 0-d tensor`` minimised at every step (or its ``"module:attribute"`` path);
+            ``None``: nothing is optimised, the images are the initial Gaussian noise.
+        augment: ``(x, jitter, flip, generator) -> inputs`` applied before each forward pass (random
+            translations and flips), or ``None``.
+        needs_bn: the loss reads the BatchNorm statistics; models without BN are refused.
+        uses_logits: the loss reads the logits, so the forward pass runs past the last BN layer.
+        class_targets: images are optimised towards class-balanced targets, which become their labels;
+            otherwise the label is the model's prediction on the stored image.
+        iters: default optimisation steps per batch.
+        lr: default peak Adam learning rate (normalised input space).
+        hyperparameters: :class:`~hub_dfq.synth.config.Priors` fields the method reads (shown on the card).
+        version: bump whenever the method's output bytes change; part of every cache key.
+    """
+
+    name: str
+    summary: str
+    description: str
+    loss: Callable[..., Any] | str | None = None
+    augment: Callable[..., Any] | str | None = None
+    needs_bn: bool = False
+    uses_logits: bool = False
+    class_targets: bool = False
+    iters: int = 200
+    lr: float = 1.0
+    hyperparameters: tuple[str, ...] = ()
+    version: int = 1
+
+    @property
+    def optimised(self) -> bool:
+        return self.loss is not None
+
+
+SYNTH_METHODS: Registry[SynthMethod] = Registry("synthesis method", "method")
+
+
+def register_synth_method(method: SynthMethod, *, overwrite: bool = False) -> SynthMethod:
+    """Add a synthesis method (see :class:`SynthMethod`)."""
+    return SYNTH_METHODS.register(method, overwrite=overwrite)
+
+
+def methods_for(has_bn: bool) -> list[str]:
+    """Names of the methods that work for a model with (or without) BatchNorm layers."""
+    return SYNTH_METHODS.names(lambda m: has_bn or not m.needs_bn)
+
+
+register_synth_method(SynthMethod(
+    "gaussian",
+    summary="Gaussian noise in the normalised input space (the paper's baseline)",
+    description="Random inputs drawn from N(0, 1) in the model's normalised input space and clipped to the valid "
+                "pixel range: the paper's baseline. Labels are the model's predictions.",
+    iters=0, lr=0.0))
+register_synth_method(SynthMethod(
+    "inception",
+    summary="maximise a target class logit under image priors (TV, L2, jitter, flips)",
+    description="Inputs optimised (Adam) to maximise a target class logit under image priors: total variation, an "
+                "L2 penalty, random jitter and horizontal flips. Targets are spread evenly over the classes.",
+    loss="hub_dfq.synth.objectives:inception_loss", augment="hub_dfq.synth.priors:jitter_flip",
+    uses_logits=True, class_targets=True, lr=0.1, hyperparameters=("tv_weight", "l2_weight", "jitter", "flip")))
+register_synth_method(SynthMethod(
+    "bns",
+    summary="match every BN layer's running mean and variance (BN-Statistics)",
+    description="Inputs optimised (Adam) so that, at the input of every BatchNorm layer, the batch's per-channel mean "
+                "and standard deviation match the layer's running statistics (BN-Statistics). Labels are the model's "
+                "predictions.",
+    loss="hub_dfq.synth.objectives:bns_loss", needs_bn=True))
+register_synth_method(SynthMethod(
+    "bns+i",
+    summary="BN-Statistics plus cross-entropy towards class-balanced targets (BNS+I)",
+    description="BN-Statistics plus a cross-entropy term towards class-balanced target labels (BNS+I).",
+    loss="hub_dfq.synth.objectives:bns_inception_loss", needs_bn=True, uses_logits=True, class_targets=True,
+    hyperparameters=("ce_weight",)))
+
+
+@dataclass(frozen=True)
+class BNLossSpec:
+    """A distance between a layer's running statistics and a batch's moments (the BNS loss).
+
+    Args:
+        name: what users type (``--loss NAME``).
+        summary: one line for the CLI help, the card and the docs.
+        layer_term: ``(running_mean, running_var, mean, var) -> 0-d tensor``, one layer's loss (per-channel
+            float tensors), or its ``"module:attribute"`` path. The loss of a batch is the sum over layers.
+        version: bump whenever the term's values change; part of every cache key.
+    """
+
+    name: str
+    summary: str
+    layer_term: Callable[..., Any] | str
+    version: int = 1
+
+
+BN_LOSSES: Registry[BNLossSpec] = Registry("BN loss", "loss")
+
+
+def register_bn_loss(loss: BNLossSpec, *, overwrite: bool = False) -> BNLossSpec:
+    """Add a BN-statistics loss (see :class:`BNLossSpec`)."""
+    return BN_LOSSES.register(loss, overwrite=overwrite)
+
+
+register_bn_loss(BNLossSpec(
+    "kl", "KL divergence between N(running mean, running var) and N(batch mean, batch var), averaged over channels "
+          "and summed over layers (the paper's)",
+    layer_term="hub_dfq.synth.bns:kl_term"))
+register_bn_loss(BNLossSpec(
+    "l2", "ZeroQ's ||mu - mu_batch||_2 + ||sigma - sigma_batch||_2 per layer, summed over layers",
+    layer_term="hub_dfq.bnstats:zeroq_l2"))
