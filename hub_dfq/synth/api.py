@@ -138,6 +138,9 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
         manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
     features = features_for(model.labels)
     generator = BatchGenerator(model, config)
+    # The manifest exists before the first shard: a run killed at any moment can be resumed (a shard written
+    # but not yet recorded is simply generated again).
+    write_manifest(folder, manifest)
     todo = [i for i in range(total) if i not in done]
     rows_done = sum(len(config.shard_rows(i)) for i in done)
     bar = _progress(config, rows_done, progress)
