@@ -73,7 +73,8 @@ def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, ca
     summary = json.loads((tmp_path / "q.json").read_text())
     assert summary["pushed"].endswith(model_repo) and summary["quant_top1"] > 50
     files = {k: v for k, v in hub.list_files(model_repo).items() if k != ".gitattributes"}
-    assert files == {p.name: p.read_bytes() for p in out.iterdir()}  # what was saved is what was pushed
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".hub-dfq.json"}  # the marker stays local
+    assert files == saved  # what was saved is what was pushed, byte for byte
     assert "model.onnx" in files
     card = ModelCard.load(model_repo)
     assert "hub-dfq quantize " + base_repo in card.text and "--push-dataset" in card.text

@@ -92,7 +92,7 @@ def test_quantized_model_predicts_and_saves(model, tmp_path, real_128):
     assert qmodel.predict([image])[0] in model.labels
     out = hub_dfq.save_pretrained(qmodel, tmp_path / "q")
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
-    with pytest.raises(hub_dfq.HubDfqError, match="not empty"):
+    with pytest.raises(hub_dfq.HubDfqError, match="already holds a quantized checkpoint"):
         hub_dfq.save_pretrained(qmodel, tmp_path / "q")
 
 

@@ -169,7 +169,13 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("data/train-*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+        def shards_done() -> int:  # generation.json lists a shard once it is complete
+            try:
+                return len(manifest(out)["shards"])
+            except (OSError, ValueError):
+                return 0
+
+        while not shards_done() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -187,10 +193,12 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
 def test_half_written_shard_is_never_seen(model, tmp_path):
     config = SynthConfig(method="gaussian", num_images=16, batch_size=8, shard_size=8)
     generate_folder(model, config, tmp_path / "o", progress=False, stop_after_shards=1)
-    (tmp_path / "o" / "data" / ".train-00001-of-00002.parquet.tmp").write_bytes(b"half a shard")
+    # what a killed run leaves (temporaries are named per process), and a file of the user's that looks alike
+    (tmp_path / "o" / "data" / ".train-00001-of-00002.parquet.4194304.hub-dfq.tmp").write_bytes(b"half a shard")
+    (tmp_path / "o" / "data" / ".notes.tmp").write_bytes(b"not ours")
     generate_folder(model, config, tmp_path / "o", resume=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "o" / "data").iterdir()) == [
-        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+        ".notes.tmp", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
 
 
 def test_output_folder_of_another_run_is_refused(model, tmp_path):
@@ -311,6 +319,7 @@ def test_push_to_hub_is_one_commit_identical_to_the_folder(model, tmp_path, hub)
                token=WRITE_TOKEN)
     remote = {k: v for k, v in hub.list_files(repo_id, "dataset").items() if k != ".gitattributes"}
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert local.pop(".hub-dfq.json")  # hub-dfq's list of the files it wrote stays local
     assert remote == local
     assert len(hub.commits(repo_id, "dataset")) == 2  # the Hub's initial commit + ours
     assert f'load_dataset("{repo_id}"' in local["README.md"].decode()
