@@ -176,6 +176,20 @@ class OutputFolder:
         return self.state == "ours"
 
 
+def _check_location(path: str | os.PathLike[str], argument: str) -> Path:
+    """What does not depend on the folder's content: a safe place, not a file, room beside it. Returns the path."""
+    target = _abs(path)
+    _refuse_unsafe(target, argument)
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target} is a file: `{argument}` must name a folder (new, empty, or one hub-dfq "
+                                "wrote)")
+    if target.exists():
+        _probe(target.parent, argument)  # the staging folder and the lock go beside the target
+    else:
+        _probe(_existing_ancestor(target.parent), argument)
+    return target
+
+
 def check_folder(path: str | os.PathLike[str], *, kind: str, overwrite: bool = False, resume: bool = False,
                  argument: str = "out_dir", owned: bool = False) -> OutputFolder:
     """Validate an output folder before any work: see the module docstring for the rules.
@@ -194,15 +208,9 @@ def check_folder(path: str | os.PathLike[str], *, kind: str, overwrite: bool = F
             earlier result and neither ``overwrite`` nor ``resume``.
         OutputWriteError: the folder (or where it would be created) is not writable.
     """
-    target = _abs(path)
-    _refuse_unsafe(target, argument)
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"{target} is a file: `{argument}` must name a folder (new, empty, or one hub-dfq "
-                                "wrote)")
+    target = _check_location(path, argument)
     if not target.exists():
-        _probe(_existing_ancestor(target.parent), argument)
         return OutputFolder(target, kind, "absent", argument)
-    _probe(target.parent, argument)  # the staging folder and the lock go beside the target
     names = sorted(entry.name for entry in os.scandir(target))
     if not names:
         _probe(target, argument)
@@ -421,6 +429,8 @@ def _recover(target: Path) -> None:
         else:
             _discard_old(old, target)
     for new in _leftovers(target, _NEW):
+        if new.name.endswith(f"-{os.getpid()}"):
+            continue  # this process's own staging folder (a re-entrant reservation)
         marker = read_marker(new)
         if marker is not None and marker.get("staging") or not any(os.scandir(new)):
             shutil.rmtree(new)  # an unfinished staging folder of a killed run
@@ -431,18 +441,19 @@ def _recover(target: Path) -> None:
 @contextmanager
 def reserve_folder(path: str | os.PathLike[str], *, kind: str, overwrite: bool = False, resume: bool = False,
                    argument: str = "out_dir", owned: bool = False) -> Iterator[OutputFolder]:
-    """Validate an output folder (:func:`check_folder`) and hold its lock while the block runs.
+    """Hold an output folder's lock while the block runs, and validate it (:func:`check_folder`).
 
-    What a killed run left beside the folder is repaired first (a folder moved aside is put back,
-    unfinished staging folders are removed). Re-entrant: the CLI reserves ``--out`` before any work
-    and the library reserves it again when it writes.
+    The place is checked first (a safe path, not a file, writable beside it), then the lock is taken
+    (so a second writer is told which process writes the folder), then what a killed run left beside
+    the folder is repaired (a folder moved aside is put back, unfinished staging folders are removed),
+    then the folder's content is checked. Re-entrant: the CLI reserves ``--out`` before any work and
+    the library reserves it again when it writes.
 
     Raises:
         OutputLockedError: another running process writes the folder.
         (and everything :func:`check_folder` raises)
     """
-    check_folder(path, kind=kind, overwrite=overwrite, resume=resume, argument=argument, owned=owned)
-    target = _abs(path)
+    target = _check_location(path, argument)  # then the lock: a second writer hears who is writing, first
     with hold(target, what=f"output folder of {KINDS[kind]}" if not owned else "cache entry", argument=argument):
         with write_errors(target):
             _recover(target)
