@@ -43,7 +43,8 @@ def test_push_model_and_dataset_then_reload(hub, base_repo, tmp_path):
     assert len(hub.commits(model_repo)) == 2  # the Hub's initial commit + one upload
 
     folder = snapshot_download(model_repo, cache_dir=tmp_path / "cache")
-    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in __import__("pathlib").Path(folder).iterdir()}
+    names = {p.name for p in __import__("pathlib").Path(folder).iterdir()}
+    assert {"model.safetensors", "config.json", "README.md"} <= names
     config = json.loads(open(hf_hub_download(model_repo, "config.json", cache_dir=tmp_path / "c2")).read())
     assert config["quantization_config"]["calibration"]["repo_id"] == data_repo
     assert "folder" not in config["quantization_config"]["calibration"]  # no local paths published

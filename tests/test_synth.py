@@ -228,10 +228,12 @@ def test_bad_arguments(model, tmp_path):
 
 
 def no_bn_model() -> VisionModel:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 3))
     torch.manual_seed(0)
     preprocess = Preprocess(input_size=(3, 8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    return VisionModel(module, preprocess, ["a", "b", "c"], ModelSource(spec="tiny-no-bn", library="timm", architecture="tiny"))
+    source = ModelSource(spec="tiny-no-bn", library="timm", architecture="tiny")
+    return VisionModel(module, preprocess, ["a", "b", "c"], source)
 
 
 def test_model_without_batchnorm(tmp_path):
