@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
-from .errors import DatasetError, ImageDecodeError
+from .errors import DatasetError, HubDfqError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,26 @@ def _pick_split(dd: dict, split: str | None, spec: str) -> tuple[Any, str]:
     return dd[names[0]], names[0]
 
 
+def _load_checked(spec: str, **kwargs: Any) -> Any:
+    """:func:`_load` with what ``datasets`` and pyarrow raise on unusable local data said as a :class:`DatasetError`."""
+    try:
+        return _load(spec, **kwargs)
+    except HubDfqError:
+        raise
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise DatasetError(f"cannot read {spec} ({type(cause).__name__}: {cause}): check that it holds parquet "
+                           "files or images") from err
+    except datasets.data_files.EmptyDatasetError as err:
+        raise DatasetError(f"{spec} holds no data files (no parquet files, no images): use {_SPELLINGS}") from err
+    except pa.ArrowInvalid as err:
+        raise DatasetError(f"{spec} is not a readable parquet file ({err})") from err
+    except ValueError as err:
+        if "corresponds to no data" in str(err):
+            raise DatasetError(f"{spec} is empty: it has no rows") from err
+        raise DatasetError(f"cannot load dataset {spec}: {err}") from err
+
+
 def _load(spec: str, *, split, config, revision, streaming, token, data_dir) -> Any:
     kwargs: dict[str, Any] = {"streaming": streaming}
     if spec == "default":
@@ -117,6 +138,8 @@ def _load(spec: str, *, split, config, revision, streaming, token, data_dir) -> 
     path = Path(spec).expanduser()
     if path.is_dir():
         return datasets.load_dataset(str(path), name=config, data_dir=data_dir, **kwargs)
+    if path.is_file():
+        raise DatasetError(f"{spec} is a file but not a .parquet file: use {_SPELLINGS}")
     if os.sep in spec and not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise DatasetError(f"dataset folder {spec} does not exist")
     try:
@@ -201,8 +224,9 @@ def load_images(
     if isinstance(spec, (datasets.Dataset, datasets.IterableDataset)):
         ds, name, chosen = spec, f"<{type(spec).__name__}>", split
     else:
-        name = "<DatasetDict>" if isinstance(spec, (datasets.DatasetDict, datasets.IterableDatasetDict)) else os.fspath(spec)
-        loaded = spec if not isinstance(spec, (str, os.PathLike)) else _load(
+        is_dict = isinstance(spec, (datasets.DatasetDict, datasets.IterableDatasetDict))
+        name = "<DatasetDict>" if is_dict else os.fspath(spec)
+        loaded = spec if not isinstance(spec, (str, os.PathLike)) else _load_checked(
             name, split=split, config=dataset_config, revision=revision, streaming=streaming, token=token,
             data_dir=data_dir)
         if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -215,7 +239,8 @@ def load_images(
         features = ds.features
     image_col = _detect_column(features, image_column, "image", name, required=True)
     label_col = _detect_column(features, label_column, "label", name, required=False)
-    label_names = features[label_col].names if label_col and isinstance(features[label_col], datasets.ClassLabel) else None
+    is_class_label = label_col is not None and isinstance(features[label_col], datasets.ClassLabel)
+    label_names = features[label_col].names if is_class_label else None
     if isinstance(features[image_col], datasets.Image) and features[image_col].decode:
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
     if limit is not None:

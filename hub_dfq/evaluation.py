@@ -30,6 +30,19 @@ def label_mapping(model_labels: list[str], data_labels: list[str] | None) -> tor
         return None
 
 
+def _check_labels(batch, data: ImageData, num_classes: int, *, mapped: bool) -> None:
+    """Refuse labels the model cannot predict: counted as wrong answers they would silently lower the accuracy."""
+    bound = num_classes if not mapped else len(data.label_names or [])
+    bad = (batch.labels < 0) | (batch.labels >= bound)
+    if bool(bad.any()):
+        where = int(bad.nonzero()[0, 0])
+        label, row = int(batch.labels[where]), batch.indices[where]
+        what = "has no label" if label == -1 else f"has label {label}"
+        raise DatasetError(f"row {row} of {data.spec} {what}, but the model has {num_classes} classes (labels "
+                           f"0-{num_classes - 1}): pass labelled images of the model's classes (or name the right "
+                           "column with `label_column`)")
+
+
 @torch.inference_mode()
 def evaluate_accuracy(
     model: VisionModel,
@@ -54,12 +67,13 @@ def evaluate_accuracy(
         ``{"top1": .., "top5": .., "n": .., "skipped": ..}``.
 
     Raises:
-        DatasetError: the dataset has no label column.
+        DatasetError: the dataset has no label column, a label outside the model's classes, or no readable image.
     """
     if not isinstance(data, ImageData):
         data = load_images(data, token=token)
     if data.label_column is None:
-        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with `label_column`)")
+        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with "
+                           "`label_column`)")
     remap = label_mapping(model.labels, data.label_names)
     forward = forward or model.module
     device = model.device
@@ -71,6 +85,7 @@ def evaluate_accuracy(
         bar.update(len(batch.indices) + len(batch.skipped))
         if not batch.indices:
             continue
+        _check_labels(batch, data, model.num_classes, mapped=remap is not None)
         labels = batch.labels if remap is None else remap[batch.labels]
         logits = forward(batch.pixel_values.to(device)).float().cpu()
         topk = logits.topk(k, dim=-1).indices

@@ -84,9 +84,17 @@ def test_output_folder_is_not_overwritten(tmp_path, default_model, calibration):
     qmodel = quantized(default_model, 8, 8, calibration)
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # a folder hub-dfq did not write is never written into or replaced
+        with pytest.raises(OutputExistsError, match="did not write"):
+            save_pretrained(qmodel, tmp_path / "q", overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "q").iterdir()] == ["keep.txt"]
+    save_pretrained(qmodel, tmp_path / "ours")
     with pytest.raises(OutputExistsError, match="`overwrite=True`"):
-        save_pretrained(qmodel, tmp_path / "q")
-    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+        save_pretrained(qmodel, tmp_path / "ours")
+    (tmp_path / "ours" / "keep.txt").write_text("mine too")
+    save_pretrained(qmodel, tmp_path / "ours", overwrite=True)  # replaces what it wrote, keeps the rest
+    assert (tmp_path / "ours" / "keep.txt").read_text() == "mine too"
+    assert (tmp_path / "ours" / "model.safetensors").is_file()
 
 
 @pytest.fixture

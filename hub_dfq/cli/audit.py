@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..audit.registry import DIVERGENCES
-from ..errors import OutputExistsError
+from ..outputs import reserve_folder
 from .options import (
     add_common_options,
     add_dataset_options,
     add_model_arguments,
-    check_json_path,
     model_kwargs,
     write_json,
 )
@@ -24,7 +22,8 @@ def register(sub) -> None:
         "the layer's running statistics. Prints a ranking; --out writes audit.json, audit.md and a per-layer plot.")
     add_model_arguments(parser)
     parser.add_argument("data", nargs="+", metavar="DATA",
-                        help="datasets to audit: 'default', a Hub dataset id, parquet:PATH, a .parquet file or a folder")
+                        help="datasets to audit: 'default', a Hub dataset id, parquet:PATH, a .parquet file or a "
+                        "folder")
     add_dataset_options(parser, flag=None)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--score-batch", type=int, default=64,
@@ -40,29 +39,34 @@ def register(sub) -> None:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (default 200, 0 = no CI)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the references and the bootstrap (default 0)")
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference points")
-    parser.add_argument("--out", dest="out_dir", help="write audit.json, audit.md and audit_layers.png into this folder")
+    parser.add_argument("--out", dest="out_dir",
+                        help="write audit.json, audit.md and audit_layers.png as this folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
     add_common_options(parser, json_help="also write the JSON report to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check ``--out`` and hold its lock for the whole audit (before the model is loaded), then audit."""
+    if not args.out_dir:
+        return _run(args)
+    with reserve_folder(args.out_dir, kind="audit", overwrite=args.overwrite):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` free of torch and datasets
     from ..audit.core import audit
     from ..audit.report import json_safe
     from ..models.loader import load_model
 
-    if args.out_dir and (Path(args.out_dir) / "audit.json").exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out_dir} already holds an audit (audit.json): pass `overwrite=True` or "
-                                "another `out_dir`")
-    check_json_path(args.json)
     model = load_model(args.model, **model_kwargs(args))
     report = audit(
         model, args.data, limit=args.limit, batch_size=args.batch_size, score_batch=args.score_batch,
         metric=args.metric, references=args.references, reference_images=args.reference_images,
         reference_iters=args.reference_iters, bootstrap=args.bootstrap, seed=args.seed, split=args.split,
         image_column=args.image_column, streaming=args.streaming, cache=args.cache, out_dir=args.out_dir,
-        progress=args.progress, token=args.token,
+        overwrite=args.overwrite, progress=args.progress, token=args.token,
     )
     if args.json != "-":  # keep stdout parseable
         print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "

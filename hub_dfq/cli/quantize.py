@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, PublishError
+from ..outputs import reserve_folder
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import SYNTH_METHODS
 from .options import (
     add_common_options,
     add_model_arguments,
-    check_json_path,
     choices_help,
     model_kwargs,
     write_json,
@@ -73,7 +73,8 @@ def register(sub) -> None:
     parser.add_argument("--act-observer", choices=ACT_OBSERVERS.names(), default="mse",
                         help="activation ranges: " + choices_help(ACT_OBSERVERS, "mse"))
     parser.add_argument("--override", dest="overrides", action="append", type=_override, default=[],
-                        metavar="GLOB:FIELD=V,...", help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
+                        metavar="GLOB:FIELD=V,...",
+                        help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
@@ -83,7 +84,8 @@ def register(sub) -> None:
     parser.add_argument("--eval-split", help="split of the evaluation dataset")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N images only")
     parser.add_argument("--out", dest="out_dir", help="save the quantized model to this folder (a Hub model repo)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint hub-dfq saved in --out (other files there are kept)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (integer kernels in ONNX Runtime) to --out / the pushed repo, "
                         "and report its top-1 next to the PyTorch model's")
@@ -108,11 +110,25 @@ def _eval_spec(args: argparse.Namespace, model) -> str | None:
     return "default" if list(model.labels) == embedded_sample_labels() else None
 
 
+def _check_count(value: int | None, name: str, what: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"`{name}` must be a positive number of {what}, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Check every argument and output first, hold the lock of ``--out`` for the whole run, then quantize."""
+    _check_count(args.calibration_images, "calibration_images", "calibration images")
+    _check_count(args.eval_limit, "eval_limit", "evaluation images")
+    if not args.out_dir:
+        return _run(args)
+    with reserve_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite):  # before minutes of work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` free of torch, timm and datasets
     from ..data import load_images
     from ..evaluation import evaluate_accuracy
-    from ..hub.mixin import check_out_dir
     from ..models.loader import load_model
     from ..quant.api import quantize
     from ..quant.data import is_synthetic
@@ -125,9 +141,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset_repo and not is_synthetic(args.calibration):
         raise ConfigError("`dataset_repo` publishes synthetic calibration data; with real data "
                           f"({args.calibration}) there is nothing to publish")
-    if args.out_dir:  # before minutes of work, not after
-        check_out_dir(args.out_dir, overwrite=args.overwrite)
-    check_json_path(args.json)
     start = time.perf_counter()
     model = load_model(args.model, **model_kwargs(args))
     eval_spec = _eval_spec(args, model)
@@ -183,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _onnx_accuracy(qmodel, data, *, progress: bool) -> dict:
-    """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the same)."""
+    """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the
+    same)."""
     from ..backends.onnx import (  # why: onnx and onnxruntime load only when asked for
         export_onnx,
         load_onnx,
@@ -233,7 +247,8 @@ def _render(summary: dict, qmodel) -> str:
         drop = summary["fp_top1"] - summary["quant_top1"]
         lines.append(f"top-1 on {summary['eval']} ({summary['eval_n']} images): full precision "
                      f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)"
-                     + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%" if summary.get("onnx_top1") is not None else ""))
+                     + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%"
+                        if summary.get("onnx_top1") is not None else ""))
     if summary.get("eval_note"):
         lines.append(summary["eval_note"])
     lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..outputs import reserve_folder
 from ..synth.registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS
 from .options import (
     add_common_options,
@@ -31,11 +32,13 @@ def register(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--shard-size", type=int, default=1024, help="rows per parquet shard (default 1024)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="bf16 or fp32 arithmetic in the loop (default auto: bf16 where the hardware is fast at it)")
+                        help="bf16 or fp32 arithmetic in the loop (default auto: bf16 where the hardware is fast "
+                        "at it)")
     parser.add_argument("--out", dest="out_dir", required=True, help="output folder (a Hub dataset repository)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run with the same arguments")
-    group.add_argument("--overwrite", action="store_true", help="replace another run's files in --out")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the dataset hub-dfq wrote in --out (other files there are kept)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push the folder to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     add_common_options(parser)
@@ -43,13 +46,19 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the arguments and ``--out`` and hold its lock for the whole run, then synthesize."""
+    if args.private and not args.push_to_hub:
+        raise ConfigError("`private` only applies with `push_to_hub`")
+    with reserve_folder(args.out_dir, kind="dataset", overwrite=args.overwrite, resume=args.resume):  # before work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` free of torch
     from ..models.loader import load_model
     from ..synth.api import synthesize_folder
     from ..synth.writer import read_manifest
 
-    if args.private and not args.push_to_hub:
-        raise ConfigError("`private` only applies with `push_to_hub`")
     model = load_model(args.model, **model_kwargs(args))
     folder = synthesize_folder(model, args.method, args.num_images, iters=args.iters, batch_size=args.batch_size,
                                loss=args.loss, lr=args.lr, seed=args.seed, out_dir=args.out_dir, resume=args.resume,

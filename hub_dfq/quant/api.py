@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -194,9 +195,10 @@ def quantize(
         state = RunState.for_run(version=PIPELINE_VERSION, run=run_fingerprint)
     context = AlgorithmContext(module=gm, node_blocks=prepared.node_blocks, data=data, settings=run_settings,
                                seed=seed, progress=progress, state=state, settings_of=settings_for)
-    history = run_algorithm(algorithm, context)
-    if state is not None:
-        state.clear()  # the model is complete: nothing left to resume
+    with state.locked() if state is not None else contextlib.nullcontext():
+        history = run_algorithm(algorithm, context)
+        if state is not None:
+            state.clear()  # the model is complete: nothing left to resume
     freeze_weights(gm)
     gm.eval()
     timings["total"] = time.perf_counter() - start

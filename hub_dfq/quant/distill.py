@@ -58,8 +58,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.init not in ("calibrate", "reconstruct"):
             raise ConfigError(f"distillation init must be 'calibrate' or 'reconstruct', got {self.init!r}")
-        if self.iters < 0 or self.batch_size <= 0 or self.temperature <= 0:
-            raise ConfigError("distillation needs iters >= 0, batch_size > 0 and temperature > 0")
+        if self.iters <= 0 or self.batch_size <= 0 or self.temperature <= 0:
+            raise ConfigError(f"distillation needs `iters` > 0, `batch_size` > 0 and a temperature > 0, got "
+                              f"{self.iters}, {self.batch_size}, {self.temperature}: with no step the model is only "
+                              "calibrated (use algorithm 'calibrate' for that)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,7 +111,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         layer.weight.requires_grad_(True)
         weight_groups.append({"params": [layer.weight], "lr": cfg.lr_weight * step})
         layer.weight_quantizer.scale.requires_grad_(True)
-    scale_params = [l.weight_quantizer.scale for l in layers] + [q.scale for q in acts]
+    scale_params = [layer.weight_quantizer.scale for layer in layers] + [q.scale for q in acts]
     for q in acts:
         q.scale.requires_grad_(True)
     optimizer = torch.optim.Adam(weight_groups + [{"params": scale_params, "lr": cfg.lr_scale}])
@@ -125,8 +127,8 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         generator.set_state(saved["generator"])
         losses, start = list(saved["losses"]), int(saved["steps_done"])
         logger.warning("resuming distillation at step %d of %d (saved in %s)", start, cfg.iters, state.folder)
-    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress_enabled(progress), leave=False, initial=start,
-               total=cfg.iters)
+    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress_enabled(progress), leave=False,
+               initial=start, total=cfg.iters)
     try:
         for step in bar:
             idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)

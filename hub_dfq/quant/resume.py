@@ -6,22 +6,26 @@ key is :func:`hub_dfq.fingerprint.fingerprint` of everything that determines the
 weights, the quantization config, the algorithm, its version and settings, the calibration tensor,
 the seed, the device type), so a rerun of the same command picks the saved state up and finishes
 with the same bytes as an uninterrupted run; any other run starts fresh. :func:`hub_dfq.quantize`
-deletes the state once the model is complete.
+deletes the state once the model is complete. A run holds the lock of its state folder
+(:mod:`hub_dfq.locks`): the same run started twice at once is refused with the other's pid, never mixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..cache import cache_root
 from ..fingerprint import fingerprint
+from ..locks import hold
+from ..outputs import temp_path
 from .modules import quant_layers
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,16 @@ class RunState:
         """The state folder of the run that ``parts`` determine (see :func:`hub_dfq.fingerprint.fingerprint`)."""
         return cls(cache_root("quantize") / fingerprint("quantize", version=version, **parts))
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["RunState"]:
+        """Hold this run's lock while it reads and saves its state.
+
+        Raises:
+            OutputLockedError: another process runs the same quantization right now.
+        """
+        with hold(self.folder, what="saved progress of this quantization run"):
+            yield self
+
     def _file(self, stage: str) -> Path:
         return self.folder / f"{stage}.pt"
 
@@ -61,12 +75,24 @@ class RunState:
             return None
 
     def save(self, stage: str, state: dict[str, Any]) -> None:
-        """Write ``state`` atomically: an interruption leaves the previous state, never half a file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` atomically: an interruption leaves the previous state, never half a file.
+
+        A failed save (disk full) is logged and the run goes on: it only loses the chance to resume.
+        """
         path = self._file(stage)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
-        os.replace(partial, path)
+        partial = temp_path(path)  # per process: a concurrent run never removes ours
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(state, partial)
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as err:  # torch reports a failed write (disk full) as RuntimeError
+            logger.warning("could not save the progress of %s in %s (%s): an interruption will start this stage "
+                           "again", stage, self.folder, err)
+        finally:
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError as err:
+                logger.warning("could not remove %s: %s", partial, err)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -16,10 +18,12 @@ import torch
 
 from .. import __version__
 from ..cache import cache_root
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
+from ..locks import hold
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
+from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
 from .card import write_card, write_preview
 from .config import Priors, SynthConfig
@@ -27,12 +31,13 @@ from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
 from .publish import push_dataset_folder
 from .registry import BN_LOSSES
 from .writer import (
-    DATA_DIR,
     MANIFEST_FORMAT,
     features_for,
     finished_shards,
-    prepare_folder,
+    planned_files,
     read_manifest,
+    remove_stale_temporaries,
+    resume_manifest,
     shard_name,
     unique_label_names,
     write_manifest,
@@ -93,28 +98,58 @@ def _summary(layers: dict[str, float]) -> dict[str, Any] | None:
 
 def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
                     overwrite: bool = False, progress: bool | None = None, repo_id: str | None = None,
-                    stop_after_shards: int | None = None,
-                    on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    stop_after_shards: int | None = None, on_shard: Callable[[int], None] | None = None,
+                    owned: bool = False) -> dict[str, Any]:
     """Generate (or finish) the dataset folder of one run; returns its manifest (``generation.json``).
+
+    A new or empty folder is written in place, shard by shard, so an interrupted run can be continued
+    (``resume``). Replacing an earlier dataset (``overwrite``) writes the new one beside it and swaps it
+    in when it is complete: an interruption leaves the earlier dataset as it was. The folder is locked
+    for the whole run.
 
     Args:
         model: source model.
         config: run arguments.
         out_dir: output folder (a Hub dataset repository).
         resume: continue a run with the same arguments from its finished shards.
-        overwrite: replace another run's files.
+        overwrite: replace a synthetic dataset hub-dfq wrote there (other files in the folder are kept).
         progress: show a progress bar (``None``: on a terminal).
         repo_id: Hub id the card's loading snippet names (when the folder will be pushed).
         stop_after_shards: generate at most this many new shards and return (for tests of resuming).
         on_shard: called with the index of each shard after it is written.
+        owned: ``out_dir`` is a hub-dfq cache entry (ours by construction, marker or not).
+
+    Raises:
+        ConfigError: ``resume`` with ``overwrite``, or ``stop_after_shards`` with ``overwrite``.
+        OutputExistsError, UnsafeOutputError, OutputWriteError, OutputLockedError: see
+            :func:`hub_dfq.outputs.check_folder`; also a ``resume`` of a run with other arguments.
     """
+    if resume and overwrite:
+        raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
     check_model_supports(model, config.method)
-    folder = Path(out_dir)
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
-    previous = prepare_folder(folder, identity, resume=resume, overwrite=overwrite)
-    for stale in (folder / DATA_DIR).glob(".*.tmp") if (folder / DATA_DIR).is_dir() else ():
-        stale.unlink()  # a temporary file of a killed run: never a finished shard
+    run = dict(model=model, config=config, identity=identity, weights=weights, progress=progress, repo_id=repo_id,
+               stop_after_shards=stop_after_shards, on_shard=on_shard)
+    with reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume, owned=owned) as out:
+        if out.holds_result and overwrite:
+            if stop_after_shards is not None:
+                raise ConfigError("`stop_after_shards` cannot be combined with `overwrite=True` (a replacement is "
+                                  "swapped in only when it is complete)")
+            with staged(out) as staging:
+                return _generate(folder=staging, previous=None, **run)
+        previous = resume_manifest(out.path, identity) if out.holds_result else None
+        declare(out.path, "dataset", planned_files(config.num_shards))
+        remove_stale_temporaries(out.path)
+        try:
+            return _generate(folder=out.path, previous=previous, **run)
+        except OutputWriteError as err:
+            raise OutputWriteError(f"{err} (the finished shards are kept: continue with `resume=True`)") from err
+
+
+def _generate(*, model: VisionModel, config: SynthConfig, folder: Path, previous: dict[str, Any] | None,
+              identity: dict[str, Any], weights: str, progress: bool | None, repo_id: str | None,
+              stop_after_shards: int | None, on_shard: Callable[[int], None] | None) -> dict[str, Any]:
     done = finished_shards(folder, previous)
     total = config.num_shards
     manifest: dict[str, Any] = {
@@ -136,6 +171,7 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     }
     if config.spec.augment is not None:
         manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
+    write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
     features = features_for(model.labels)
     generator = BatchGenerator(model, config)
     # The manifest exists before the first shard: a run killed at any moment can be resumed (a shard written
@@ -239,7 +275,8 @@ def _finish(manifest: dict[str, Any], config: SynthConfig) -> None:
     counts: Counter[str] = Counter()
     for r in shards:
         counts.update({k: v for k, v in r["label_counts"].items()})
-    manifest["label_counts"] = {manifest["label_names"][int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
+    names = manifest["label_names"]
+    manifest["label_counts"] = {names[int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
 def load_folder(folder: str | os.PathLike[str], *, progress: bool | None = None):
@@ -309,7 +346,8 @@ def synthesize_folder(
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
     The result is written as a Hub dataset folder (parquet shards under ``data/``, ``README.md``
-    card, ``preview.png``, ``generation.json``).
+    card, ``preview.png``, ``generation.json``). ``out_dir`` is checked and locked before the model
+    is loaded (see :mod:`hub_dfq.outputs`): it must be new or empty, or hold a dataset hub-dfq wrote.
 
     Args:
         model: a :class:`VisionModel` or a model spec for :func:`hub_dfq.load_model`.
@@ -325,7 +363,8 @@ def synthesize_folder(
             arguments, algorithm versions, precision and device type), so a repeated call loads
             instead of regenerating.
         resume: continue an interrupted run in ``out_dir`` (same arguments required).
-        overwrite: replace another run's files in ``out_dir``.
+        overwrite: replace the dataset hub-dfq wrote in ``out_dir`` (written beside it and swapped in when
+            complete; files hub-dfq did not write there are kept).
         shard_size: rows per parquet shard.
         precision: ``auto``, ``fp32`` or ``bf16``.
         priors: :class:`Priors` (or a dict of its fields) for inception and bns+i.
@@ -342,7 +381,11 @@ def synthesize_folder(
     Raises:
         ConfigError: an unknown method or loss, or a non-positive ``num_images`` or ``iters``.
         UnsupportedModelError: a BN method on a model without BatchNorm layers.
-        OutputExistsError: ``out_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+        OutputExistsError: ``out_dir`` is a file, holds files hub-dfq did not write, or holds another run and
+            neither ``resume`` nor ``overwrite`` is set.
+        UnsafeOutputError: ``out_dir`` is the current folder, a parent of it, the home folder or a root.
+        OutputWriteError: ``out_dir`` cannot be written (read-only, disk full).
+        OutputLockedError: another hub-dfq process is writing ``out_dir`` (or the cache entry).
         DivergedError: the loss became NaN/Inf (nothing of the broken batch is saved).
         PublishError: the push failed (the local folder stays complete).
 
@@ -352,26 +395,52 @@ def synthesize_folder(
     if n is not None:
         warnings.warn("`n` is deprecated: use `num_images`", FutureWarning, stacklevel=2)
         num_images = n
-    if not isinstance(model, VisionModel):
-        model = load_model(model, revision=revision, token=token)
+    if out_dir is None and overwrite:
+        raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
     if isinstance(priors, dict):
         priors = Priors(**priors)
     config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
                          seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
-    check_model_supports(model, config.method)
-    identity = run_identity(model, config)
-    if out_dir is None:
-        if overwrite:
-            raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
-        out_dir = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
-        resume = True  # a cache entry is always ours: finish or reuse it
-    folder = Path(out_dir)
-    existing = _reusable(folder, identity) if resume else None
-    if existing is None:
-        generate_folder(model, config, folder, resume=resume, overwrite=overwrite, progress=progress,
-                        repo_id=push_to_hub)
-    elif push_to_hub:
-        write_card(folder, existing, repo_id=push_to_hub)
-    if push_to_hub:
-        push_dataset_folder(folder, push_to_hub, private=private, token=token)
+    if out_dir is not None:  # checked, and locked, before the model is even loaded
+        reservation = reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume)
+    else:
+        reservation = contextlib.nullcontext()
+    with reservation:
+        if not isinstance(model, VisionModel):
+            model = load_model(model, revision=revision, token=token)
+        check_model_supports(model, config.method)
+        identity = run_identity(model, config)
+        run = dict(progress=progress, repo_id=push_to_hub)
+        if out_dir is None:
+            folder = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
+            with hold(folder, what="synthetic-data cache entry"):
+                _cached(model, config, identity, folder, **run)
+                if push_to_hub:
+                    push_dataset_folder(folder, push_to_hub, private=private, token=token)
+            return folder
+        folder = Path(out_dir)
+        existing = _reusable(folder, identity) if resume else None
+        if existing is None:
+            generate_folder(model, config, folder, resume=resume, overwrite=overwrite, **run)
+        elif push_to_hub:
+            write_card(folder, existing, repo_id=push_to_hub)
+        if push_to_hub:
+            push_dataset_folder(folder, push_to_hub, private=private, token=token)
     return folder
+
+
+def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], folder: Path, *,
+            progress: bool | None, repo_id: str | None) -> None:
+    """Reuse, finish or (if damaged) regenerate the cache entry ``folder`` (call with its lock held)."""
+    existing = _reusable(folder, identity)
+    if existing is not None:
+        if repo_id:
+            write_card(folder, existing, repo_id=repo_id)
+        return
+    if folder.exists():
+        try:
+            resume_manifest(folder, identity)
+        except OutputExistsError as err:  # a damaged entry of our own cache: made again, not a user's problem
+            logger.warning("the cache entry %s is damaged (%s); generating it again", folder, err)
+            shutil.rmtree(folder)
+    generate_folder(model, config, folder, resume=True, owned=True, progress=progress, repo_id=repo_id)
