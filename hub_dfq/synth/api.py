@@ -16,6 +16,7 @@ import torch
 
 from .. import __version__
 from ..cache import cache_root
+from ..distributed import current
 from ..errors import ConfigError
 from ..fingerprint import fingerprint, weights_sha256
 from ..models.loader import load_model
@@ -25,6 +26,7 @@ from .card import write_card, write_preview
 from .config import Priors, SynthConfig
 from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
 from .publish import push_dataset_folder
+from .records import clear_records, merge_records, read_records, write_record
 from .registry import BN_LOSSES
 from .writer import (
     DATA_DIR,
@@ -97,79 +99,124 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
                     on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate (or finish) the dataset folder of one run; returns its manifest (``generation.json``).
 
+    Under ``accelerate launch`` the shards still to do are dealt out over the processes (shard ``i``
+    is the same bytes whichever process makes it, so the folder is the single-process folder); rank 0
+    alone writes ``generation.json``, the preview and the card, and every process returns the manifest.
+
     Args:
         model: source model.
         config: run arguments.
-        out_dir: output folder (a Hub dataset repository).
+        out_dir: output folder (a Hub dataset repository); with several processes, on a filesystem
+            they all share.
         resume: continue a run with the same arguments from its finished shards.
         overwrite: replace another run's files.
         progress: show a progress bar (``None``: on a terminal).
         repo_id: Hub id the card's loading snippet names (when the folder will be pushed).
-        stop_after_shards: generate at most this many new shards and return (for tests of resuming).
+        stop_after_shards: generate at most this many new shards (per process) and return (for tests of resuming).
         on_shard: called with the index of each shard after it is written.
     """
     check_model_supports(model, config.method)
+    dist = current()
     folder = Path(out_dir)
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
-    previous = prepare_folder(folder, identity, resume=resume, overwrite=overwrite)
-    for stale in (folder / DATA_DIR).glob(".*.tmp") if (folder / DATA_DIR).is_dir() else ():
-        stale.unlink()  # a temporary file of a killed run: never a finished shard
-    done = finished_shards(folder, previous)
+    run_key = synth_fingerprint(identity)
+    dist.check_same("synthesis", {**identity, "out_dir": os.fspath(out_dir), "resume": resume, "overwrite": overwrite,
+                                  "repo_id": repo_id, "stop_after_shards": stop_after_shards})
+    dist.check_shared_folder(folder, argument="out_dir")
     total = config.num_shards
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "hub_dfq_version": __version__,
-        "torch_version": torch.__version__,
-        "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "model": _model_record(model, weights),
-        "arguments": config.to_dict(),
-        "label_names": unique_label_names(model.labels),
-        "input_size": list(model.input_size),
-        "num_rows": config.num_images,
-        "num_shards": total,
-        "fingerprint": synth_fingerprint(identity),
-        "algorithm": identity["algorithm"],
-        "device_type": identity["device_type"],
-        "complete": False,
-        "shards": [done[i] for i in sorted(done)],
-    }
-    if config.spec.augment is not None:
-        manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
-    features = features_for(model.labels)
-    generator = BatchGenerator(model, config)
-    todo = [i for i in range(total) if i not in done]
-    rows_done = sum(len(config.shard_rows(i)) for i in done)
-    bar = _progress(config, rows_done, progress)
-    new = 0
-    try:
-        for index in todo:
-            if stop_after_shards is not None and new >= stop_after_shards:
-                break
-            record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
-            manifest["shards"] = sorted(manifest["shards"] + [record], key=lambda r: r["index"])
-            write_manifest(folder, manifest)
-            new += 1
-            if on_shard is not None:
-                on_shard(index)
-    finally:
-        if bar is not None:
-            bar.close()
-    if len(manifest["shards"]) < total:
-        write_manifest(folder, manifest)
+
+    def prepare() -> dict[str, Any]:
+        previous = prepare_folder(folder, identity, resume=resume, overwrite=overwrite)
+        for stale in (folder / DATA_DIR).glob(".*.tmp") if (folder / DATA_DIR).is_dir() else ():
+            stale.unlink()  # a temporary file of a killed run: never a finished shard
+        if previous is None:
+            clear_records(folder)  # records of a replaced run
+        # shards recorded in the manifest, or (after a killed multi-process run) by the rank that made them
+        records = merge_records((previous or {}).get("shards", []), read_records(folder, fingerprint=run_key))
+        done = finished_shards(folder, {"shards": records})
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "hub_dfq_version": __version__,
+            "torch_version": torch.__version__,
+            "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+                      + (f" x {dist.world_size} processes" if dist.enabled else ""),
+            "model": _model_record(model, weights),
+            "arguments": config.to_dict(),
+            "label_names": unique_label_names(model.labels),
+            "input_size": list(model.input_size),
+            "num_rows": config.num_images,
+            "num_shards": total,
+            "fingerprint": run_key,
+            "algorithm": identity["algorithm"],
+            "device_type": identity["device_type"],
+            "complete": False,
+            "shards": [done[i] for i in sorted(done)],
+        }
+        if config.spec.augment is not None:
+            manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
+        if dist.enabled:
+            write_manifest(folder, manifest)  # from the start, so that a run killed at any point resumes
         return manifest
-    _finish(manifest, config)
-    write_manifest(folder, manifest)
-    write_preview(folder, manifest)
-    write_card(folder, manifest, repo_id=repo_id)
-    return manifest
+
+    manifest = dist.run_on_main(prepare)
+    done = {r["index"] for r in manifest["shards"]}
+    todo = [i for i in range(total) if i not in done]
+    mine = todo[dist.rank::dist.world_size]  # round robin: shards take about the same time each
+    if dist.enabled:
+        logger.info("rank %d of %d generates shards %s", dist.rank, dist.world_size, mine or "none (nothing left)")
+    features = features_for(model.labels)
+    generator = BatchGenerator(model, config) if mine else None
+
+    def work() -> list[dict[str, Any]]:
+        # Rank 0's bar counts its own images; in one process that is the whole run, as before.
+        if dist.enabled:
+            bar = _progress(config, 0, progress, total=sum(len(config.shard_rows(i)) for i in mine)) \
+                if dist.is_main else None
+        else:
+            bar = _progress(config, sum(len(config.shard_rows(i)) for i in done), progress)
+        made: list[dict[str, Any]] = []
+        try:
+            for index in mine:
+                if stop_after_shards is not None and len(made) >= stop_after_shards:
+                    break
+                record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
+                made.append(record)
+                if dist.is_main:
+                    others = read_records(folder, fingerprint=run_key) if dist.enabled else []
+                    manifest["shards"] = merge_records(manifest["shards"], [record], others)
+                    write_manifest(folder, manifest)
+                else:
+                    write_record(folder, record, fingerprint=run_key)
+                if on_shard is not None:
+                    on_shard(index)
+        finally:
+            if bar is not None:
+                bar.close()
+        return made
+
+    made_by_rank = dist.together(work)
+
+    def finish() -> dict[str, Any]:
+        manifest["shards"] = merge_records(manifest["shards"], *made_by_rank)
+        if len(manifest["shards"]) < total:
+            write_manifest(folder, manifest)
+            return manifest
+        _finish(manifest, config)
+        write_manifest(folder, manifest)
+        write_preview(folder, manifest)
+        write_card(folder, manifest, repo_id=repo_id)
+        clear_records(folder)  # all of them are in generation.json now
+        return manifest
+
+    return dist.run_on_main(finish)
 
 
-def _progress(config: SynthConfig, initial: int, enabled: bool | None):
+def _progress(config: SynthConfig, initial: int, enabled: bool | None, *, total: int | None = None):
     if not progress_enabled(enabled):
         return None
-    return progress_bar(progress=True, total=config.num_images, initial=initial, unit="img",
-                        desc=f"synth {config.method}")
+    return progress_bar(progress=True, total=config.num_images if total is None else total, initial=initial,
+                        unit="img", desc=f"synth {config.method}")
 
 
 def _generate_shard(generator: BatchGenerator, config: SynthConfig, index: int, total: int, folder: Path, features,
@@ -306,7 +353,9 @@ def synthesize_folder(
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
     The result is written as a Hub dataset folder (parquet shards under ``data/``, ``README.md``
-    card, ``preview.png``, ``generation.json``).
+    card, ``preview.png``, ``generation.json``). Under ``accelerate launch`` the processes share the
+    shards (the folder is byte-identical to a single-process run's) and rank 0 alone writes the card
+    and pushes.
 
     Args:
         model: a :class:`VisionModel` or a model spec for :func:`hub_dfq.load_model`.
@@ -357,18 +406,26 @@ def synthesize_folder(
                          seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
     check_model_supports(model, config.method)
     identity = run_identity(model, config)
+    dist = current()
+    # before anything is written: processes given different arguments would write one folder of two runs
+    dist.check_same("synthesis", {**identity, "out_dir": None if out_dir is None else os.fspath(out_dir),
+                                  "resume": resume, "overwrite": overwrite, "push_to_hub": push_to_hub,
+                                  "private": private})
+    where: dict[str, str] = {"argument": "out_dir"}
     if out_dir is None:
         if overwrite:
             raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
         out_dir = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
         resume = True  # a cache entry is always ours: finish or reuse it
+        where = {"what": "the synthesis cache folder", "hint": " (set HUB_DFQ_CACHE to one, or pass `out_dir`)"}
     folder = Path(out_dir)
-    existing = _reusable(folder, identity) if resume else None
+    dist.check_shared_folder(folder, **where)
+    existing = dist.run_on_main(lambda: _reusable(folder, identity)) if resume else None
     if existing is None:
         generate_folder(model, config, folder, resume=resume, overwrite=overwrite, progress=progress,
                         repo_id=push_to_hub)
     elif push_to_hub:
-        write_card(folder, existing, repo_id=push_to_hub)
-    if push_to_hub:
-        push_dataset_folder(folder, push_to_hub, private=private, token=token)
+        dist.run_on_main(lambda: write_card(folder, existing, repo_id=push_to_hub))
+    if push_to_hub:  # rank 0 alone pushes: one commit
+        dist.run_on_main(lambda: push_dataset_folder(folder, push_to_hub, private=private, token=token))
     return folder
