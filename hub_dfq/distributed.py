@@ -126,7 +126,7 @@ class Distributed:
                 outcome = (False, _describe(err))
         outcome = self.broadcast(outcome)
         if failure is not None:
-            raise failure
+            raise _everywhere(failure)
         ok, value = outcome
         if not ok:
             raise _rebuild(value, rank=0)
@@ -148,7 +148,7 @@ class Distributed:
             failure = err
         outcomes = self.all_gather((True, result) if failure is None else (False, _describe(failure)))
         if failure is not None:
-            raise failure
+            raise _everywhere(failure)
         for rank, (ok, value) in enumerate(outcomes):
             if not ok:
                 raise _rebuild(value, rank=rank)
@@ -159,11 +159,12 @@ class Distributed:
 
         Args:
             what: the job, for the message (``"synthesis"``).
-            values: ``{argument name: value}``; values are compared by ``repr``.
+            values: ``{argument name: value}``; values are compared by ``repr``, nested mappings key by key
+                (named ``outer.inner``).
         """
         if not self.enabled:
             return
-        mine = {key: repr(value) for key, value in values.items()}
+        mine = {key: repr(value) for key, value in _flat(values).items()}
         everyone = self.all_gather(mine)
         reference = everyone[0]
         diffs = []
@@ -322,10 +323,20 @@ def local() -> Iterator[Distributed]:
         _local.depth -= 1
 
 
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # ---- errors across ranks ---------------------------------------------------------------------
 
-def _everywhere(err: Exception) -> Exception:
-    """Mark an error that every rank raises alike (the CLI prints it once, from rank 0)."""
+def _everywhere(err: BaseException) -> BaseException:
+    """Mark an error that every rank raises (the CLI prints it once, from rank 0, and the ranks exit together)."""
     err.raised_on_every_rank = True
     return err
 

@@ -76,6 +76,11 @@ def synth_fingerprint(identity: dict[str, Any]) -> str:
     return fingerprint("synth", version=identity["algorithm"]["loop"], **identity)
 
 
+def _same_everywhere(identity: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """What every process of a launch must agree on, the run's arguments named as the API names them."""
+    return {**identity["arguments"], **{k: v for k, v in identity.items() if k != "arguments"}, **more}
+
+
 def _model_record(model: VisionModel, weights: str) -> dict[str, Any]:
     src = model.source
     return {"spec": src.spec, "repo_id": src.repo_id, "revision": src.revision, "commit": src.commit, "url": src.url,
@@ -121,8 +126,9 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
     run_key = synth_fingerprint(identity)
-    dist.check_same("synthesis", {**identity, "out_dir": os.fspath(out_dir), "resume": resume, "overwrite": overwrite,
-                                  "repo_id": repo_id, "stop_after_shards": stop_after_shards})
+    dist.check_same("synthesis", _same_everywhere(identity, out_dir=os.fspath(out_dir), resume=resume,
+                                                  overwrite=overwrite, repo_id=repo_id,
+                                                  stop_after_shards=stop_after_shards))
     dist.check_shared_folder(folder, argument="out_dir")
     total = config.num_shards
 
@@ -408,9 +414,9 @@ def synthesize_folder(
     identity = run_identity(model, config)
     dist = current()
     # before anything is written: processes given different arguments would write one folder of two runs
-    dist.check_same("synthesis", {**identity, "out_dir": None if out_dir is None else os.fspath(out_dir),
-                                  "resume": resume, "overwrite": overwrite, "push_to_hub": push_to_hub,
-                                  "private": private})
+    dist.check_same("synthesis", _same_everywhere(identity, out_dir=None if out_dir is None else os.fspath(out_dir),
+                                                  resume=resume, overwrite=overwrite, push_to_hub=push_to_hub,
+                                                  private=private))
     where: dict[str, str] = {"argument": "out_dir"}
     if out_dir is None:
         if overwrite:
