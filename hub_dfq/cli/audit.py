@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..audit.registry import DIVERGENCES
 from ..errors import OutputExistsError
+from .launch import add_launch_option, is_main_process, place, relaunch
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -42,21 +43,25 @@ def register(sub) -> None:
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference points")
     parser.add_argument("--out", dest="out_dir", help="write audit.json, audit.md and audit_layers.png into this folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    add_launch_option(parser)
     add_common_options(parser, json_help="also write the JSON report to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch and datasets
-    from ..audit.core import audit
-    from ..audit.report import json_safe
-    from ..models.loader import load_model
-
     if args.out_dir and (Path(args.out_dir) / "audit.json").exists() and not args.overwrite:
         raise OutputExistsError(f"{args.out_dir} already holds an audit (audit.json): pass `overwrite=True` or "
                                 "another `out_dir`")
     check_json_path(args.json)
-    model = load_model(args.model, **model_kwargs(args))
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch and datasets
+    from ..audit.core import audit
+    from ..audit.report import json_safe
+    from ..models.loader import load_model
+
+    model = place(load_model(args.model, **model_kwargs(args)))
     report = audit(
         model, args.data, limit=args.limit, batch_size=args.batch_size, score_batch=args.score_batch,
         metric=args.metric, references=args.references, reference_images=args.reference_images,
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         image_column=args.image_column, streaming=args.streaming, cache=args.cache, out_dir=args.out_dir,
         progress=args.progress, token=args.token,
     )
+    if not is_main_process():  # every process has the same report: rank 0 prints it
+        return 0
     if args.json != "-":  # keep stdout parseable
         print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "
               f"metric {args.metric}); lower divergence = closer to the training data")

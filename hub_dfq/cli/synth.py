@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import ConfigError
 from ..synth.registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS
+from .launch import add_launch_option, is_main_process, place, relaunch
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -19,7 +20,8 @@ def register(sub) -> None:
     parser = sub.add_parser(
         "synth", help="generate synthetic calibration images from a model (" + ", ".join(SYNTH_METHODS.names()) + ")",
         description="Generate images from nothing but the model and write them as a Hub dataset folder "
-        "(data/*.parquet, README.md card, preview.png, generation.json).")
+        "(data/*.parquet, README.md card, preview.png, generation.json). Under `accelerate launch -m hub_dfq synth` "
+        "(or with --num-processes) the processes share the shards; the folder is the same bytes.")
     add_model_arguments(parser)
     parser.add_argument("--method", choices=SYNTH_METHODS.names(), default="bns",
                         help="generation method: " + choices_help(SYNTH_METHODS, "bns"))
@@ -38,19 +40,23 @@ def register(sub) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace another run's files in --out")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push the folder to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    add_launch_option(parser)
     add_common_options(parser)
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch
+    if args.private and not args.push_to_hub:
+        raise ConfigError("`private` only applies with `push_to_hub`")
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch
     from ..models.loader import load_model
     from ..synth.api import synthesize_folder
     from ..synth.writer import read_manifest
 
-    if args.private and not args.push_to_hub:
-        raise ConfigError("`private` only applies with `push_to_hub`")
-    model = load_model(args.model, **model_kwargs(args))
+    model = place(load_model(args.model, **model_kwargs(args)))
     folder = synthesize_folder(model, args.method, args.num_images, iters=args.iters, batch_size=args.batch_size,
                                loss=args.loss, lr=args.lr, seed=args.seed, out_dir=args.out_dir, resume=args.resume,
                                overwrite=args.overwrite, shard_size=args.shard_size, precision=args.precision,
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         text += f"; BN divergence ({div.get('metric')}) {start:.4g} -> {end:.4g}"
     if manifest.get("wall_time_s") is not None:
         text += f"; {manifest['wall_time_s']:.1f} s"
+    if not is_main_process():  # every process has the same result: rank 0 reports it
+        return 0
     if args.json != "-":
         print(text)
         if args.push_to_hub:
