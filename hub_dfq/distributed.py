@@ -111,8 +111,9 @@ class Distributed:
     def run_on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and return its result on every rank.
 
-        If ``fn`` raises on rank 0, every rank raises the same error (the same class for hub-dfq's
-        and Python's own errors), so no rank waits forever for a rank that failed.
+        ``fn`` sees a single-process view (:func:`local`): verbs it calls do not wait for the other
+        ranks. If ``fn`` raises on rank 0, every rank raises the same error (the same class for
+        hub-dfq's and Python's own errors), so no rank waits forever for a rank that failed.
         """
         if not self.enabled:
             return fn()
@@ -120,7 +121,8 @@ class Distributed:
         failure: BaseException | None = None
         if self.is_main:
             try:
-                outcome = (True, fn())
+                with local():
+                    outcome = (True, fn())
             except Exception as err:  # noqa: BLE001 - re-raised below on this rank and rebuilt on the others
                 failure = err
                 outcome = (False, _describe(err))

@@ -23,7 +23,7 @@ from hub_dfq.distributed import current
 
 AUDIT = dict(batch_size=32, score_batch=64, bootstrap=50, references="auto", reference_images=16,
              reference_iters=5, cache=False, progress=False)
-DISTILL = dict(weights=4, activations=8, algorithm="distill", settings={"distill": {"iters": 60, "batch_size": 16}},
+DISTILL = dict(weights=4, activations=8, algorithm="distill", settings={"distill": {"iters": 12, "batch_size": 16}},
                resume=False, progress=False)
 
 

@@ -259,15 +259,14 @@ def test_audit_eval_and_distillation_on_two_processes_equal_one_process(model, c
                                                                progress=False)
     assert len(one["candidates"][0]["batch_scores"]) == 9 - 2  # 9 full score batches, 2 with an unreadable row
     assert [r["wrote_report"] for r in ranks] == [True, True]  # one shared folder, written by rank 0
-    # distillation: the data-parallel processes end with one model; the loss is the whole batch's (step 0: the
-    # same model and batch as in one process) and falls. Later steps differ in rounding only, which Adam and the
-    # straight-through rounding amplify, so they are not compared.
+    # distillation: the data-parallel processes end with one model (each computed the loss on its half of every
+    # batch: without DDP's gradient average they would drift apart), and the logged loss is the whole batch's
+    # (step 0: the same model and batch as in one process). Later steps differ from one process by rounding
+    # only, which Adam and the straight-through rounding amplify, so they are not compared.
     assert ranks[0]["distill_state"] == ranks[1]["distill_state"]
     single = hub_dfq.quantize(model, calibration=distributed_jobs.calibration_tensor(), **distributed_jobs.DISTILL)
-    losses = ranks[0]["distill_loss"]
-    assert len(losses) == len(single.history["distill_loss"]) == 2  # steps 0 and 50
-    assert losses[0] == pytest.approx(single.history["distill_loss"][0], rel=1e-5)
-    assert losses[1] < losses[0] / 2
+    assert ranks[0]["distill_loss"] == ranks[1]["distill_loss"]
+    assert ranks[0]["distill_loss"] == pytest.approx(single.history["distill_loss"], rel=1e-5)  # step 0
 
 
 # ---- bad launches -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
-from ..distributed import current, local
+from ..distributed import current
 from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
 from ..fingerprint import weights_sha256
 from ..models.loader import load_model
@@ -322,12 +322,11 @@ def audit(
         kinds = ("far", "near") if references == "auto" else ("far",)
 
         def measure_references() -> dict[str, Any]:
-            # Rank 0 alone measures (or reads from its cache) the reference points, every rank gets them.
-            with local():
-                return {kind: _reference(model, layers, kind, n=reference_images, steps=reference_iters,
-                                         batch_size=batch_size, cache=cache, progress=progress, **common)
-                        for kind in kinds}
+            return {kind: _reference(model, layers, kind, n=reference_images, steps=reference_iters,
+                                     batch_size=batch_size, cache=cache, progress=progress, **common)
+                    for kind in kinds}
 
+        # Rank 0 alone measures the reference points (or reads them from its cache); every rank gets them.
         reference_info.update(dist.run_on_main(measure_references))
     far = (reference_info["far"] or {}).get("divergence")
     near = (reference_info["near"] or {}).get("divergence")
