@@ -163,13 +163,20 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
     import time
 
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "hub_dfq", "synth", "default", "--method", "bns", "--n", "40", "--iters", "40",
+    args = [sys.executable, "-m", "hub_dfq", "synth", "default", "--method", "bns", "--num-images", "40", "--iters", "40",
             "--batch-size", "8", "--shard-size", "8", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("data/train-*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+        deadline = time.monotonic() + 300
+
+        def recorded() -> bool:  # a shard is finished once the manifest records it
+            try:
+                return bool(manifest(out)["shards"])
+            except (FileNotFoundError, ValueError, KeyError):
+                return False
+
+        while not recorded() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:

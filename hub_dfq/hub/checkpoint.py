@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
 from .. import __version__
 from ..backends.registry import BACKENDS
@@ -45,7 +45,7 @@ from .model_card import calibration_source, render_model_card
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WEIGHTS_NAME", "QuantizedCheckpoint", "save_pretrained", "push_to_hub",
            "from_pretrained", "load_quantized_folder", "quantization_config", "is_quantized_checkpoint",
-           "read_tensors"]
+           "read_tensors", "safetensors_bytes"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -98,6 +98,22 @@ def is_quantized_checkpoint(config: dict[str, Any]) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend on the tensors and metadata only.
+
+    The safetensors writer keeps the metadata in a hash map, so its key order in the header changes from one
+    process to the next; the header is rewritten with the keys sorted (same length, same tensor offsets).
+    """
+    data = safetensors_save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > length:  # cannot happen: the same keys and values, reordered
+        raise RuntimeError("safetensors header grew while sorting its metadata")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
+
+
 def _fp32_bytes(qmodel: QuantizedModel) -> int:
     return sum(p.numel() * 4 for p in qmodel.model.module.state_dict().values() if p.is_floating_point())
 
@@ -132,7 +148,7 @@ class QuantizedCheckpoint(HubMixin):
     def _save_pretrained(self, folder: Path) -> None:
         qmodel = self.qmodel
         metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
-        save_file(qmodel.checkpoint_tensors(), str(folder / WEIGHTS_NAME), metadata=metadata)
+        (folder / WEIGHTS_NAME).write_bytes(safetensors_bytes(qmodel.checkpoint_tensors(), metadata))
         config = dict(qmodel.model.config)
         config["quantization_config"] = quantization_config(qmodel, calibration_repo=self.calibration_repo)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")

@@ -161,8 +161,9 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
         }
         if config.spec.augment is not None:
             manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
-        if dist.enabled:
-            write_manifest(folder, manifest)  # from the start, so that a run killed at any point resumes
+        # The manifest exists before the first shard: a run killed at any moment can be resumed (a shard
+        # written but not yet recorded is simply generated again).
+        write_manifest(folder, manifest)
         return manifest
 
     manifest = dist.run_on_main(prepare)
