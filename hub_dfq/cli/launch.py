@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from ..errors import ConfigError
@@ -94,7 +95,8 @@ def relaunch(args: argparse.Namespace) -> int | None:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_process(wanted)))  # torchrun would say 1, loudly
     launch_args = launch_command_parser().parse_args([
         "--multi_gpu", "--num_processes", str(wanted), "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "0", "--module", "hub_dfq", *_child_argv(args.argv)])
+        "--dynamo_backend", "no", "--main_process_port", "0", "--module", "hub_dfq",
+        *_child_argv(getattr(args, "argv", None) or sys.argv[1:])])
     try:
         launch_command(launch_args)
     except ChildFailedError as err:  # each process printed its own error already
