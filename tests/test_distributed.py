@@ -118,6 +118,33 @@ def test_a_record_left_by_another_rank_counts_on_resume(model, tmp_path):
     assert shard_bytes(out) == shard_bytes(tmp_path / "full") and not (out / RECORDS_DIR).exists()
 
 
+def test_errors_of_another_rank_keep_their_class_and_name_the_rank():
+    from hub_dfq.distributed import _rebuild
+    from hub_dfq.errors import DistributedError, DivergedError
+
+    err = _rebuild(("hub_dfq.errors", "DivergedError", "the loss became nan"), rank=1)
+    assert isinstance(err, DivergedError) and str(err) == "rank 1: the loss became nan"
+    assert err.raised_on_every_rank  # the CLI prints it once, from rank 0
+    assert isinstance(_rebuild(("builtins", "KeyError", "x"), rank=0), KeyError)
+    other = _rebuild(("somelib.errors", "WeirdError", "odd"), rank=2)
+    assert isinstance(other, DistributedError)
+    assert "rank 2: odd" in str(other) and "somelib.errors.WeirdError" in str(other)
+
+
+def test_one_process_never_starts_accelerate(tmp_path):
+    """Without a launch every verb runs as before: no accelerate import, no process group."""
+    code = ("import sys, torch, hub_dfq\n"
+            "model = hub_dfq.load_model('default')\n"
+            "data = hub_dfq.load_images('default', limit=64)\n"
+            "hub_dfq.evaluate_accuracy(model, data, progress=False)\n"
+            "hub_dfq.audit(model, data, references='none', bootstrap=0, progress=False)\n"
+            f"hub_dfq.synthesize(model, 'gaussian', 8, out_dir={str(tmp_path / 'g')!r}, progress=False)\n"
+            "print('accelerate' in sys.modules, torch.distributed.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False"]
+
+
 # ---- synthesis on two processes -----------------------------------------------------------------
 
 def test_two_processes_write_the_one_process_folder_and_push_once(model, tmp_path, hub):
