@@ -26,7 +26,7 @@ from .errors import DatasetError, HubDfqError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageData", "Batch", "load_images", "iter_batches", "decode_image", "embedded_sample_path",
+__all__ = ["ImageData", "Batch", "RowMap", "load_images", "iter_batches", "decode_image", "embedded_sample_path",
            "embedded_sample_labels"]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo", "file")
@@ -49,6 +49,20 @@ def embedded_sample_labels() -> list[str]:
     return list(features["label"].names)
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """Where the rows of a part of a dataset sit in the whole: row ``i`` of the part is row
+    ``start + (i // block) * stride + i % block`` of the dataset (whole blocks of ``block`` rows, one every
+    ``stride`` rows; see :mod:`hub_dfq.partition`)."""
+
+    start: int = 0
+    block: int = 1
+    stride: int = 1
+
+    def __call__(self, index: int) -> int:
+        return self.start + (index // self.block) * self.stride + index % self.block
+
+
 @dataclass
 class ImageData:
     """A dataset of images (and maybe labels), with its columns resolved.
@@ -60,6 +74,8 @@ class ImageData:
         label_names: class names of ``label_column`` when it is a ``ClassLabel``.
         spec: the spec as given, for reports.
         split: the split that was selected.
+        rows: for one process's part of a dataset, where its rows sit in the whole dataset (row
+            indices in batches and reports are the whole dataset's); ``None`` for a whole dataset.
     """
 
     dataset: datasets.Dataset | datasets.IterableDataset
@@ -68,6 +84,7 @@ class ImageData:
     label_names: list[str] | None
     spec: str
     split: str | None = None
+    rows: RowMap | None = None
 
     @property
     def streaming(self) -> bool:
@@ -291,13 +308,15 @@ def iter_batches(
 
     Unreadable images are skipped and reported in ``Batch.skipped`` (or raised when
     ``skip_errors`` is false). A batch whose images all failed is still yielded, with no rows.
+    Row indices are those of the whole dataset (see ``ImageData.rows``).
     """
-    index = 0
+    position = 0
     for rows in data.dataset.iter(batch_size=batch_size):
         images, labels, indices, skipped = [], [], [], []
         cells = rows[data.image_column]
         row_labels = rows[data.label_column] if data.label_column else [None] * len(cells)
         for cell, label in zip(cells, row_labels):
+            index = data.rows(position) if data.rows is not None else position
             try:
                 images.append(preprocess(decode_image(cell)))
             except ImageDecodeError as err:
@@ -307,7 +326,7 @@ def iter_batches(
             else:
                 indices.append(index)
                 labels.append(-1 if label is None else int(label))
-            index += 1
+            position += 1
         pixels = torch.stack(images) if images else torch.empty(0)
         label_tensor = torch.tensor(labels, dtype=torch.long) if data.label_column else None
         yield Batch(pixels, label_tensor, indices, skipped)

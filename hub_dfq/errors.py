@@ -75,3 +75,11 @@ class ArgumentTypeError(HubDfqError, TypeError):
 
 class DependencyError(HubDfqError, ImportError):
     """An optional dependency a feature needs is not installed (the message names the extra)."""
+
+
+class DistributedError(HubDfqError, RuntimeError):
+    """Another process of a multi-process run failed (the message names its rank and its error)."""
+
+
+class SharedFilesystemError(HubDfqError, OSError):
+    """An output folder that not every process of a multi-process run can see."""

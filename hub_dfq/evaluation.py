@@ -9,8 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageData, iter_batches, load_images
+from .distributed import current
 from .errors import DatasetError
 from .models.vision_model import VisionModel
+from .partition import rank_part
 from .progress import progress_enabled
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ def evaluate_accuracy(
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy (in percent) of ``model`` on the labelled images of ``data``.
 
+    Under ``accelerate launch`` every process evaluates its own whole batches of ``data``
+    (:mod:`hub_dfq.partition`) and the counts are summed, so every process returns exactly the
+    single-process numbers.
+
     Args:
         model: the classifier (its preprocessing is applied to the images).
         data: an :class:`ImageData` or anything :func:`load_images` accepts.
@@ -78,9 +84,14 @@ def evaluate_accuracy(
     forward = forward or model.module
     device = model.device
     k = min(5, model.num_classes)
+    dist = current()
+    dist.check_same("evaluation", {"dataset": data.spec, "split": data.split, "rows": data.num_rows,
+                                   "batch_size": batch_size, "model": model.source.spec})
+    part = rank_part(data, dist, block=batch_size)
     top1 = top5 = n = skipped = 0
-    bar = tqdm(total=data.num_rows, desc="eval", unit="img", disable=not progress_enabled(progress), dynamic_ncols=True)
-    for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
+    bar = tqdm(total=part.num_rows, desc="eval", unit="img", dynamic_ncols=True,
+               disable=not progress_enabled(progress) or not dist.is_main)
+    for batch in iter_batches(part, model.preprocess, batch_size=batch_size):
         skipped += len(batch.skipped)
         bar.update(len(batch.indices) + len(batch.skipped))
         if not batch.indices:
@@ -94,6 +105,9 @@ def evaluate_accuracy(
         n += len(labels)
         bar.set_postfix(top1=f"{100.0 * top1 / n:.2f}")
     bar.close()
+    if dist.enabled:
+        totals = dist.all_reduce([torch.tensor([top1, top5, n, skipped], dtype=torch.int64)])[0].tolist()
+        top1, top5, n, skipped = (int(v) for v in totals)
     if n == 0:
         raise DatasetError(f"{data.spec}: no readable images to evaluate ({skipped} skipped)")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n": n, "skipped": skipped}

@@ -14,11 +14,14 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
+from ..distributed import current
 from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
+from ..fingerprint import weights_sha256
 from ..locks import hold
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
+from ..partition import block_size, rank_part
 from ..progress import progress_enabled
 from . import references as refs
 from .moments import MomentAccumulator
@@ -49,16 +52,18 @@ def _check_model(model: VisionModel) -> list:
     return layers
 
 
-def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor], *, score_batch: int, metric: str,
-                bootstrap: int, seed: int) -> MomentAccumulator:
+def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tuple[torch.Tensor, list[int]]], *,
+                score_batch: int, metric: str, bootstrap: int, seed: int) -> MomentAccumulator:
+    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments."""
     acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
                             bootstrap=bootstrap, seed=seed)
     with torch.inference_mode(), acc:
-        for x in batches:
+        for item in batches:
+            x, rows = item if isinstance(item, tuple) else (item, None)
             if x.shape[0] == 0:
                 continue
             model.module(x.to(model.device, non_blocking=True))
-            acc.step()
+            acc.step(rows)
     acc.finish()
     return acc
 
@@ -82,9 +87,9 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
 
 
 def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
-                   progress: bool) -> Iterator[torch.Tensor]:
-    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", disable=not progress_enabled(progress),
-               dynamic_ncols=True, leave=False)
+                   progress: bool) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", dynamic_ncols=True, leave=False,
+               disable=not progress_enabled(progress) or not current().is_main)
     try:
         for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
             counter[0] += len(batch.skipped)
@@ -93,7 +98,7 @@ def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skip
                     skipped.append({"index": index, "error": error})
             bar.update(len(batch.indices) + len(batch.skipped))
             if batch.indices:
-                yield batch.pixel_values
+                yield batch.pixel_values, batch.indices
     finally:
         bar.close()
 
@@ -103,15 +108,26 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
                  progress: bool = False) -> CandidateResult:
     """Stream ``data`` through ``model`` and score its BN-input moments (no reference points).
 
+    In a multi-process run (see :mod:`hub_dfq.distributed`) every process reads whole score batches
+    of ``data`` (:mod:`hub_dfq.partition`) and the float64 sums are combined, so every process
+    returns the single-process result (to float64 rounding).
+
     Raises:
         UnsupportedModelError: the model has no BN layer with running statistics.
         DatasetError: the dataset has no rows at all, or none of its images can be read.
     """
     layers = _check_model(model)
+    dist = current()
     skipped: list = []
     counter = [0]
-    batches = _image_batches(model, data, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
+    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
+    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    acc.merge(dist)
+    if dist.enabled:
+        everyone = dist.all_gather((counter[0], skipped))
+        counter[0] = sum(n for n, _ in everyone)
+        skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
     if acc.n_images == 0 and counter[0] == 0:
         raise DatasetError(f"{name or data.spec} is empty: there are no images to audit")
     if acc.n_images == 0:  # as evaluation does: a dataset of unreadable files is an error, not a score
@@ -124,7 +140,7 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
 
 def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name: str, score_batch: int = 64,
                     metric: str = "kl", bootstrap: int = 200, seed: int = 0) -> CandidateResult:
-    """Score already-normalised input batches (used for the reference points)."""
+    """Score already-normalised input batches in this process alone (used for the reference points)."""
     layers = _check_model(model)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
     return _summarise(name, acc, running_moments(layers), metric=metric, skipped=[], n_skipped=0)
@@ -237,6 +253,10 @@ def audit(
     (streaming: a dataset is never held in memory) and compared with the layer's running
     statistics. Labels are never needed.
 
+    Under ``accelerate launch`` every process reads its own whole score batches of each candidate,
+    the float64 sums are all-reduced and every process returns the single-process report (to float64
+    rounding); rank 0 alone measures the reference points and writes ``out_dir``.
+
     Args:
         model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
         data: one dataset (anything :func:`hub_dfq.load_images` takes, or an ``ImageData``), a list
@@ -292,9 +312,10 @@ def audit(
     if not isinstance(references, Mapping) and references not in REFERENCE_MODES:
         raise ConfigError(f"references must be one of {list(REFERENCE_MODES)} or a mapping {{'far': .., 'near': ..}},"
                           f" got {references!r}")
-    if out_dir is not None:  # checked, and locked, before any work: a refused folder costs nothing
+    dist = current()
+    if out_dir is not None and dist.is_main:  # checked, and locked, before any work: a refused folder costs nothing
         reservation = reserve_folder(out_dir, kind="audit", overwrite=overwrite)
-    else:
+    else:  # no report, or another rank's: rank 0 alone writes it
         reservation = contextlib.nullcontext()
     with reservation:
         if not isinstance(model, VisionModel):
@@ -313,6 +334,13 @@ def audit(
             if seen[name] > 1:
                 opened[i] = (f"{name} #{seen[name]}", d)
 
+        if dist.enabled:  # before any work: processes that audit different things would combine nonsense
+            dist.check_same("audit", {"weights": weights_sha256(model.module), "datasets": [n for n, _ in opened],
+                                      "rows": [d.num_rows for _, d in opened], "limit": limit,
+                                      "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
+                                      "references": references, "reference_images": reference_images,
+                                      "reference_iters": reference_iters, "bootstrap": bootstrap, "seed": seed,
+                                      "split": split, "out_dir": out_dir})
         common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
         reference_info: dict[str, Any] = {"far": None, "near": None}
         if isinstance(references, Mapping):
@@ -320,9 +348,14 @@ def audit(
                                   if references.get(k) is not None else None) for k in ("far", "near")}
         elif references != "none":
             kinds = ("far", "near") if references == "auto" else ("far",)
-            for kind in kinds:
-                reference_info[kind] = _reference(model, layers, kind, n=reference_images, steps=reference_iters,
-                                                  batch_size=batch_size, cache=cache, progress=progress, **common)
+
+            def measure_references() -> dict[str, Any]:
+                return {kind: _reference(model, layers, kind, n=reference_images, steps=reference_iters,
+                                         batch_size=batch_size, cache=cache, progress=progress, **common)
+                        for kind in kinds}
+
+            # Rank 0 alone measures the reference points (or reads them from its cache); every rank gets them.
+            reference_info.update(dist.run_on_main(measure_references))
         far = (reference_info["far"] or {}).get("divergence")
         near = (reference_info["near"] or {}).get("divergence")
         near_failed = (reference_info["near"] or {}).get("error")
@@ -355,8 +388,8 @@ def audit(
             references=reference_info,
             candidates=results,
         )
-        if out_dir is not None:
-            report.save(out_dir, overwrite=overwrite)
+        if out_dir is not None:  # rank 0 writes; every rank returns the same report
+            dist.run_on_main(lambda: report.save(out_dir, overwrite=overwrite))
         return report
 
 

@@ -33,7 +33,7 @@ __all__ = ["cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset
            "store_cached", "REFERENCE_VERSION"]
 
 # Bump when what a reference measures changes (the synthesis of the near point has its own versions).
-REFERENCE_VERSION = 2
+REFERENCE_VERSION = 3  # 3: score batches by row index, bootstrap weights seeded per score batch
 
 
 def cache_dir() -> Path:

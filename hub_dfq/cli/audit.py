@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..audit.registry import DIVERGENCES
-from ..outputs import reserve_folder
+from ..outputs import check_folder, reserve_folder
+from .launch import add_launch_option, is_main_process, place, relaunch
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -42,25 +43,31 @@ def register(sub) -> None:
     parser.add_argument("--out", dest="out_dir",
                         help="write audit.json, audit.md and audit_layers.png as this folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    add_launch_option(parser)
     add_common_options(parser, json_help="also write the JSON report to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check ``--out`` and hold its lock for the whole audit (before the model is loaded), then audit."""
-    if not args.out_dir:
+    """Check ``--out``, hold its lock for the whole audit (rank 0 of a launch, before the model loads), then audit."""
+    if args.out_dir:
+        check_folder(args.out_dir, kind="audit", overwrite=args.overwrite)  # before any work
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    if not args.out_dir or not is_main_process():  # rank 0 alone writes the report
         return _run(args)
     with reserve_folder(args.out_dir, kind="audit", overwrite=args.overwrite):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch and datasets
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch and datasets
     from ..audit.core import audit
     from ..audit.report import json_safe
     from ..models.loader import load_model
 
-    model = load_model(args.model, **model_kwargs(args))
+    model = place(load_model(args.model, **model_kwargs(args)))
     report = audit(
         model, args.data, limit=args.limit, batch_size=args.batch_size, score_batch=args.score_batch,
         metric=args.metric, references=args.references, reference_images=args.reference_images,
@@ -68,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
         image_column=args.image_column, streaming=args.streaming, cache=args.cache, out_dir=args.out_dir,
         overwrite=args.overwrite, progress=args.progress, token=args.token,
     )
+    if not is_main_process():  # every process has the same report: rank 0 prints it
+        return 0
     if args.json != "-":  # keep stdout parseable
         print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "
               f"metric {args.metric}); lower divergence = closer to the training data")

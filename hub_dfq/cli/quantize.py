@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, PublishError
-from ..outputs import reserve_folder
+from ..outputs import check_folder, reserve_folder
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import SYNTH_METHODS
+from .launch import add_launch_option, is_main_process, place, relaunch
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -93,6 +94,7 @@ def register(sub) -> None:
     parser.add_argument("--push-dataset", dest="dataset_repo", metavar="REPO",
                         help="also publish the synthetic calibration set to this Hub dataset repo (cards link both)")
     parser.add_argument("--private", action="store_true", help="create the Hub repositories as private")
+    add_launch_option(parser)
     add_common_options(parser, json_help="write the summary as JSON to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
@@ -116,18 +118,24 @@ def _check_count(value: int | None, name: str, what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check every argument and output first, hold the lock of ``--out`` for the whole run, then quantize."""
+    """Check every argument and output first, hold the lock of ``--out`` for the whole run (rank 0), then quantize."""
     _check_count(args.calibration_images, "calibration_images", "calibration images")
     _check_count(args.eval_limit, "eval_limit", "evaluation images")
-    if not args.out_dir:
+    if args.out_dir:
+        check_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite)  # before minutes of work
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    if not args.out_dir or not is_main_process():  # rank 0 alone saves
         return _run(args)
-    with reserve_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite):  # before minutes of work
+    with reserve_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch, timm and datasets
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch, timm and datasets
     from ..data import load_images
+    from ..distributed import current
     from ..evaluation import evaluate_accuracy
     from ..models.loader import load_model
     from ..quant.api import quantize
@@ -142,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("`dataset_repo` publishes synthetic calibration data; with real data "
                           f"({args.calibration}) there is nothing to publish")
     start = time.perf_counter()
-    model = load_model(args.model, **model_kwargs(args))
+    model = place(load_model(args.model, **model_kwargs(args)))
     eval_spec = _eval_spec(args, model)
     eval_data = load_images(eval_spec, split=args.eval_split, limit=args.eval_limit, token=args.token) \
         if eval_spec else None  # opened now: a wrong spec fails before quantizing
@@ -186,9 +194,11 @@ def _run(args: argparse.Namespace) -> int:
     else:
         summary["eval_note"] = ("no evaluation: the model's classes are not CIFAR-10's; pass --eval DATA (labelled "
                                 "images of its classes) to compare full-precision and quantized accuracy")
-    if args.out_dir or args.push_to_hub:
-        _publish(args, qmodel, evaluation, summary)
+    if args.out_dir or args.push_to_hub:  # rank 0 alone saves and pushes; every rank learns whether it worked
+        summary = current().run_on_main(lambda: _publish(args, qmodel, evaluation, summary) or summary)
     summary["total_seconds"] = round(time.perf_counter() - start, 2)
+    if not is_main_process():
+        return 0
     if args.json != "-":
         print(_render(summary, qmodel))
     write_json(args.json, summary)

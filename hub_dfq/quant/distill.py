@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import current
 from ..errors import ConfigError, DivergedError
 from ..progress import progress_enabled
 from .calibrate import act_quantizers, quant_layers, quant_mode
+from .parallel import data_parallel, local_rows
 from .resume import RunState, quantizer_state
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
             state: RunState | None = None) -> list[float]:
     """Fine-tune a calibrated quantized model to match its own full-precision outputs on ``data``.
 
+    Under ``accelerate launch`` every process computes the loss on its share of each batch and the
+    gradients are averaged by DDP (:mod:`hub_dfq.quant.parallel`); every process ends with the same model.
+
     Args:
         module: a prepared, calibrated model (modified in place; its weights end up frozen).
         data: normalised calibration inputs (synthetic images).
@@ -117,6 +122,10 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
     optimizer = torch.optim.Adam(weight_groups + [{"params": scale_params, "lr": cfg.lr_scale}])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
+    dist = current()
+    batch = min(cfg.batch_size, len(data))
+    mine = local_rows(batch, dist)
+    student = data_parallel(module, dist)
     losses: list[float] = []
     start = 0
     saved = state.load("distill") if state is not None else None
@@ -131,16 +140,22 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
                initial=start, total=cfg.iters)
     try:
         for step in bar:
-            idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
+            idx = torch.randint(len(data), (batch,), generator=generator)
             x = data[idx].to(device)
             if cfg.flip:
                 flip = torch.rand(len(x), generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None].to(device), x.flip(-1), x)
+            x = x[mine]  # every process drew the whole batch (same generator state), each computes its share
             with torch.no_grad(), quant_mode(teacher_module, enabled=False):
                 teacher = teacher_module(x)
-            loss = _kd_loss(module(x), teacher, cfg.temperature)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"distillation diverged at step {step} (loss {loss.item()}): lower lr_weight")
+            loss = _kd_loss(student(x), teacher, cfg.temperature)
+            value = loss.detach()
+            if dist.enabled:
+                # DDP averages gradients over processes: weigh each share so the average is the whole batch's
+                loss = loss * (len(x) * dist.world_size / batch)
+                value = dist.all_reduce([loss.detach()])[0] / dist.world_size  # the whole batch's loss, everywhere
+            if not torch.isfinite(value):
+                raise DivergedError(f"distillation diverged at step {step} (loss {value.item()}): lower lr_weight")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -149,7 +164,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
                 for p in scale_params:
                     p.abs_().clamp_min_(1e-8)
             if step % 50 == 0:
-                losses.append(float(loss.detach()))
+                losses.append(float(value))
                 bar.set_postfix(kd=f"{losses[-1]:.4g}")
             if state is not None and (step + 1) % SAVE_EVERY == 0 and step + 1 < cfg.iters:
                 state.save("distill", {"module": quantizer_state(module),

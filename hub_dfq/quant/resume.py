@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..cache import cache_root
+from ..distributed import current
 from ..fingerprint import fingerprint
 from ..locks import hold
 from ..outputs import temp_path
@@ -62,7 +63,13 @@ class RunState:
         return self.folder / f"{stage}.pt"
 
     def load(self, stage: str) -> dict[str, Any] | None:
-        """The saved state of ``stage``, or ``None`` (nothing saved, or a file that cannot be read)."""
+        """The saved state of ``stage``, or ``None`` (nothing saved, or a file that cannot be read).
+
+        In a multi-process run rank 0 reads it and every rank gets rank 0's, so all resume alike.
+        """
+        return current().run_on_main(lambda: self._read(stage))
+
+    def _read(self, stage: str) -> dict[str, Any] | None:
         path = self._file(stage)
         if not path.is_file():
             return None
@@ -77,8 +84,11 @@ class RunState:
     def save(self, stage: str, state: dict[str, Any]) -> None:
         """Write ``state`` atomically: an interruption leaves the previous state, never half a file.
 
-        A failed save (disk full) is logged and the run goes on: it only loses the chance to resume.
+        A failed save (disk full) is logged and the run goes on: it only loses the chance to resume. In a
+        multi-process run only rank 0 writes (every rank holds the same state).
         """
+        if not current().is_main:
+            return
         path = self._file(stage)
         partial = temp_path(path)  # per process: a concurrent run never removes ours
         try:
@@ -95,7 +105,9 @@ class RunState:
                 logger.warning("could not remove %s: %s", partial, err)
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the saved stages (rank 0 only, in a multi-process run)."""
+        if current().is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def quantizer_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from ..cache import cache_root
+from ..distributed import current
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
 from ..locks import hold
@@ -29,6 +30,7 @@ from .card import write_card, write_preview
 from .config import Priors, SynthConfig
 from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
 from .publish import push_dataset_folder
+from .records import clear_records, merge_records, read_records, write_record
 from .registry import BN_LOSSES
 from .writer import (
     MANIFEST_FORMAT,
@@ -79,6 +81,11 @@ def synth_fingerprint(identity: dict[str, Any]) -> str:
     return fingerprint("synth", version=identity["algorithm"]["loop"], **identity)
 
 
+def _same_everywhere(identity: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """What every process of a launch must agree on, the run's arguments named as the API names them."""
+    return {**identity["arguments"], **{k: v for k, v in identity.items() if k != "arguments"}, **more}
+
+
 def _model_record(model: VisionModel, weights: str) -> dict[str, Any]:
     src = model.source
     return {"spec": src.spec, "repo_id": src.repo_id, "revision": src.revision, "commit": src.commit, "url": src.url,
@@ -107,15 +114,21 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     in when it is complete: an interruption leaves the earlier dataset as it was. The folder is locked
     for the whole run.
 
+    Under ``accelerate launch`` the shards still to do are dealt out over the processes (shard ``i``
+    is the same bytes whichever process makes it, so the folder is the single-process folder); rank 0
+    alone locks the folder and writes ``generation.json``, the preview and the card, and every process
+    returns the manifest.
+
     Args:
         model: source model.
         config: run arguments.
-        out_dir: output folder (a Hub dataset repository).
+        out_dir: output folder (a Hub dataset repository); with several processes, on a filesystem
+            they all share.
         resume: continue a run with the same arguments from its finished shards.
         overwrite: replace a synthetic dataset hub-dfq wrote there (other files in the folder are kept).
         progress: show a progress bar (``None``: on a terminal).
         repo_id: Hub id the card's loading snippet names (when the folder will be pushed).
-        stop_after_shards: generate at most this many new shards and return (for tests of resuming).
+        stop_after_shards: generate at most this many new shards (per process) and return (for tests of resuming).
         on_shard: called with the index of each shard after it is written.
         owned: ``out_dir`` is a hub-dfq cache entry (ours by construction, marker or not).
 
@@ -127,88 +140,133 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     if resume and overwrite:
         raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
     check_model_supports(model, config.method)
+    dist = current()
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
+    dist.check_same("synthesis", _same_everywhere(identity, out_dir=os.fspath(out_dir), resume=resume,
+                                                  overwrite=overwrite, repo_id=repo_id,
+                                                  stop_after_shards=stop_after_shards))
+    dist.check_shared_folder(Path(out_dir), argument="out_dir")
     run = dict(model=model, config=config, identity=identity, weights=weights, progress=progress, repo_id=repo_id,
-               stop_after_shards=stop_after_shards, on_shard=on_shard)
-    with reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume, owned=owned) as out:
-        if out.holds_result and overwrite:
-            if stop_after_shards is not None:
-                raise ConfigError("`stop_after_shards` cannot be combined with `overwrite=True` (a replacement is "
-                                  "swapped in only when it is complete)")
-            with staged(out) as staging:
-                return _generate(folder=staging, previous=None, **run)
-        previous = resume_manifest(out.path, identity) if out.holds_result else None
-        declare(out.path, "dataset", planned_files(config.num_shards))
-        remove_stale_temporaries(out.path)
+               stop_after_shards=stop_after_shards, on_shard=on_shard, dist=dist)
+    with contextlib.ExitStack() as held:  # rank 0's lock (and staging folder) for the whole run
+
+        def reserve() -> tuple[str, bool, dict[str, Any] | None]:
+            """Rank 0: lock and check the folder; where to write, whether it replaces a dataset, what to resume."""
+            out = held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume,
+                                                    owned=owned))
+            if out.holds_result and overwrite:
+                if stop_after_shards is not None:
+                    raise ConfigError("`stop_after_shards` cannot be combined with `overwrite=True` (a replacement "
+                                      "is swapped in only when it is complete)")
+                return str(held.enter_context(staged(out))), True, None
+            previous = resume_manifest(out.path, identity) if out.holds_result else None
+            declare(out.path, "dataset", planned_files(config.num_shards))
+            remove_stale_temporaries(out.path)
+            return str(out.path), False, previous
+
+        folder, replacing, previous = dist.run_on_main(reserve)
         try:
-            return _generate(folder=out.path, previous=previous, **run)
+            return _generate(folder=Path(folder), previous=previous, **run)
         except OutputWriteError as err:
+            if replacing:
+                raise
             raise OutputWriteError(f"{err} (the finished shards are kept: continue with `resume=True`)") from err
 
 
 def _generate(*, model: VisionModel, config: SynthConfig, folder: Path, previous: dict[str, Any] | None,
               identity: dict[str, Any], weights: str, progress: bool | None, repo_id: str | None,
-              stop_after_shards: int | None, on_shard: Callable[[int], None] | None) -> dict[str, Any]:
-    done = finished_shards(folder, previous)
+              stop_after_shards: int | None, on_shard: Callable[[int], None] | None, dist) -> dict[str, Any]:
     total = config.num_shards
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "hub_dfq_version": __version__,
-        "torch_version": torch.__version__,
-        "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "model": _model_record(model, weights),
-        "arguments": config.to_dict(),
-        "label_names": unique_label_names(model.labels),
-        "input_size": list(model.input_size),
-        "num_rows": config.num_images,
-        "num_shards": total,
-        "fingerprint": synth_fingerprint(identity),
-        "algorithm": identity["algorithm"],
-        "device_type": identity["device_type"],
-        "complete": False,
-        "shards": [done[i] for i in sorted(done)],
-    }
-    if config.spec.augment is not None:
-        manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
-    write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
-    features = features_for(model.labels)
-    generator = BatchGenerator(model, config)
-    # The manifest exists before the first shard: a run killed at any moment can be resumed (a shard written
-    # but not yet recorded is simply generated again).
-    write_manifest(folder, manifest)
-    todo = [i for i in range(total) if i not in done]
-    rows_done = sum(len(config.shard_rows(i)) for i in done)
-    bar = _progress(config, rows_done, progress)
-    new = 0
-    try:
-        for index in todo:
-            if stop_after_shards is not None and new >= stop_after_shards:
-                break
-            record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
-            manifest["shards"] = sorted(manifest["shards"] + [record], key=lambda r: r["index"])
-            write_manifest(folder, manifest)
-            new += 1
-            if on_shard is not None:
-                on_shard(index)
-    finally:
-        if bar is not None:
-            bar.close()
-    if len(manifest["shards"]) < total:
-        write_manifest(folder, manifest)
+    run_key = synth_fingerprint(identity)
+
+    def prepare() -> dict[str, Any]:
+        if previous is None:
+            clear_records(folder)  # records of a replaced run
+        # shards recorded in the manifest, or (after a killed multi-process run) by the rank that made them
+        records = merge_records((previous or {}).get("shards", []), read_records(folder, fingerprint=run_key))
+        done = finished_shards(folder, {"shards": records})
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "hub_dfq_version": __version__,
+            "torch_version": torch.__version__,
+            "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+                      + (f" x {dist.world_size} processes" if dist.enabled else ""),
+            "model": _model_record(model, weights),
+            "arguments": config.to_dict(),
+            "label_names": unique_label_names(model.labels),
+            "input_size": list(model.input_size),
+            "num_rows": config.num_images,
+            "num_shards": total,
+            "fingerprint": run_key,
+            "algorithm": identity["algorithm"],
+            "device_type": identity["device_type"],
+            "complete": False,
+            "shards": [done[i] for i in sorted(done)],
+        }
+        if config.spec.augment is not None:
+            manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
+        write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
         return manifest
-    _finish(manifest, config)
-    write_manifest(folder, manifest)
-    write_preview(folder, manifest)
-    write_card(folder, manifest, repo_id=repo_id)
-    return manifest
+
+    manifest = dist.run_on_main(prepare)
+    done = {r["index"] for r in manifest["shards"]}
+    todo = [i for i in range(total) if i not in done]
+    mine = todo[dist.rank::dist.world_size]  # round robin: shards take about the same time each
+    if dist.enabled:
+        logger.info("rank %d of %d generates shards %s", dist.rank, dist.world_size, mine or "none (nothing left)")
+    features = features_for(model.labels)
+    generator = BatchGenerator(model, config) if mine else None
+
+    def work() -> list[dict[str, Any]]:
+        # Rank 0's bar counts its own images; in one process that is the whole run, as before.
+        if dist.enabled:
+            bar = _progress(config, 0, progress, total=sum(len(config.shard_rows(i)) for i in mine)) \
+                if dist.is_main else None
+        else:
+            bar = _progress(config, sum(len(config.shard_rows(i)) for i in done), progress)
+        made: list[dict[str, Any]] = []
+        try:
+            for index in mine:
+                if stop_after_shards is not None and len(made) >= stop_after_shards:
+                    break
+                record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
+                made.append(record)
+                if dist.is_main:
+                    others = read_records(folder, fingerprint=run_key) if dist.enabled else []
+                    manifest["shards"] = merge_records(manifest["shards"], [record], others)
+                    write_manifest(folder, manifest)
+                else:
+                    write_record(folder, record, fingerprint=run_key)
+                if on_shard is not None:
+                    on_shard(index)
+        finally:
+            if bar is not None:
+                bar.close()
+        return made
+
+    made_by_rank = dist.together(work)
+
+    def finish() -> dict[str, Any]:
+        manifest["shards"] = merge_records(manifest["shards"], *made_by_rank)
+        if len(manifest["shards"]) < total:
+            write_manifest(folder, manifest)
+            return manifest
+        _finish(manifest, config)
+        write_manifest(folder, manifest)
+        write_preview(folder, manifest)
+        write_card(folder, manifest, repo_id=repo_id)
+        clear_records(folder)  # all of them are in generation.json now
+        return manifest
+
+    return dist.run_on_main(finish)
 
 
-def _progress(config: SynthConfig, initial: int, enabled: bool | None):
+def _progress(config: SynthConfig, initial: int, enabled: bool | None, *, total: int | None = None):
     if not progress_enabled(enabled):
         return None
-    return progress_bar(progress=True, total=config.num_images, initial=initial, unit="img",
-                        desc=f"synth {config.method}")
+    return progress_bar(progress=True, total=config.num_images if total is None else total, initial=initial,
+                        unit="img", desc=f"synth {config.method}")
 
 
 def _generate_shard(generator: BatchGenerator, config: SynthConfig, index: int, total: int, folder: Path, features,
@@ -348,6 +406,8 @@ def synthesize_folder(
     The result is written as a Hub dataset folder (parquet shards under ``data/``, ``README.md``
     card, ``preview.png``, ``generation.json``). ``out_dir`` is checked and locked before the model
     is loaded (see :mod:`hub_dfq.outputs`): it must be new or empty, or hold a dataset hub-dfq wrote.
+    Under ``accelerate launch`` the processes share the shards (the folder is byte-identical to a
+    single-process run's) and rank 0 alone locks the folder, writes the card and pushes.
 
     Args:
         model: a :class:`VisionModel` or a model spec for :func:`hub_dfq.load_model`.
@@ -401,46 +461,57 @@ def synthesize_folder(
         priors = Priors(**priors)
     config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
                          seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
-    if out_dir is not None:  # checked, and locked, before the model is even loaded
-        reservation = reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume)
-    else:
-        reservation = contextlib.nullcontext()
-    with reservation:
+    dist = current()
+    with contextlib.ExitStack() as held:
+        if out_dir is not None:  # checked, and locked (by rank 0), before the model is even loaded
+            dist.run_on_main(lambda: held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite,
+                                                                       resume=resume)) and None)
         if not isinstance(model, VisionModel):
             model = load_model(model, revision=revision, token=token)
         check_model_supports(model, config.method)
         identity = run_identity(model, config)
+        # before anything is written: processes given different arguments would write one folder of two runs
+        dist.check_same("synthesis", _same_everywhere(identity, out_dir=None if out_dir is None else os.fspath(out_dir),
+                                                      resume=resume, overwrite=overwrite, push_to_hub=push_to_hub,
+                                                      private=private))
         run = dict(progress=progress, repo_id=push_to_hub)
         if out_dir is None:
             folder = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
-            with hold(folder, what="synthetic-data cache entry"):
-                _cached(model, config, identity, folder, **run)
-                if push_to_hub:
-                    push_dataset_folder(folder, push_to_hub, private=private, token=token)
-            return folder
-        folder = Path(out_dir)
-        existing = _reusable(folder, identity) if resume else None
-        if existing is None:
-            generate_folder(model, config, folder, resume=resume, overwrite=overwrite, **run)
-        elif push_to_hub:
-            write_card(folder, existing, repo_id=push_to_hub)
-        if push_to_hub:
-            push_dataset_folder(folder, push_to_hub, private=private, token=token)
+            dist.check_shared_folder(folder, what="the synthesis cache folder",
+                                     hint=" (set HUB_DFQ_CACHE to one, or pass `out_dir`)")
+            dist.run_on_main(lambda: held.enter_context(hold(folder, what="synthetic-data cache entry")) and None)
+            _cached(model, config, identity, folder, dist=dist, **run)
+        else:
+            folder = Path(out_dir)
+            dist.check_shared_folder(folder, argument="out_dir")
+            existing = dist.run_on_main(lambda: _reusable(folder, identity)) if resume else None
+            if existing is None:
+                generate_folder(model, config, folder, resume=resume, overwrite=overwrite, **run)
+            elif push_to_hub:
+                dist.run_on_main(lambda: write_card(folder, existing, repo_id=push_to_hub))
+        if push_to_hub:  # rank 0 alone pushes: one commit
+            dist.run_on_main(lambda: push_dataset_folder(folder, push_to_hub, private=private, token=token))
     return folder
 
 
-def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], folder: Path, *,
+def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], folder: Path, *, dist,
             progress: bool | None, repo_id: str | None) -> None:
-    """Reuse, finish or (if damaged) regenerate the cache entry ``folder`` (call with its lock held)."""
-    existing = _reusable(folder, identity)
-    if existing is not None:
-        if repo_id:
-            write_card(folder, existing, repo_id=repo_id)
+    """Reuse, finish or (if damaged) regenerate the cache entry ``folder`` (call with its lock held by rank 0)."""
+
+    def check() -> bool:
+        existing = _reusable(folder, identity)
+        if existing is not None:
+            if repo_id:
+                write_card(folder, existing, repo_id=repo_id)
+            return True
+        if folder.exists():
+            try:
+                resume_manifest(folder, identity)
+            except OutputExistsError as err:  # a damaged entry of our own cache: made again, not a user's problem
+                logger.warning("the cache entry %s is damaged (%s); generating it again", folder, err)
+                shutil.rmtree(folder)
+        return False
+
+    if dist.run_on_main(check):
         return
-    if folder.exists():
-        try:
-            resume_manifest(folder, identity)
-        except OutputExistsError as err:  # a damaged entry of our own cache: made again, not a user's problem
-            logger.warning("the cache entry %s is damaged (%s); generating it again", folder, err)
-            shutil.rmtree(folder)
     generate_folder(model, config, folder, resume=True, owned=True, progress=progress, repo_id=repo_id)

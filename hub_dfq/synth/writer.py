@@ -34,6 +34,7 @@ from PIL import Image
 
 from ..errors import OutputExistsError
 from ..outputs import is_temp, write_file, write_text
+from .records import record_name
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,10 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def planned_files(num_shards: int) -> list[str]:
-    """Every file a run of ``num_shards`` shards writes (declared in the folder's marker before it is written)."""
-    return [shard_name(i, num_shards) for i in range(num_shards)] + [MANIFEST, CARD, PREVIEW]
+    """Every file a run of ``num_shards`` shards writes (declared in the folder's marker before it is written),
+    the per-shard records of a multi-process run included."""
+    return ([shard_name(i, num_shards) for i in range(num_shards)] + [MANIFEST, CARD, PREVIEW]
+            + [record_name(i) for i in range(num_shards)])
 
 
 def remove_stale_temporaries(folder: Path) -> None:
