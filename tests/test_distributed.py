@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import hub_dfq
+from hub_dfq.outputs import MARKER
 from hub_dfq.data import RowMap
 from hub_dfq.distributed import Distributed
 from hub_dfq.partition import block_size, rank_part
@@ -162,7 +163,8 @@ def test_two_processes_write_the_one_process_folder_and_push_once(model, tmp_pat
     assert_same_folder(out, tmp_path / "one")
     assert len(hub.commits(repo_id, "dataset")) == 2  # the Hub's initial commit + rank 0's one
     remote = {k: v for k, v in hub.list_files(repo_id, "dataset").items() if k != ".gitattributes"}
-    assert remote == {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert remote == {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+                      if p.is_file() and p.name != MARKER}  # the marker of hub-dfq's own files is never uploaded
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:
@@ -331,5 +333,5 @@ def test_bad_launches_fail_clearly_and_idle_ranks_return(model, tmp_path):
     (code0, lines0), (code1, lines1) = ranks[0]["cli"], ranks[1]["cli"]
     assert code0 == code1 == 2 and lines1 == []
     assert len(lines0) == 1 and lines0[0].startswith("hub-dfq synth: error: ")
-    assert "already holds a synthetic dataset" in lines0[0] and "--overwrite" in lines0[0]
+    assert "holds files hub-dfq did not write (README.md)" in lines0[0] and "--out" in lines0[0]
     assert sorted(p.name for p in (base / "taken").iterdir()) == ["README.md"]

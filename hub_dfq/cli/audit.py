@@ -6,7 +6,7 @@ import argparse
 
 from ..audit.registry import DIVERGENCES
 from ..outputs import check_folder, reserve_folder
-from .launch import add_launch_option, is_main_process, place, relaunch
+from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -50,12 +50,12 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check ``--out``, hold its lock for the whole audit (rank 0 of a launch, before the model loads), then audit."""
-    if args.out_dir:
+    if args.out_dir and world_rank()[0] == 1:  # under a launch, the library checks it on rank 0 for everyone
         check_folder(args.out_dir, kind="audit", overwrite=args.overwrite)  # before any work
     launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
     if launched is not None:
         return launched
-    if not args.out_dir or not is_main_process():  # rank 0 alone writes the report
+    if not args.out_dir or world_rank()[0] > 1:
         return _run(args)
     with reserve_folder(args.out_dir, kind="audit", overwrite=args.overwrite):
         return _run(args)

@@ -12,7 +12,7 @@ from ..errors import ConfigError, PublishError
 from ..outputs import check_folder, reserve_folder
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import SYNTH_METHODS
-from .launch import add_launch_option, is_main_process, place, relaunch
+from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -121,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
     """Check every argument and output first, hold the lock of ``--out`` for the whole run (rank 0), then quantize."""
     _check_count(args.calibration_images, "calibration_images", "calibration images")
     _check_count(args.eval_limit, "eval_limit", "evaluation images")
-    if args.out_dir:
-        check_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite)  # before minutes of work
+    if args.out_dir:  # before minutes of work (every process of a launch checks the shared folder alike)
+        check_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite)
     launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
     if launched is not None:
         return launched
-    if not args.out_dir or not is_main_process():  # rank 0 alone saves
+    if not args.out_dir or world_rank()[0] > 1:  # under a launch, rank 0's save takes the lock when it writes
         return _run(args)
     with reserve_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite):
         return _run(args)

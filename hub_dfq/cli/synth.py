@@ -7,7 +7,7 @@ import argparse
 from ..errors import ConfigError
 from ..outputs import check_folder, reserve_folder
 from ..synth.registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS
-from .launch import add_launch_option, is_main_process, place, relaunch
+from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -49,14 +49,19 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the arguments and ``--out``, hold its lock for the whole run (rank 0 of a launch), then synthesize."""
+    """Check the arguments and ``--out``, hold its lock for the whole run, then synthesize.
+
+    Under a launch (several processes) the library checks and locks the folder on rank 0 and tells every
+    rank the outcome, so a refusal is one error, printed once.
+    """
     if args.private and not args.push_to_hub:
         raise ConfigError("`private` only applies with `push_to_hub`")
-    check_folder(args.out_dir, kind="dataset", overwrite=args.overwrite, resume=args.resume)  # before any work
+    if world_rank()[0] == 1:
+        check_folder(args.out_dir, kind="dataset", overwrite=args.overwrite, resume=args.resume)  # before any work
     launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
     if launched is not None:
         return launched
-    if not is_main_process():  # the other ranks write shards into the folder rank 0 holds
+    if world_rank()[0] > 1:
         return _run(args)
     with reserve_folder(args.out_dir, kind="dataset", overwrite=args.overwrite, resume=args.resume):
         return _run(args)
