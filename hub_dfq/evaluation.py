@@ -14,6 +14,7 @@ from .errors import DatasetError
 from .models.vision_model import VisionModel
 from .partition import rank_part
 from .progress import progress_enabled
+from .runtime import place_model
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def evaluate_accuracy(
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool | None = None,
     token: str | bool | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy (in percent) of ``model`` on the labelled images of ``data``.
 
@@ -68,6 +70,8 @@ def evaluate_accuracy(
         forward: replaces ``model.module`` (e.g. a quantized model) while keeping the preprocessing.
         progress: show a progress bar (``None``: on a terminal).
         token: Hub token, when ``data`` is a Hub dataset id.
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
+            ``None``: where the model is.
 
     Returns:
         ``{"top1": .., "top5": .., "n": .., "skipped": ..}``.
@@ -75,6 +79,7 @@ def evaluate_accuracy(
     Raises:
         DatasetError: the dataset has no label column, a label outside the model's classes, or no readable image.
     """
+    place_model(model, device)
     if not isinstance(data, ImageData):
         data = load_images(data, token=token)
     if data.label_column is None:
@@ -82,7 +87,7 @@ def evaluate_accuracy(
                            "`label_column`)")
     remap = label_mapping(model.labels, data.label_names)
     forward = forward or model.module
-    device = model.device
+    device = model.device  # where forward computes (a quantized model lives with its float model)
     k = min(5, model.num_classes)
     dist = current()
     dist.check_same("evaluation", {"dataset": data.spec, "split": data.split, "rows": data.num_rows,

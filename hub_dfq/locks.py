@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_SUFFIX", "lock_path", "hold", "holder", "is_held"]
+__all__ = ["LOCK_SUFFIX", "lock_path", "hold", "holder", "is_held", "check_unlocked"]
 
 LOCK_SUFFIX = ".hub-dfq.lock"
 
@@ -93,6 +93,34 @@ def _describe(info: dict[str, Any]) -> str:
     return f"another hub-dfq process (pid {info['pid']}, started {when}: {info.get('command', '?')})"
 
 
+def _locked(target: Path, what: str, argument: str | None, info: dict[str, Any]) -> OutputLockedError:
+    instead = f", or choose another `{argument}`" if argument else ""
+    return OutputLockedError(f"{target} ({what}) is being written by {_describe(info)}: wait for it to finish{instead}")
+
+
+def check_unlocked(target: str | os.PathLike[str], *, what: str = "output", argument: str | None = None) -> None:
+    """Raise :class:`OutputLockedError` when another process holds the lock of ``target`` (nothing is taken).
+
+    A check made before the work starts (and before the lock is taken) must not read a folder that another
+    run is writing as an earlier result: that run is what the user needs to hear about.
+    """
+    path = lock_path(target)
+    if fcntl is None or path in _HELD:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody writes it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _locked(Path(os.path.abspath(target)), what, argument, _read(fd)) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _acquire(path: Path, target: Path, what: str, argument: str | None) -> int:
     """Open and lock ``path``; retried when the file was replaced between the open and the lock."""
     while True:
@@ -108,9 +136,7 @@ def _acquire(path: Path, target: Path, what: str, argument: str | None) -> int:
         except BlockingIOError:
             info = _read(fd)
             os.close(fd)
-            instead = f", or choose another `{argument}`" if argument else ""
-            raise OutputLockedError(
-                f"{target} ({what}) is being written by {_describe(info)}: wait for it to finish{instead}") from None
+            raise _locked(target, what, argument, info) from None
         except BaseException:
             os.close(fd)
             raise

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import __version__
 from .errors import HubDfqError, OutputExistsError, OutputWriteError, UnsafeOutputError
-from .locks import hold
+from .locks import check_unlocked, hold
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +204,13 @@ def check_folder(path: str | os.PathLike[str], *, kind: str, overwrite: bool = F
 
     Raises:
         UnsafeOutputError: the current folder, a parent of it, the home folder, a root, a mount point, a link.
+        OutputLockedError: another running process holds the folder's lock (checked before its content).
         OutputExistsError: a file; a folder holding files hub-dfq did not write, or another kind of result; an
             earlier result and neither ``overwrite`` nor ``resume``.
         OutputWriteError: the folder (or where it would be created) is not writable.
     """
     target = _check_location(path, argument)
+    check_unlocked(target, what=f"output folder of {KINDS[kind]}" if not owned else "cache entry", argument=argument)
     if not target.exists():
         return OutputFolder(target, kind, "absent", argument)
     names = sorted(entry.name for entry in os.scandir(target))

@@ -13,7 +13,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DEVICE_CHOICES", "resolve_device", "fast_bf16"]
+__all__ = ["DEVICE_CHOICES", "resolve_device", "fast_bf16", "resolve_precision", "place_model"]
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
@@ -68,3 +68,24 @@ def fast_bf16(device: torch.device | str | None = None) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return _cpu_has_fast_bf16()
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """``"fp32"`` or ``"bf16"``: ``precision`` itself, or for ``"auto"`` bf16 where it is natively fast on ``device``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if fast_bf16(device) else "fp32"
+
+
+def place_model(model, device: torch.device | str | None):
+    """Move ``model`` (anything with ``.to`` and ``.device``) to ``device`` in place; ``None`` leaves it where it is.
+
+    Raises:
+        ConfigError: a device this machine does not have.
+    """
+    if device is None:
+        return model
+    target = resolve_device(device)
+    if model.device != target:
+        model.to(target)
+    return model

@@ -23,6 +23,7 @@ from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
 from ..partition import block_size, rank_part
 from ..progress import progress_enabled
+from ..runtime import place_model
 from . import references as refs
 from .moments import MomentAccumulator
 from .registry import DIVERGENCES
@@ -244,6 +245,7 @@ def audit(
     progress: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
+    device: str | torch.device | None = None,
     reference_steps: int | None = None,
 ) -> AuditReport:
     """Score how close each candidate dataset is to the data the model was trained on.
@@ -284,6 +286,8 @@ def audit(
         progress: show progress bars (``None``: on a terminal).
         token: Hub token for the model and the datasets.
         revision: Hub revision of the model, when ``model`` is a spec.
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
+            ``None``: where the model is. Moments are accumulated in float64 on that device.
         reference_steps: deprecated spelling of ``reference_iters``.
 
     Returns:
@@ -320,6 +324,7 @@ def audit(
     with reservation:
         if not isinstance(model, VisionModel):
             model = load_model(model, token=token, revision=revision)
+        place_model(model, device)
         layers = _check_model(model)
 
         # Open every candidate first: a wrong spec fails in seconds, not after the first audits.

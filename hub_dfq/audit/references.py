@@ -23,6 +23,7 @@ import torch
 
 from ..cache import cache_root
 from ..fingerprint import fingerprint, weights_sha256
+from ..runtime import resolve_precision
 from ..outputs import write_text
 from ..synth.api import run_identity, synthesize
 from ..synth.config import SynthConfig
@@ -41,16 +42,16 @@ def cache_dir() -> Path:
     return cache_root("audit")
 
 
-def near_config(*, n: int, seed: int, iters: int) -> SynthConfig:
-    """The synthesis run of the near reference."""
-    return SynthConfig(method="bns", num_images=n, iters=iters, seed=seed)
+def near_config(*, n: int, seed: int, iters: int, device) -> SynthConfig:
+    """The synthesis run of the near reference on ``device`` (its precision is the one used there)."""
+    return SynthConfig(method="bns", num_images=n, iters=iters, seed=seed, precision=resolve_precision("auto", device))
 
 
 def reference_key(model, settings: dict[str, Any]) -> str:
     """Cache key of a reference point of ``model`` measured with ``settings``."""
     near = settings.get("kind") == "near"
-    synth = run_identity(model, near_config(n=settings["n"], seed=settings["seed"], iters=settings["steps"])) \
-        if near else None
+    synth = run_identity(model, near_config(n=settings["n"], seed=settings["seed"], iters=settings["steps"],
+                                            device=model.device)) if near else None
     preprocess = model.preprocess
     return fingerprint("audit-reference", version=REFERENCE_VERSION, length=32,
                        weights=weights_sha256(model.module), preprocess=[list(preprocess.input_size),
@@ -100,6 +101,6 @@ def gaussian_batches(input_size: tuple[int, ...], *, n: int, batch_size: int, se
 
 def synth_near_dataset(model, *, n: int, seed: int, steps: int, progress: bool | None = None) -> Any:
     """``n`` BNS images from :func:`hub_dfq.synth.api.synthesize` (cached by that module), as a ``datasets.Dataset``."""
-    config = near_config(n=n, seed=seed, iters=steps)
+    config = near_config(n=n, seed=seed, iters=steps, device=model.device)
     return synthesize(model, config.method, config.num_images, iters=config.iters, seed=config.seed, out_dir=None,
-                      progress=progress)
+                      precision=config.precision, progress=progress)

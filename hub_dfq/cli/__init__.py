@@ -107,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last resort: one line instead of a traceback
         if os.environ.get("HUB_DFQ_DEBUG"):
             raise
+        if type(err).__name__ == "OutOfMemoryError":  # torch.cuda's; matched by name: torch may not be loaded
+            print(f"hub-dfq {args.command}: error: {where}the GPU ran out of memory ({_one_line(str(err))[:200]}): "
+                  + ("lower --batch-size, or " if hasattr(args, "batch_size") else "") + "pass --device cpu",
+                  file=sys.stderr)
+            return 2
         print(f"hub-dfq {args.command}: internal error: {where}{type(err).__name__}: {_one_line(str(err))} (this is "
               "a bug in hub-dfq or a library it uses; set HUB_DFQ_DEBUG=1 for the traceback and report it)",
               file=sys.stderr)

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from ..outputs import check_file, write_text
+from .launch import world_rank
 
 __all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
            "write_json", "cli_message", "choices_help"]
@@ -45,11 +46,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow transformers models whose code lives in their repository")
     parser.add_argument("--random-init", dest="pretrained", action="store_false",
                         help="build the architecture with random weights instead of loading them")
+    add_device_option(parser)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where to compute: auto (a CUDA GPU when there is one, else the CPU; under a launch, "
+                        "each process's own device), cpu, cuda or cuda:N (default auto)")
+
+
+def device_of(args: argparse.Namespace) -> str | None:
+    """The ``device`` argument for the API: ``None`` under a multi-process launch with ``auto`` (each process's
+    device is then the launcher's choice, see :func:`hub_dfq.cli.launch.place`)."""
+    return None if args.device == "auto" and world_rank()[0] > 1 else args.device
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"revision": args.revision, "token": args.token, "trust_remote_code": args.trust_remote_code,
-            "pretrained": args.pretrained}
+            "pretrained": args.pretrained, "device": device_of(args)}
 
 
 def add_dataset_options(parser: argparse.ArgumentParser, *, flag: str | None = "--dataset",

@@ -38,6 +38,7 @@ from ..quant.config import QuantConfig
 from ..quant.model import QuantizedModel
 from ..quant.modules import quant_layers
 from ..registry import resolve
+from ..runtime import place_model
 from ..synth.card import write_card
 from ..synth.publish import push_dataset_folder
 from ..synth.writer import read_manifest
@@ -336,8 +337,10 @@ def push_to_hub(
 
 
 def from_pretrained(spec: str | os.PathLike[str], *, revision: str | None = None,
-                    token: str | bool | None = None) -> QuantizedModel:
+                    token: str | bool | None = None, device: str | torch.device | None = None) -> QuantizedModel:
     """Load a hub-dfq quantized checkpoint from a folder or the Hub (bit-identical logits).
+
+    ``device``: where the model goes (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``None``: the CPU).
 
     Raises:
         CheckpointError: not a hub-dfq checkpoint, a newer format, or a corrupted/truncated file.
@@ -345,7 +348,7 @@ def from_pretrained(spec: str | os.PathLike[str], *, revision: str | None = None
     Example:
         >>> qmodel = hub_dfq.from_pretrained("me/resnet20-w4a8-dfq")  # doctest: +SKIP
     """
-    return QuantizedCheckpoint.from_pretrained(spec, revision=revision, token=token).qmodel
+    return place_model(QuantizedCheckpoint.from_pretrained(spec, revision=revision, token=token).qmodel, device)
 
 
 def load_quantized_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False,

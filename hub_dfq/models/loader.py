@@ -20,11 +20,13 @@ from importlib import resources
 from pathlib import Path
 
 import timm
+import torch
 import yaml
 from timm.models import get_arch_pretrained_cfgs
 
 from ..errors import ModelNotFoundError, ModelSpecError, UnsupportedModelError
 from ..registry import resolve
+from ..runtime import place_model, resolve_device
 from .adapters import ADAPTERS, ModelAdapter
 from .download import commit_of, download_model_repo
 from .timm_adapter import load_timm_name
@@ -178,6 +180,7 @@ def load_model(
     token: str | bool | None = None,
     trust_remote_code: bool = False,
     pretrained: bool = True,
+    device: str | torch.device | None = None,
 ) -> VisionModel:
     """Load an image classifier from the Hub, a local folder, timm's registry or the embedded default.
 
@@ -190,6 +193,7 @@ def load_model(
         token: Hub token for private or gated repos; by default the logged-in one.
         trust_remote_code: allow transformers models whose code lives in their repo. Off by default.
         pretrained: ``False`` builds the architecture with random weights instead of loading them.
+        device: where the model goes (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); ``None``: the CPU.
 
     Returns:
         A :class:`VisionModel` in eval mode.
@@ -205,13 +209,17 @@ def load_model(
         >>> model.labels[:3]
         ['airplane', 'automobile', 'bird']
     """
+    if device is not None:
+        resolve_device(device)  # a device that does not exist fails before the download
     resolved = resolve_folder(spec, revision=revision, token=token)
     if resolved is not None:
         folder, source = resolved
-        return load_folder(folder, source, trust_remote_code=trust_remote_code, pretrained=pretrained)
-    text = os.fspath(spec).strip()
-    name, _ = _split_revision(text, revision)
-    return _load_timm_registry(text, name, token, trust_remote_code=trust_remote_code, pretrained=pretrained)
+        model = load_folder(folder, source, trust_remote_code=trust_remote_code, pretrained=pretrained)
+    else:
+        text = os.fspath(spec).strip()
+        name, _ = _split_revision(text, revision)
+        model = _load_timm_registry(text, name, token, trust_remote_code=trust_remote_code, pretrained=pretrained)
+    return place_model(model, device)
 
 
 def _load_timm_registry(spec: str, name: str, token, *, trust_remote_code: bool, pretrained: bool) -> VisionModel:

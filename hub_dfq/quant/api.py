@@ -15,6 +15,7 @@ from ..errors import UnsupportedModelError
 from ..fingerprint import fingerprint, weights_sha256
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
+from ..runtime import place_model
 from .algorithms import (
     AlgorithmContext,
     algorithm_settings,
@@ -87,6 +88,7 @@ def quantize(
     progress: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
+    device: str | torch.device | None = None,
     **deprecated: Any,
 ) -> QuantizedModel:
     """Quantize a classifier to ``weights``/``activations`` bits, calibrated without its training data.
@@ -126,6 +128,8 @@ def quantize(
         progress: show progress bars (``None``: on a terminal).
         token: Hub token, when ``model`` or ``calibration`` is a Hub id.
         revision: Hub revision of the model, when ``model`` is a spec.
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
+            ``None``: where the model is. Reconstruction and distillation compute in float32 everywhere.
 
     Returns:
         A :class:`QuantizedModel`.
@@ -171,6 +175,7 @@ def quantize(
     run_settings = settings_for(algorithm)  # checked before minutes of synthesis
     if not isinstance(model, VisionModel):
         model = load_model(model, revision=revision, token=token)
+    place_model(model, device)
     if model.quantization_config is not None:
         raise UnsupportedModelError(f"{model.source.spec} is already quantized: quantize its base model "
                                     f"({model.quantization_config.get('base_model', 'see its card')}) instead")

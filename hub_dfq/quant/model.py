@@ -78,6 +78,16 @@ class QuantizedModel:
         return self.algorithm_config
 
     @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def to(self, device: str | torch.device) -> "QuantizedModel":
+        """Move the integer model and its float source model to ``device`` (in place)."""
+        self.model.to(device)
+        self.module.to(device)
+        return self
+
+    @property
     def left_in_float(self) -> list[str]:
         """Layers with parameters that stay in floating point, and why."""
         return sorted(set(self.report.unsupported) | set(self.report.excluded))

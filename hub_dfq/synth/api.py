@@ -26,6 +26,7 @@ from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
+from ..runtime import place_model, resolve_device, resolve_precision
 from .card import write_card, write_preview
 from .config import Priors, SynthConfig
 from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
@@ -399,6 +400,7 @@ def synthesize_folder(
     private: bool = False,
     token: str | bool | None = None,
     revision: str | None = None,
+    device: str | torch.device | None = None,
     n: int | None = None,
 ) -> Path:
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
@@ -433,6 +435,9 @@ def synthesize_folder(
         private: create the Hub repository as private.
         token: Hub token for loading the model and for the push.
         revision: Hub revision of the model, when ``model`` is a spec.
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
+            ``None``: where the model is (the CPU for a spec). ``precision="auto"`` picks bf16 where it is
+            natively fast on that device (a GPU with bf16, a CPU with AVX512-BF16/AMX).
         n: deprecated spelling of ``num_images``.
 
     Returns:
@@ -459,6 +464,9 @@ def synthesize_folder(
         raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
     if isinstance(priors, dict):
         priors = Priors(**priors)
+    run_device = resolve_device(device) if device is not None else (
+        model.device if isinstance(model, VisionModel) else torch.device("cpu"))
+    precision = resolve_precision(precision, run_device)
     config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
                          seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
     dist = current()
@@ -468,6 +476,7 @@ def synthesize_folder(
                                                                        resume=resume)) and None)
         if not isinstance(model, VisionModel):
             model = load_model(model, revision=revision, token=token)
+        place_model(model, run_device)
         check_model_supports(model, config.method)
         identity = run_identity(model, config)
         # before anything is written: processes given different arguments would write one folder of two runs
