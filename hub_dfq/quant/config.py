@@ -19,7 +19,7 @@ from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 __all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS", "GRAPH_VERSION"]
 
 MIN_BITS, MAX_BITS = 2, 8
-# The rules that build the quantized graph (hub_dfq.quant.prepare). 1: hub-dfq up to 0.2; 2: "same"-padding
+# The rules that build the quantized graph (hub_dfq.quant.prepare). 1: hub-dfq 0.1.0; 2: "same"-padding
 # convolutions quantized, zero pads absorbed by the convolution after them, output quantizers where they let
 # ONNX Runtime run a convolution as an integer kernel. Checkpoints record it, so a reload rebuilds its own graph.
 GRAPH_VERSION = 2

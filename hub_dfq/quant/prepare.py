@@ -180,7 +180,21 @@ def _trace(module: nn.Module, example_input: torch.Tensor, graph_version: int = 
                 f"{symbolic_error}; with concrete shapes: {type(err).__name__}: {err}); quantization needs a static "
                 "graph to place the integer quantizers: use a model without data-dependent control flow, or keep "
                 "the offending module in float with `exclude`") from err
+    _bind_defaults(graph)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _bind_defaults(graph: fx.Graph) -> None:
+    """Make every input after the image its default value (timm ViTs take ``attn_mask=None, is_causal=False``):
+    the quantized model is a function of the image alone, and exporters must not see them as tensors."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if len(node.args) != 1:  # no default: leave it, the caller must pass it
+            continue
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a, n=node: default if a is n else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a, n=node: default if a is n else a)
+        graph.erase_node(node)
 
 
 def _node_block(node: fx.Node, blocks: set[str]) -> str | None:
@@ -248,13 +262,24 @@ def _is_add(node: fx.Node) -> bool:
 # Normalisations over a tensor's own statistics: integer runtimes (ONNX Runtime included) run them in float.
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm) + \
     ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_NORM_REASON = "normalisation over the tensor's own statistics"
 # Ops that would make a parameter a weight of a matrix product: it should have been a module.
 _PRODUCT_FUNCTIONS = (F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.bmm, torch.mm, torch.addmm,
                       torch.einsum, operator.matmul)
 
 
-def _report_float(gm: fx.GraphModule, modules: dict[str, nn.Module], report: PrepareReport) -> None:
-    """Name every parameter that stays in floating point, as unsupported or float by design, with the reason."""
+def _is_norm(module: nn.Module | None) -> bool:
+    # by class name too: timm's LayerNorm2d, transformers' ConvNextLayerNorm, ... (traced through, not leaves)
+    return isinstance(module, _NORMS) or (module is not None and type(module).__name__.endswith("Norm"))
+
+
+def _report_float(gm: fx.GraphModule, modules: dict[str, nn.Module], report: PrepareReport,
+                  originals: dict[str, nn.Module]) -> None:
+    """Name every parameter that stays in floating point, as unsupported or float by design, with the reason.
+
+    ``originals`` are the float model's modules by name: a module fx traced through (timm's LayerNorm
+    with its own forward) leaves only its parameters in the graph, and its class says what they are.
+    """
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -263,9 +288,8 @@ def _report_float(gm: fx.GraphModule, modules: dict[str, nn.Module], report: Pre
             continue
         if not any(True for _ in m.parameters()):
             continue
-        if isinstance(m, _NORMS):
-            report.float_by_design.append(f"{node.target} ({type(m).__name__}: normalisation over the tensor's "
-                                          "own statistics)")
+        if _is_norm(m):
+            report.float_by_design.append(f"{node.target} ({type(m).__name__}: {_NORM_REASON})")
         else:
             report.unsupported.append(f"{node.target} ({type(m).__name__})")
     report.float_by_design += [f"{name} (BatchNorm with no convolution before it to fold into: a per-channel "
@@ -273,10 +297,16 @@ def _report_float(gm: fx.GraphModule, modules: dict[str, nn.Module], report: Pre
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not isinstance(_attr(gm, node.target), nn.Parameter):
             continue
-        owner = modules.get(node.target.rpartition(".")[0])
+        owner_name = node.target.rpartition(".")[0]
+        owner = modules.get(owner_name)
         if isinstance(owner, QuantModule) or all(u.target is getattr for u in node.users):
             continue  # a quantized layer's own weight, or only its dtype or shape is read
-        if any(u.target in _PRODUCT_FUNCTIONS or (u.op == "call_method" and u.target in ("matmul", "mm", "bmm"))
+        original = originals.get(owner_name)
+        if owner_name and _is_norm(original):
+            entry = f"{owner_name} ({type(original).__name__}: {_NORM_REASON})"
+            if entry not in report.float_by_design:
+                report.float_by_design.append(entry)
+        elif any(u.target in _PRODUCT_FUNCTIONS or (u.op == "call_method" and u.target in ("matmul", "mm", "bmm"))
                for u in node.users):
             report.unsupported.append(f"{node.target} (the weight of a functional matrix product: no layer to "
                                       "quantize)")
@@ -435,7 +465,7 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
         report.quantized[name] = {"type": type(float_layer).__name__, "weights": scheme.weights,
                                   "activations": scheme.activations, "first": name == first, "last": name == last}
     modules = dict(gm.named_modules())
-    _report_float(gm, modules, report)
+    _report_float(gm, modules, report, dict(float_module.named_modules()))
 
     # ---- place activation quantizers ---------------------------------------------------------
     container = nn.Module()
