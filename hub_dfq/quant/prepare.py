@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UnsupportedModelError
 from ..models.vision_model import BN_TYPES
 from .config import GRAPH_VERSION, QuantConfig
+from .float_parts import float_parts
 from .fold import CONV_TYPES, fold_batchnorms
 from .modules import QuantModule, qmodule_for
 from .padding import expand_same_padding, zero_pad_input
@@ -190,10 +191,12 @@ def _bind_defaults(graph: fx.Graph) -> None:
     for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
         if len(node.args) != 1:  # no default: leave it, the caller must pass it
             continue
-        default = node.args[0]
+        def bound(a, n=node, default=node.args[0]):
+            return default if a is n else a
+
         for user in list(node.users):
-            user.args = fx.node.map_aggregate(user.args, lambda a, n=node: default if a is n else a)
-            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a, n=node: default if a is n else a)
+            user.args = fx.node.map_aggregate(user.args, bound)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, bound)
         graph.erase_node(node)
 
 
@@ -257,69 +260,6 @@ def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return True
     return node.op == "call_method" and node.target in ("add", "add_")
-
-
-# Normalisations over a tensor's own statistics: integer runtimes (ONNX Runtime included) run them in float.
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm) + \
-    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-_NORM_REASON = "normalisation over the tensor's own statistics"
-# Ops that would make a parameter a weight of a matrix product: it should have been a module.
-_PRODUCT_FUNCTIONS = (F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.bmm, torch.mm, torch.addmm,
-                      torch.einsum, operator.matmul)
-
-
-def _is_norm(module: nn.Module | None) -> bool:
-    # by class name too: timm's LayerNorm2d, transformers' ConvNextLayerNorm, ... (traced through, not leaves)
-    return isinstance(module, _NORMS) or (module is not None and type(module).__name__.endswith("Norm"))
-
-
-def _report_float(gm: fx.GraphModule, modules: dict[str, nn.Module], report: PrepareReport,
-                  originals: dict[str, nn.Module]) -> None:
-    """Name every parameter that stays in floating point, as unsupported or float by design, with the reason.
-
-    ``originals`` are the float model's modules by name: a module fx traced through (timm's LayerNorm
-    with its own forward) leaves only its parameters in the graph, and its class says what they are.
-    """
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = modules[node.target]
-        if isinstance(m, QuantModule) or node.target in report.excluded or isinstance(m, BN_TYPES):
-            continue
-        if not any(True for _ in m.parameters()):
-            continue
-        if _is_norm(m):
-            report.float_by_design.append(f"{node.target} ({type(m).__name__}: {_NORM_REASON})")
-        else:
-            report.unsupported.append(f"{node.target} ({type(m).__name__})")
-    report.float_by_design += [f"{name} (BatchNorm with no convolution before it to fold into: a per-channel "
-                               "scale and shift)" for name in report.unfolded_bn]
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or not isinstance(_attr(gm, node.target), nn.Parameter):
-            continue
-        owner_name = node.target.rpartition(".")[0]
-        owner = modules.get(owner_name)
-        if isinstance(owner, QuantModule) or all(u.target is getattr for u in node.users):
-            continue  # a quantized layer's own weight, or only its dtype or shape is read
-        original = originals.get(owner_name)
-        if owner_name and _is_norm(original):
-            entry = f"{owner_name} ({type(original).__name__}: {_NORM_REASON})"
-            if entry not in report.float_by_design:
-                report.float_by_design.append(entry)
-        elif any(u.target in _PRODUCT_FUNCTIONS or (u.op == "call_method" and u.target in ("matmul", "mm", "bmm"))
-               for u in node.users):
-            report.unsupported.append(f"{node.target} (the weight of a functional matrix product: no layer to "
-                                      "quantize)")
-        else:
-            report.float_by_design.append(f"{node.target} (a learned tensor added or multiplied in float: "
-                                          "embedding, token or scale)")
-
-
-def _attr(gm: fx.GraphModule, target: str) -> object:
-    value: object = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _absorbable_pad(node: fx.Node, layer: nn.Module, modules: dict[str, nn.Module]):
@@ -435,8 +375,8 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
     modules = dict(gm.named_modules())
 
     # ---- swap weight layers ------------------------------------------------------------------
-    weight_nodes = [n for n in gm.graph.nodes
-                    if n.op == "call_module" and qmodule_for(modules[n.target], graph_version=graph_version) is not None]
+    weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
+                    and qmodule_for(modules[n.target], graph_version=graph_version) is not None]
     if not weight_nodes:
         raise UnsupportedModelError(
             f"{type(module).__name__} has no convolution or linear layer to quantize (found "
@@ -465,7 +405,10 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
         report.quantized[name] = {"type": type(float_layer).__name__, "weights": scheme.weights,
                                   "activations": scheme.activations, "first": name == first, "last": name == last}
     modules = dict(gm.named_modules())
-    _report_float(gm, modules, report, dict(float_module.named_modules()))
+    unsupported, by_design = float_parts(gm, dict(float_module.named_modules()), skip=set(report.excluded),
+                                         unfolded_bn=report.unfolded_bn)
+    report.unsupported += unsupported
+    report.float_by_design += by_design
 
     # ---- place activation quantizers ---------------------------------------------------------
     container = nn.Module()
