@@ -189,6 +189,16 @@ def test_conv_families_run_every_mac_in_integer_kernels(name, tmp_path):
     assert agreement["max_abs_logit_diff"] < 0.1 * spread
 
 
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax", "catavgmax"])
+def test_pooling_heads(pool, tmp_path):
+    model = _vision_model(timm.create_model("test_resnet", global_pool=pool, num_classes=10), 32, "test_resnet")
+    generator = torch.Generator().manual_seed(1)
+    qmodel, agreement, macs = _integer_run(model, tmp_path, torch.randn(8, 3, 32, 32, generator=generator),
+                                           torch.randn(8, 3, 32, 32, generator=generator))
+    assert not qmodel.left_in_float and macs["share"] == 1.0
+    assert agreement["top1_agreement"] >= 0.75
+
+
 def test_vit_runs_its_linear_layers_in_integer_kernels(tmp_path):
     model = _vision_model(timm.create_model("test_vit", img_size=32, num_classes=10), 32, "test_vit")
     generator = torch.Generator().manual_seed(1)

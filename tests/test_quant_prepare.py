@@ -95,7 +95,7 @@ def test_what_stays_float_is_named_with_its_reason():
     prepared = prepare(model, QuantConfig(exclude=("layers.1.*",)), example_input=torch.zeros(1, 3, 8, 8))
     report = prepared.report
     assert report.float_by_design == ["norm (GroupNorm: normalisation over the tensor's own statistics)"]
-    assert report.unsupported == ["head.weight (the weight of a functional matrix product: no layer to quantize)"]
+    assert report.unsupported == ["head (FunctionalHead: weights of a functional matrix product, no layer to quantize)"]
     assert "layers.1.conv1" in report.excluded
     assert not isinstance(prepared.module.get_submodule("layers.1.conv1"), QuantConv2d)
 

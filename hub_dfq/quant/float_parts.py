@@ -3,7 +3,7 @@
 Two kinds, reported apart:
 
 - *unsupported*: layers with weights that an integer model would quantize but this one cannot (a
-  convolution subclass with its own forward, a weight used by a functional matrix product);
+  convolution subclass with its own forward, weights used by a functional matrix product);
 - *float by design*: what integer runtimes, ONNX Runtime included, compute in float too:
   normalisations over a tensor's own statistics (LayerNorm, GroupNorm, ...), a BatchNorm with no
   convolution before it to fold into (a per-channel scale and shift), and learned tensors that are
@@ -77,7 +77,11 @@ def _parameter_parts(gm: fx.GraphModule, originals: dict[str, nn.Module]) -> tup
                 by_design.append(entry)
         elif any(u.target in _PRODUCT_FUNCTIONS or (u.op == "call_method" and u.target in _PRODUCT_METHODS)
                  for u in node.users):
-            unsupported.append(f"{node.target} (the weight of a functional matrix product: no layer to quantize)")
+            name, kind = (owner_name, type(original).__name__) if original is not None and owner_name else \
+                (node.target, "parameter")
+            entry = f"{name} ({kind}: weights of a functional matrix product, no layer to quantize)"
+            if entry not in unsupported:
+                unsupported.append(entry)
         else:
             by_design.append(f"{node.target} (a learned tensor added or multiplied in float: embedding, token "
                              "or scale)")
