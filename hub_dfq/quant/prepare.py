@@ -58,7 +58,7 @@ class ActPoint:
         source: the graph node whose output it quantizes.
         consumers: qualified names of the layers (or ``BLOCK.add`` nodes) reading its output.
         kind: ``"input"`` (of a conv/linear), ``"residual"`` (operand of an addition) or ``"output"``
-            (of a convolution, where no other quantizer reads it; graph version 2).
+            (of a conv/linear layer whose output a float op reads before any quantizer; graph version 2).
         bits: bit width.
         signed: asymmetric with a zero point (``False``: unsigned after a ReLU).
         block: the block it belongs to (for block-wise reconstruction).
