@@ -7,17 +7,24 @@ Three kinds of entries, each keyed on :func:`hub_dfq.fingerprint.fingerprint` of
 - ``quantize/<key>/``: saved progress of an interrupted ``reconstruct``/``distill`` run (``*.pt``).
 
 Listing and clearing only ever touch entries of those shapes: a file hub-dfq did not write is left alone,
-also when ``$HUB_DFQ_CACHE`` points at a folder that holds other things.
+also when ``$HUB_DFQ_CACHE`` points at a folder that holds other things. Every entry is locked while it is
+written (:mod:`hub_dfq.locks`); clearing skips an entry a running process holds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import OutputLockedError
+from .locks import hold
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_KINDS", "CacheEntry", "cache_root", "list_cache", "clear_cache"]
 
@@ -81,7 +88,8 @@ def _describe(kind: str, path: Path) -> str | None:
     if kind == "audit" and path.is_file() and path.suffix == ".json":
         entry = _read_json(path)
         settings = entry.get("settings") or {}
-        return f"audit reference {settings.get('kind', '?')} ({entry.get('method', '?')}, {settings.get('n', '?')} images)"
+        return (f"audit reference {settings.get('kind', '?')} ({entry.get('method', '?')}, "
+                f"{settings.get('n', '?')} images)")
     if kind == "quantize" and path.is_dir() and any(path.glob("*.pt")):
         return "saved progress of " + ", ".join(sorted(p.stem for p in path.glob("*.pt")))
     return None
@@ -102,16 +110,25 @@ def list_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS) -> list[CacheEn
     return sorted(entries, key=lambda e: e.modified, reverse=True)
 
 
-def clear_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS, *, older_than_days: float | None = None) -> list[CacheEntry]:
-    """Delete the cache entries of ``kinds`` (those older than ``older_than_days``); returns what was deleted."""
+def clear_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS, *,
+                older_than_days: float | None = None) -> list[CacheEntry]:
+    """Delete the cache entries of ``kinds`` (those older than ``older_than_days``); returns what was deleted.
+
+    An entry a running hub-dfq process is writing (it holds the entry's lock) is left alone, with a warning.
+    """
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     removed = []
     for entry in list_cache(kinds):
         if cutoff is not None and entry.modified > cutoff:
             continue
-        if entry.path.is_dir():
-            shutil.rmtree(entry.path)
-        else:
-            entry.path.unlink()
+        try:
+            with hold(entry.path, what="cache entry"):
+                if entry.path.is_dir():
+                    shutil.rmtree(entry.path)
+                else:
+                    entry.path.unlink()
+        except OutputLockedError as err:
+            logger.warning("kept %s: %s", entry.path, err)
+            continue
         removed.append(entry)
     return removed

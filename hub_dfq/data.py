@@ -18,14 +18,15 @@ from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
-from .errors import DatasetError, ImageDecodeError
+from .errors import DatasetError, HubDfqError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageData", "Batch", "load_images", "iter_batches", "decode_image", "embedded_sample_path",
+__all__ = ["ImageData", "Batch", "RowMap", "load_images", "iter_batches", "decode_image", "embedded_sample_path",
            "embedded_sample_labels"]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo", "file")
@@ -48,6 +49,20 @@ def embedded_sample_labels() -> list[str]:
     return list(features["label"].names)
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """Where the rows of a part of a dataset sit in the whole: row ``i`` of the part is row
+    ``start + (i // block) * stride + i % block`` of the dataset (whole blocks of ``block`` rows, one every
+    ``stride`` rows; see :mod:`hub_dfq.partition`)."""
+
+    start: int = 0
+    block: int = 1
+    stride: int = 1
+
+    def __call__(self, index: int) -> int:
+        return self.start + (index // self.block) * self.stride + index % self.block
+
+
 @dataclass
 class ImageData:
     """A dataset of images (and maybe labels), with its columns resolved.
@@ -59,6 +74,8 @@ class ImageData:
         label_names: class names of ``label_column`` when it is a ``ClassLabel``.
         spec: the spec as given, for reports.
         split: the split that was selected.
+        rows: for one process's part of a dataset, where its rows sit in the whole dataset (row
+            indices in batches and reports are the whole dataset's); ``None`` for a whole dataset.
     """
 
     dataset: datasets.Dataset | datasets.IterableDataset
@@ -67,6 +84,7 @@ class ImageData:
     label_names: list[str] | None
     spec: str
     split: str | None = None
+    rows: RowMap | None = None
 
     @property
     def streaming(self) -> bool:
@@ -104,6 +122,26 @@ def _pick_split(dd: dict, split: str | None, spec: str) -> tuple[Any, str]:
     return dd[names[0]], names[0]
 
 
+def _load_checked(spec: str, **kwargs: Any) -> Any:
+    """:func:`_load` with what ``datasets`` and pyarrow raise on unusable local data said as a :class:`DatasetError`."""
+    try:
+        return _load(spec, **kwargs)
+    except HubDfqError:
+        raise
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise DatasetError(f"cannot read {spec} ({type(cause).__name__}: {cause}): check that it holds parquet "
+                           "files or images") from err
+    except datasets.data_files.EmptyDatasetError as err:
+        raise DatasetError(f"{spec} holds no data files (no parquet files, no images): use {_SPELLINGS}") from err
+    except pa.ArrowInvalid as err:
+        raise DatasetError(f"{spec} is not a readable parquet file ({err})") from err
+    except ValueError as err:
+        if "corresponds to no data" in str(err):
+            raise DatasetError(f"{spec} is empty: it has no rows") from err
+        raise DatasetError(f"cannot load dataset {spec}: {err}") from err
+
+
 def _load(spec: str, *, split, config, revision, streaming, token, data_dir) -> Any:
     kwargs: dict[str, Any] = {"streaming": streaming}
     if spec == "default":
@@ -117,6 +155,8 @@ def _load(spec: str, *, split, config, revision, streaming, token, data_dir) -> 
     path = Path(spec).expanduser()
     if path.is_dir():
         return datasets.load_dataset(str(path), name=config, data_dir=data_dir, **kwargs)
+    if path.is_file():
+        raise DatasetError(f"{spec} is a file but not a .parquet file: use {_SPELLINGS}")
     if os.sep in spec and not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise DatasetError(f"dataset folder {spec} does not exist")
     try:
@@ -201,8 +241,9 @@ def load_images(
     if isinstance(spec, (datasets.Dataset, datasets.IterableDataset)):
         ds, name, chosen = spec, f"<{type(spec).__name__}>", split
     else:
-        name = "<DatasetDict>" if isinstance(spec, (datasets.DatasetDict, datasets.IterableDatasetDict)) else os.fspath(spec)
-        loaded = spec if not isinstance(spec, (str, os.PathLike)) else _load(
+        is_dict = isinstance(spec, (datasets.DatasetDict, datasets.IterableDatasetDict))
+        name = "<DatasetDict>" if is_dict else os.fspath(spec)
+        loaded = spec if not isinstance(spec, (str, os.PathLike)) else _load_checked(
             name, split=split, config=dataset_config, revision=revision, streaming=streaming, token=token,
             data_dir=data_dir)
         if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -215,7 +256,8 @@ def load_images(
         features = ds.features
     image_col = _detect_column(features, image_column, "image", name, required=True)
     label_col = _detect_column(features, label_column, "label", name, required=False)
-    label_names = features[label_col].names if label_col and isinstance(features[label_col], datasets.ClassLabel) else None
+    is_class_label = label_col is not None and isinstance(features[label_col], datasets.ClassLabel)
+    label_names = features[label_col].names if is_class_label else None
     if isinstance(features[image_col], datasets.Image) and features[image_col].decode:
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
     if limit is not None:
@@ -266,13 +308,15 @@ def iter_batches(
 
     Unreadable images are skipped and reported in ``Batch.skipped`` (or raised when
     ``skip_errors`` is false). A batch whose images all failed is still yielded, with no rows.
+    Row indices are those of the whole dataset (see ``ImageData.rows``).
     """
-    index = 0
+    position = 0
     for rows in data.dataset.iter(batch_size=batch_size):
         images, labels, indices, skipped = [], [], [], []
         cells = rows[data.image_column]
         row_labels = rows[data.label_column] if data.label_column else [None] * len(cells)
         for cell, label in zip(cells, row_labels):
+            index = data.rows(position) if data.rows is not None else position
             try:
                 images.append(preprocess(decode_image(cell)))
             except ImageDecodeError as err:
@@ -282,7 +326,7 @@ def iter_batches(
             else:
                 indices.append(index)
                 labels.append(-1 if label is None else int(label))
-            index += 1
+            position += 1
         pixels = torch.stack(images) if images else torch.empty(0)
         label_tensor = torch.tensor(labels, dtype=torch.long) if data.label_column else None
         yield Batch(pixels, label_tensor, indices, skipped)

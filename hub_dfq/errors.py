@@ -40,7 +40,20 @@ class ConfigError(HubDfqError, ValueError):
 
 
 class OutputExistsError(HubDfqError, FileExistsError):
-    """An output folder that holds another run's results."""
+    """An output location that holds another run's results, files hub-dfq did not write, or a file of the wrong kind."""
+
+
+class UnsafeOutputError(HubDfqError, ValueError):
+    """An output location hub-dfq never writes or replaces: the current folder, a parent of it, the home folder, a
+    filesystem root or a symbolic link."""
+
+
+class OutputWriteError(HubDfqError, OSError):
+    """An output that cannot be written (read-only location, disk full, permissions); what existed before is intact."""
+
+
+class OutputLockedError(HubDfqError, RuntimeError):
+    """An output or cache entry that another running hub-dfq process is writing (the message names the process)."""
 
 
 class DivergedError(HubDfqError, FloatingPointError):
@@ -48,12 +61,25 @@ class DivergedError(HubDfqError, FloatingPointError):
 
 
 class CheckpointError(HubDfqError, ValueError):
-    """A saved checkpoint that is corrupted, truncated or from a newer hub-dfq."""
+    """A saved checkpoint or weights file that is corrupted, truncated, does not fit its architecture, or is from a
+    newer hub-dfq."""
 
 
 class PublishError(HubDfqError, RuntimeError):
     """An upload to the Hub that failed; the local files are untouched."""
 
 
+class ArgumentTypeError(HubDfqError, TypeError):
+    """An argument of the wrong kind, e.g. a float model where a quantized one is needed."""
+
+
 class DependencyError(HubDfqError, ImportError):
     """An optional dependency a feature needs is not installed (the message names the extra)."""
+
+
+class DistributedError(HubDfqError, RuntimeError):
+    """Another process of a multi-process run failed (the message names its rank and its error)."""
+
+
+class SharedFilesystemError(HubDfqError, OSError):
+    """An output folder that not every process of a multi-process run can see."""

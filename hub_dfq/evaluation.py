@@ -9,8 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageData, iter_batches, load_images
+from .distributed import current
 from .errors import DatasetError
 from .models.vision_model import VisionModel
+from .partition import rank_part
 from .progress import progress_enabled
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,19 @@ def label_mapping(model_labels: list[str], data_labels: list[str] | None) -> tor
         return None
 
 
+def _check_labels(batch, data: ImageData, num_classes: int, *, mapped: bool) -> None:
+    """Refuse labels the model cannot predict: counted as wrong answers they would silently lower the accuracy."""
+    bound = num_classes if not mapped else len(data.label_names or [])
+    bad = (batch.labels < 0) | (batch.labels >= bound)
+    if bool(bad.any()):
+        where = int(bad.nonzero()[0, 0])
+        label, row = int(batch.labels[where]), batch.indices[where]
+        what = "has no label" if label == -1 else f"has label {label}"
+        raise DatasetError(f"row {row} of {data.spec} {what}, but the model has {num_classes} classes (labels "
+                           f"0-{num_classes - 1}): pass labelled images of the model's classes (or name the right "
+                           "column with `label_column`)")
+
+
 @torch.inference_mode()
 def evaluate_accuracy(
     model: VisionModel,
@@ -41,6 +56,10 @@ def evaluate_accuracy(
     token: str | bool | None = None,
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy (in percent) of ``model`` on the labelled images of ``data``.
+
+    Under ``accelerate launch`` every process evaluates its own whole batches of ``data``
+    (:mod:`hub_dfq.partition`) and the counts are summed, so every process returns exactly the
+    single-process numbers.
 
     Args:
         model: the classifier (its preprocessing is applied to the images).
@@ -54,23 +73,30 @@ def evaluate_accuracy(
         ``{"top1": .., "top5": .., "n": .., "skipped": ..}``.
 
     Raises:
-        DatasetError: the dataset has no label column.
+        DatasetError: the dataset has no label column, a label outside the model's classes, or no readable image.
     """
     if not isinstance(data, ImageData):
         data = load_images(data, token=token)
     if data.label_column is None:
-        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with `label_column`)")
+        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with "
+                           "`label_column`)")
     remap = label_mapping(model.labels, data.label_names)
     forward = forward or model.module
     device = model.device
     k = min(5, model.num_classes)
+    dist = current()
+    dist.check_same("evaluation", {"dataset": data.spec, "split": data.split, "rows": data.num_rows,
+                                   "batch_size": batch_size, "model": model.source.spec})
+    part = rank_part(data, dist, block=batch_size)
     top1 = top5 = n = skipped = 0
-    bar = tqdm(total=data.num_rows, desc="eval", unit="img", disable=not progress_enabled(progress), dynamic_ncols=True)
-    for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
+    bar = tqdm(total=part.num_rows, desc="eval", unit="img", dynamic_ncols=True,
+               disable=not progress_enabled(progress) or not dist.is_main)
+    for batch in iter_batches(part, model.preprocess, batch_size=batch_size):
         skipped += len(batch.skipped)
         bar.update(len(batch.indices) + len(batch.skipped))
         if not batch.indices:
             continue
+        _check_labels(batch, data, model.num_classes, mapped=remap is not None)
         labels = batch.labels if remap is None else remap[batch.labels]
         logits = forward(batch.pixel_values.to(device)).float().cpu()
         topk = logits.topk(k, dim=-1).indices
@@ -79,6 +105,9 @@ def evaluate_accuracy(
         n += len(labels)
         bar.set_postfix(top1=f"{100.0 * top1 / n:.2f}")
     bar.close()
+    if dist.enabled:
+        totals = dist.all_reduce([torch.tensor([top1, top5, n, skipped], dtype=torch.int64)])[0].tolist()
+        top1, top5, n, skipped = (int(v) for v in totals)
     if n == 0:
         raise DatasetError(f"{data.spec}: no readable images to evaluate ({skipped} skipped)")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n": n, "skipped": skipped}

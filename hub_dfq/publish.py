@@ -14,6 +14,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from .errors import PublishError
+from .outputs import UPLOAD_IGNORE
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def push_folder(
     keep_local: bool = True,
 ) -> PushResult:
     """Create ``repo_id`` if needed and upload every file of ``folder`` as one commit.
+
+    hub-dfq's own bookkeeping (the ``.hub-dfq.json`` marker, temporaries of a killed run) is never uploaded.
 
     Args:
         folder: a complete local repo folder.
@@ -83,6 +86,7 @@ def push_folder(
             repo_type=repo_type,
             revision=revision,
             commit_message=commit_message or "Upload with hub-dfq",
+            ignore_patterns=UPLOAD_IGNORE,
         )
     except HfHubHTTPError as err:
         status = _status(err)
@@ -99,6 +103,7 @@ def push_folder(
         # huggingface_hub wraps failed LFS uploads in RuntimeError; the commit never happened.
         cause = err.__cause__ or err
         raise PublishError(f"uploading {where} failed ({cause}); nothing was committed{keep}") from err
-    url = str(getattr(info, "repo_url", "") or f"{api.endpoint}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}")
+    prefix = "datasets/" if repo_type == "dataset" else ""
+    url = str(getattr(info, "repo_url", "") or f"{api.endpoint}/{prefix}{repo_id}")
     logger.info("pushed %s to %s", folder, url)
     return PushResult(repo_id=repo_id, repo_type=repo_type, url=url, commit=getattr(info, "oid", None))

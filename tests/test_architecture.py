@@ -29,7 +29,7 @@ FORBIDDEN = {
     "hub_dfq.backends": ("hub_dfq.hub", "hub_dfq.cli", "hub_dfq.synth", "hub_dfq.audit"),
     "hub_dfq.hub": ("hub_dfq.cli", "hub_dfq.audit"),
 }
-HEAVY = ("torch", "timm", "transformers", "datasets", "torchvision", "onnxruntime", "huggingface_hub")
+HEAVY = ("torch", "timm", "transformers", "datasets", "torchvision", "onnxruntime", "huggingface_hub", "accelerate")
 
 
 def _module_name(path: Path) -> str:

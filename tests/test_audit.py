@@ -244,12 +244,11 @@ def test_unreadable_and_odd_images_are_skipped_and_listed(model, clean_rows, tmp
     assert payload["candidates"][0]["n_skipped"] == 2
 
 
-def test_all_unreadable_is_reported_not_ranked(model):
+def test_all_unreadable_is_an_error_as_in_evaluation(model):
+    """A dataset of unreadable files is an error (as `eval` says), not an unranked row (issue #12)."""
     rows = datasets.Dataset.from_dict({"img": [{"bytes": b"junk", "path": None}] * 3}, features=FEATURES)
-    report = hub_dfq.audit(model, {"junk": rows}, references="none", progress=False)
-    c = report["junk"]
-    assert c.n_images == 0 and c.n_skipped == 3 and c.divergence is None and c.rank is None
-    assert report.ranking() == []
+    with pytest.raises(DatasetError, match="none of its 3 images could be read"):
+        hub_dfq.audit(model, {"junk": rows}, references="none", progress=False)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

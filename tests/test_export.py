@@ -84,9 +84,17 @@ def test_output_folder_is_not_overwritten(tmp_path, default_model, calibration):
     qmodel = quantized(default_model, 8, 8, calibration)
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # a folder hub-dfq did not write is never written into or replaced
+        with pytest.raises(OutputExistsError, match="did not write"):
+            save_pretrained(qmodel, tmp_path / "q", overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "q").iterdir()] == ["keep.txt"]
+    save_pretrained(qmodel, tmp_path / "ours")
     with pytest.raises(OutputExistsError, match="`overwrite=True`"):
-        save_pretrained(qmodel, tmp_path / "q")
-    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+        save_pretrained(qmodel, tmp_path / "ours")
+    (tmp_path / "ours" / "keep.txt").write_text("mine too")
+    save_pretrained(qmodel, tmp_path / "ours", overwrite=True)  # replaces what it wrote, keeps the rest
+    assert (tmp_path / "ours" / "keep.txt").read_text() == "mine too"
+    assert (tmp_path / "ours" / "model.safetensors").is_file()
 
 
 @pytest.fixture
@@ -154,3 +162,22 @@ def test_transformers_plugin_loads_bit_identical(tmp_path, hf_resnet):
         assert torch.equal(model(pixel_values=x).logits, qmodel(x))
     assert model.config.quantization_config.quant_method == "hub_dfq"
     assert torch.equal(from_pretrained(folder)(x), qmodel(x))
+
+
+def test_checkpoints_are_byte_identical_across_processes(tmp_path):
+    """Same inputs, same bytes: also the safetensors header, whose metadata order the writer does not fix."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, hub_dfq\n"
+            "torch.manual_seed(0)\n"
+            "q = hub_dfq.quantize('default', weights=4, activations=8, calibration=torch.randn(8, 3, 32, 32))\n"
+            "hub_dfq.save_pretrained(q, sys.argv[1])\n")
+    digests = []
+    for i, seed in enumerate(("1", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"q{i}")], check=True, env=env, timeout=300)
+        digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / f"q{i}").iterdir()})
+    assert digests[0] == digests[1]

@@ -43,7 +43,8 @@ def test_push_model_and_dataset_then_reload(hub, base_repo, tmp_path):
     assert len(hub.commits(model_repo)) == 2  # the Hub's initial commit + one upload
 
     folder = snapshot_download(model_repo, cache_dir=tmp_path / "cache")
-    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in __import__("pathlib").Path(folder).iterdir()}
+    names = {p.name for p in __import__("pathlib").Path(folder).iterdir()}
+    assert {"model.safetensors", "config.json", "README.md"} <= names
     config = json.loads(open(hf_hub_download(model_repo, "config.json", cache_dir=tmp_path / "c2")).read())
     assert config["quantization_config"]["calibration"]["repo_id"] == data_repo
     assert "folder" not in config["quantization_config"]["calibration"]  # no local paths published
@@ -73,7 +74,8 @@ def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, ca
     summary = json.loads((tmp_path / "q.json").read_text())
     assert summary["pushed"].endswith(model_repo) and summary["quant_top1"] > 50
     files = {k: v for k, v in hub.list_files(model_repo).items() if k != ".gitattributes"}
-    assert files == {p.name: p.read_bytes() for p in out.iterdir()}  # what was saved is what was pushed
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".hub-dfq.json"}  # the marker stays local
+    assert files == saved  # what was saved is what was pushed, byte for byte
     assert "model.onnx" in files
     card = ModelCard.load(model_repo)
     assert "hub-dfq quantize " + base_repo in card.text and "--push-dataset" in card.text

@@ -163,13 +163,20 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
     import time
 
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "hub_dfq", "synth", "default", "--method", "bns", "--n", "40", "--iters", "40",
+    args = [sys.executable, "-m", "hub_dfq", "synth", "default", "--method", "bns", "--num-images", "40", "--iters", "40",
             "--batch-size", "8", "--shard-size", "8", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("data/train-*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+        deadline = time.monotonic() + 300
+
+        def recorded() -> bool:  # a shard is finished once the manifest records it
+            try:
+                return bool(manifest(out)["shards"])
+            except (FileNotFoundError, ValueError, KeyError):
+                return False
+
+        while not recorded() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -187,10 +194,12 @@ def test_resume_after_killing_the_process_between_shards(model, tmp_path):
 def test_half_written_shard_is_never_seen(model, tmp_path):
     config = SynthConfig(method="gaussian", num_images=16, batch_size=8, shard_size=8)
     generate_folder(model, config, tmp_path / "o", progress=False, stop_after_shards=1)
-    (tmp_path / "o" / "data" / ".train-00001-of-00002.parquet.tmp").write_bytes(b"half a shard")
+    # what a killed run leaves (temporaries are named per process), and a file of the user's that looks alike
+    (tmp_path / "o" / "data" / ".train-00001-of-00002.parquet.4194304.hub-dfq.tmp").write_bytes(b"half a shard")
+    (tmp_path / "o" / "data" / ".notes.tmp").write_bytes(b"not ours")
     generate_folder(model, config, tmp_path / "o", resume=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "o" / "data").iterdir()) == [
-        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+        ".notes.tmp", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
 
 
 def test_output_folder_of_another_run_is_refused(model, tmp_path):
@@ -220,10 +229,12 @@ def test_bad_arguments(model, tmp_path):
 
 
 def no_bn_model() -> VisionModel:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 3))
     torch.manual_seed(0)
     preprocess = Preprocess(input_size=(3, 8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    return VisionModel(module, preprocess, ["a", "b", "c"], ModelSource(spec="tiny-no-bn", library="timm", architecture="tiny"))
+    source = ModelSource(spec="tiny-no-bn", library="timm", architecture="tiny")
+    return VisionModel(module, preprocess, ["a", "b", "c"], source)
 
 
 def test_model_without_batchnorm(tmp_path):
@@ -311,6 +322,7 @@ def test_push_to_hub_is_one_commit_identical_to_the_folder(model, tmp_path, hub)
                token=WRITE_TOKEN)
     remote = {k: v for k, v in hub.list_files(repo_id, "dataset").items() if k != ".gitattributes"}
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert local.pop(".hub-dfq.json")  # hub-dfq's list of the files it wrote stays local
     assert remote == local
     assert len(hub.commits(repo_id, "dataset")) == 2  # the Hub's initial commit + ours
     assert f'load_dataset("{repo_id}"' in local["README.md"].decode()

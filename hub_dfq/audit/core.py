@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -13,9 +14,14 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
+from ..distributed import current
 from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
+from ..fingerprint import weights_sha256
+from ..locks import hold
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
+from ..outputs import reserve_folder
+from ..partition import block_size, rank_part
 from ..progress import progress_enabled
 from . import references as refs
 from .moments import MomentAccumulator
@@ -46,16 +52,18 @@ def _check_model(model: VisionModel) -> list:
     return layers
 
 
-def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor], *, score_batch: int, metric: str,
-                bootstrap: int, seed: int) -> MomentAccumulator:
+def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tuple[torch.Tensor, list[int]]], *,
+                score_batch: int, metric: str, bootstrap: int, seed: int) -> MomentAccumulator:
+    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments."""
     acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
                             bootstrap=bootstrap, seed=seed)
     with torch.inference_mode(), acc:
-        for x in batches:
+        for item in batches:
+            x, rows = item if isinstance(item, tuple) else (item, None)
             if x.shape[0] == 0:
                 continue
             model.module(x.to(model.device, non_blocking=True))
-            acc.step()
+            acc.step(rows)
     acc.finish()
     return acc
 
@@ -79,9 +87,9 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
 
 
 def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
-                   progress: bool) -> Iterator[torch.Tensor]:
-    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", disable=not progress_enabled(progress),
-               dynamic_ncols=True, leave=False)
+                   progress: bool) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", dynamic_ncols=True, leave=False,
+               disable=not progress_enabled(progress) or not current().is_main)
     try:
         for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
             counter[0] += len(batch.skipped)
@@ -90,7 +98,7 @@ def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skip
                     skipped.append({"index": index, "error": error})
             bar.update(len(batch.indices) + len(batch.skipped))
             if batch.indices:
-                yield batch.pixel_values
+                yield batch.pixel_values, batch.indices
     finally:
         bar.close()
 
@@ -100,26 +108,39 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
                  progress: bool = False) -> CandidateResult:
     """Stream ``data`` through ``model`` and score its BN-input moments (no reference points).
 
+    In a multi-process run (see :mod:`hub_dfq.distributed`) every process reads whole score batches
+    of ``data`` (:mod:`hub_dfq.partition`) and the float64 sums are combined, so every process
+    returns the single-process result (to float64 rounding).
+
     Raises:
         UnsupportedModelError: the model has no BN layer with running statistics.
-        DatasetError: the dataset has no rows at all.
+        DatasetError: the dataset has no rows at all, or none of its images can be read.
     """
     layers = _check_model(model)
+    dist = current()
     skipped: list = []
     counter = [0]
-    batches = _image_batches(model, data, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
+    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
+    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    acc.merge(dist)
+    if dist.enabled:
+        everyone = dist.all_gather((counter[0], skipped))
+        counter[0] = sum(n for n, _ in everyone)
+        skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
     if acc.n_images == 0 and counter[0] == 0:
         raise DatasetError(f"{name or data.spec} is empty: there are no images to audit")
-    if acc.n_images == 0:
-        logger.warning("%s: none of its %d images could be read", name or data.spec, counter[0])
+    if acc.n_images == 0:  # as evaluation does: a dataset of unreadable files is an error, not a score
+        first = f" (row {skipped[0]['index']}: {skipped[0]['error']})" if skipped else ""
+        raise DatasetError(f"{name or data.spec}: none of its {counter[0]} images could be read{first}; check the "
+                           "files, or leave this dataset out")
     return _summarise(name or data.spec, acc, running_moments(layers), metric=metric, skipped=skipped,
                       n_skipped=counter[0], split=data.split)
 
 
 def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name: str, score_batch: int = 64,
                     metric: str = "kl", bootstrap: int = 200, seed: int = 0) -> CandidateResult:
-    """Score already-normalised input batches (used for the reference points)."""
+    """Score already-normalised input batches in this process alone (used for the reference points)."""
     layers = _check_model(model)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
     return _summarise(name, acc, running_moments(layers), metric=metric, skipped=[], n_skipped=0)
@@ -132,23 +153,37 @@ def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, bat
     """Measure (or read from the cache) one reference point.
 
     If the near point's synthesis fails, the entry says so (``failed``, ``error``) and carries no
-    divergence: the audit goes on with the far point alone, and the report states why.
+    divergence: the audit goes on with the far point alone, and the report states why. A cache entry
+    is locked while it is measured: a concurrent audit of the same model is told which process has it.
     """
     method = "gaussian" if kind == "far" else "hub_dfq.synth bns"
     settings = {"kind": kind, "method": method, "n": n, "steps": None if kind == "far" else steps,
                 "score_batch": score_batch, "metric": metric, "bootstrap": bootstrap, "seed": seed}
     key = refs.reference_key(model, settings)
-    if cache and (hit := refs.load_cached(key)) is not None:
-        logger.info("audit reference %s read from the cache (%s)", kind, key)
-        return {**hit, "cached": True}
-    logger.info("measuring the %s reference (%s, %d images)", kind, method, n)
-    common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    if not cache:
+        return {**_measure_reference(model, kind, method, settings, batch_size=batch_size, progress=progress),
+                "cached": False}
+    with hold(refs.entry_path(key), what="audit reference cache entry"):
+        if (hit := refs.load_cached(key)) is not None:
+            logger.info("audit reference %s read from the cache (%s)", kind, key)
+            return {**hit, "cached": True}
+        entry = _measure_reference(model, kind, method, settings, batch_size=batch_size, progress=progress)
+        if not entry.get("failed"):
+            refs.store_cached(key, entry)
+    return {**entry, "cached": False}
+
+
+def _measure_reference(model: VisionModel, kind: str, method: str, settings: dict[str, Any], *, batch_size: int,
+                       progress: bool) -> dict[str, Any]:
+    logger.info("measuring the %s reference (%s, %d images)", kind, method, settings["n"])
+    common = {k: settings[k] for k in ("score_batch", "metric", "bootstrap", "seed")}
+    n, seed = settings["n"], settings["seed"]
     if kind == "far":
         result = measure_tensors(model, refs.gaussian_batches(model.input_size, n=n, batch_size=batch_size,
                                                               seed=seed), name="gaussian noise", **common)
     else:
         try:
-            synthetic = refs.synth_near_dataset(model, n=n, seed=seed, steps=steps, progress=progress)
+            synthetic = refs.synth_near_dataset(model, n=n, seed=seed, steps=settings["steps"], progress=progress)
         except (HubDfqError, RuntimeError, MemoryError, OSError) as err:
             # a reference must not sink the audit (bad settings, divergence, out of memory, disk): go on without
             # it, and say so in the log and the report
@@ -158,10 +193,7 @@ def _reference(model: VisionModel, layers, kind: str, *, n: int, steps: int, bat
                     "error": f"{type(err).__name__}: {err}", "divergence": None}
         data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
         result = measure_data(model, data, name="bns synthetic", batch_size=batch_size, **common)
-    entry = {"method": method, "settings": settings, **result.to_dict()}
-    if cache:
-        refs.store_cached(key, entry)
-    return {**entry, "cached": False}
+    return {"method": method, "settings": settings, **result.to_dict()}
 
 
 # ---- the public verb ---------------------------------------------------------------------------
@@ -208,6 +240,7 @@ def audit(
     streaming: bool = False,
     cache: bool = True,
     out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     progress: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
@@ -219,6 +252,10 @@ def audit(
     BatchNorm layer the per-channel count, sum and sum of squares are accumulated in float64
     (streaming: a dataset is never held in memory) and compared with the layer's running
     statistics. Labels are never needed.
+
+    Under ``accelerate launch`` every process reads its own whole score batches of each candidate,
+    the float64 sums are all-reduced and every process returns the single-process report (to float64
+    rounding); rank 0 alone measures the reference points and writes ``out_dir``.
 
     Args:
         model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
@@ -241,7 +278,9 @@ def audit(
         image_column: column holding the images (auto-detected).
         streaming: stream Hub datasets instead of downloading them.
         cache: read and write reference points in :func:`hub_dfq.audit.references.cache_dir`.
-        out_dir: also write ``audit.json``, ``audit.md`` and ``audit_layers.png`` there.
+        out_dir: also write ``audit.json``, ``audit.md`` and ``audit_layers.png`` as this folder (new or
+            empty, or one hub-dfq wrote; checked before any work, see :mod:`hub_dfq.outputs`).
+        overwrite: replace an audit report hub-dfq wrote in ``out_dir`` earlier.
         progress: show progress bars (``None``: on a terminal).
         token: Hub token for the model and the datasets.
         revision: Hub revision of the model, when ``model`` is a spec.
@@ -252,8 +291,10 @@ def audit(
 
     Raises:
         UnsupportedModelError: the model has no BatchNorm layer with running statistics.
-        DatasetError: a candidate cannot be opened or is empty.
+        DatasetError: a candidate cannot be opened, is empty, or has no readable image.
         ConfigError: an argument is out of range.
+        OutputExistsError, OutputWriteError, UnsafeOutputError, OutputLockedError: ``out_dir`` cannot be
+            written (see :func:`hub_dfq.outputs.check_folder`).
 
     Example:
         >>> report = hub_dfq.audit("default", ["default", "parquet:my_photos.parquet"], limit=500)
@@ -271,64 +312,85 @@ def audit(
     if not isinstance(references, Mapping) and references not in REFERENCE_MODES:
         raise ConfigError(f"references must be one of {list(REFERENCE_MODES)} or a mapping {{'far': .., 'near': ..}},"
                           f" got {references!r}")
-    if not isinstance(model, VisionModel):
-        model = load_model(model, token=token, revision=revision)
-    layers = _check_model(model)
+    dist = current()
+    if out_dir is not None and dist.is_main:  # checked, and locked, before any work: a refused folder costs nothing
+        reservation = reserve_folder(out_dir, kind="audit", overwrite=overwrite)
+    else:  # no report, or another rank's: rank 0 alone writes it
+        reservation = contextlib.nullcontext()
+    with reservation:
+        if not isinstance(model, VisionModel):
+            model = load_model(model, token=token, revision=revision)
+        layers = _check_model(model)
 
-    # Open every candidate first: a wrong spec fails in seconds, not after the first audits.
-    load_kwargs = {"split": split, "limit": limit, "image_column": image_column, "streaming": streaming, "token": token}
-    opened = [_open(name, spec, load_kwargs) for name, spec in _candidates(data)]
-    if not opened:
-        raise DatasetError("no dataset to audit: pass at least one")
-    seen: dict[str, int] = {}
-    for i, (name, d) in enumerate(opened):  # unique names, so the report's keys are unambiguous
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            opened[i] = (f"{name} #{seen[name]}", d)
+        # Open every candidate first: a wrong spec fails in seconds, not after the first audits.
+        load_kwargs = {"split": split, "limit": limit, "image_column": image_column, "streaming": streaming,
+                       "token": token}
+        opened = [_open(name, spec, load_kwargs) for name, spec in _candidates(data)]
+        if not opened:
+            raise DatasetError("no dataset to audit: pass at least one")
+        seen: dict[str, int] = {}
+        for i, (name, d) in enumerate(opened):  # unique names, so the report's keys are unambiguous
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                opened[i] = (f"{name} #{seen[name]}", d)
 
-    common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
-    reference_info: dict[str, Any] = {"far": None, "near": None}
-    if isinstance(references, Mapping):
-        reference_info = {k: ({"divergence": float(references[k]), "method": "given"} if references.get(k) is not None
-                              else None) for k in ("far", "near")}
-    elif references != "none":
-        kinds = ("far", "near") if references == "auto" else ("far",)
-        for kind in kinds:
-            reference_info[kind] = _reference(model, layers, kind, n=reference_images, steps=reference_iters,
-                                              batch_size=batch_size, cache=cache, progress=progress, **common)
-    far = (reference_info["far"] or {}).get("divergence")
-    near = (reference_info["near"] or {}).get("divergence")
-    near_failed = (reference_info["near"] or {}).get("error")
-    if far is not None and near is not None and 0 < near < far:
-        normalisation = "two-point: similarity = log(far / d) / log(far / near)"
-    elif far is not None:
-        normalisation = "one-point: similarity = 1 - d / far" + (
-            f" (the near reference failed: {near_failed})" if near_failed else "")
-    else:
-        normalisation = None
+        if dist.enabled:  # before any work: processes that audit different things would combine nonsense
+            dist.check_same("audit", {"weights": weights_sha256(model.module), "datasets": [n for n, _ in opened],
+                                      "rows": [d.num_rows for _, d in opened], "limit": limit,
+                                      "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
+                                      "references": references, "reference_images": reference_images,
+                                      "reference_iters": reference_iters, "bootstrap": bootstrap, "seed": seed,
+                                      "split": split, "out_dir": out_dir})
+        common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+        reference_info: dict[str, Any] = {"far": None, "near": None}
+        if isinstance(references, Mapping):
+            reference_info = {k: ({"divergence": float(references[k]), "method": "given"}
+                                  if references.get(k) is not None else None) for k in ("far", "near")}
+        elif references != "none":
+            kinds = ("far", "near") if references == "auto" else ("far",)
 
-    results = []
-    for name, d in opened:
-        result = measure_data(model, d, name=name, batch_size=batch_size, progress=progress, **common)
-        results.append(result)
-    for r in results + [reference_info[k] for k in ("far", "near") if isinstance(reference_info[k], dict)]:
-        _attach_similarity(r, far=far, near=near)
-    for rank, r in enumerate(sorted((r for r in results if r.divergence is not None), key=lambda r: r.divergence), 1):
-        r.rank = rank
+            def measure_references() -> dict[str, Any]:
+                return {kind: _reference(model, layers, kind, n=reference_images, steps=reference_iters,
+                                         batch_size=batch_size, cache=cache, progress=progress, **common)
+                        for kind in kinds}
 
-    report = AuditReport(
-        model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
-               "input_size": list(model.input_size)},
-        settings={"limit": limit, "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
-                  "references": references if isinstance(references, str) else "given",
-                  "reference_images": reference_images, "bootstrap": bootstrap, "seed": seed, "split": split,
-                  "normalisation": normalisation, "aggregate": "mean over BN layers of the channel-mean divergence"},
-        references=reference_info,
-        candidates=results,
-    )
-    if out_dir is not None:
-        report.save(out_dir)
-    return report
+            # Rank 0 alone measures the reference points (or reads them from its cache); every rank gets them.
+            reference_info.update(dist.run_on_main(measure_references))
+        far = (reference_info["far"] or {}).get("divergence")
+        near = (reference_info["near"] or {}).get("divergence")
+        near_failed = (reference_info["near"] or {}).get("error")
+        if far is not None and near is not None and 0 < near < far:
+            normalisation = "two-point: similarity = log(far / d) / log(far / near)"
+        elif far is not None:
+            normalisation = "one-point: similarity = 1 - d / far" + (
+                f" (the near reference failed: {near_failed})" if near_failed else "")
+        else:
+            normalisation = None
+
+        results = []
+        for name, d in opened:
+            result = measure_data(model, d, name=name, batch_size=batch_size, progress=progress, **common)
+            results.append(result)
+        for r in results + [reference_info[k] for k in ("far", "near") if isinstance(reference_info[k], dict)]:
+            _attach_similarity(r, far=far, near=near)
+        scored = sorted((r for r in results if r.divergence is not None), key=lambda r: r.divergence)
+        for rank, r in enumerate(scored, 1):
+            r.rank = rank
+
+        report = AuditReport(
+            model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
+                   "input_size": list(model.input_size)},
+            settings={"limit": limit, "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
+                      "references": references if isinstance(references, str) else "given",
+                      "reference_images": reference_images, "bootstrap": bootstrap, "seed": seed, "split": split,
+                      "normalisation": normalisation,
+                      "aggregate": "mean over BN layers of the channel-mean divergence"},
+            references=reference_info,
+            candidates=results,
+        )
+        if out_dir is not None:  # rank 0 writes; every rank returns the same report
+            dist.run_on_main(lambda: report.save(out_dir, overwrite=overwrite))
+        return report
 
 
 def _attach_similarity(result: CandidateResult | dict, *, far: float | None, near: float | None) -> None:

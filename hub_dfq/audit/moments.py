@@ -2,15 +2,23 @@
 
 One forward pre-hook per BN layer reduces its input to per-image, per-channel float32 sums of ``x``
 and ``x**2`` (one cheap pass over the activation, no host sync); after each forward pass those are
-converted to float64 once and added to accumulators that stay on the model's device. Images are
-grouped into fixed-size *score batches* (64 by default, independent of the forward batch size):
-each full score batch gets its own divergence (the batch-level score distribution), and each score
-batch is also a resampling unit of an online Poisson bootstrap, so the confidence interval needs
-no second pass and no per-image storage.
+converted to float64 once and added to accumulators that stay on the model's device. Rows are
+grouped into fixed-size *score batches* by their index in the dataset (rows ``[b * S, (b + 1) * S)``
+form score batch ``b``; ``S`` = 64 by default, independent of the forward batch size): each score
+batch whose ``S`` rows were all readable gets its own divergence (the batch-level score
+distribution), and each score batch is also a resampling unit of an online Poisson bootstrap whose
+weights are drawn from a generator seeded by ``(seed, b)`` alone, so the confidence interval needs no
+second pass and no per-image storage.
+
+Because a score batch and its weights depend only on row indices, processes that each read whole
+score batches of a dataset (:mod:`hub_dfq.partition`) compute exactly the single-process batches;
+:meth:`MomentAccumulator.merge` then sums the float64 accumulators over the processes and collects
+the batch scores in data order.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -18,9 +26,10 @@ import torch
 from torch import nn
 
 from ..bnstats import running_moments
+from ..distributed import Distributed
 from .registry import divergence_fn
 
-__all__ = ["LayerMoments", "MomentAccumulator"]
+__all__ = ["LayerMoments", "MomentAccumulator", "bootstrap_seed"]
 
 BNLayers = Sequence[tuple[str, nn.Module]]
 
@@ -54,18 +63,25 @@ def _per_image_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.sum(-1), torch.linalg.vector_norm(flat, dim=-1).square()
 
 
+def bootstrap_seed(seed: int, batch: int) -> int:
+    """Seed of the bootstrap weights of score batch ``batch``: a function of the run seed and the index only."""
+    return int.from_bytes(hashlib.sha256(f"hub-dfq/audit/bootstrap/{seed}/{batch}".encode()).digest()[:8],
+                          "little") >> 1
+
+
 class MomentAccumulator:
     """Accumulate BN-input moments of everything forwarded inside ``with acc:``.
 
     Args:
         layers: ``(name, bn)`` pairs, each with running statistics.
         device: where the accumulators live (the model's device).
-        score_batch: images per batch-level score and per bootstrap unit.
+        score_batch: rows per batch-level score and per bootstrap unit.
         metric: divergence of the batch-level scores (see :mod:`hub_dfq.audit.registry`).
         bootstrap: number of Poisson-bootstrap replicates (0 disables the interval).
         seed: seed of the bootstrap weights.
 
-    Call :meth:`step` after every forward pass (it consumes what the hooks captured).
+    Call :meth:`step` after every forward pass (it consumes what the hooks captured), then
+    :meth:`finish`, then (in a multi-process run) :meth:`merge`.
     """
 
     def __init__(self, layers: BNLayers, *, device: torch.device, score_batch: int = 64, metric: str = "kl",
@@ -82,12 +98,14 @@ class MomentAccumulator:
         self.sumsq = [torch.zeros(c, **f64) for c in widths]
         self.values_per_image = [0] * len(widths)  # spatial size of each BN input
         self.n_images = 0
+        self.seed = int(seed)
         self._captured: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(widths)
+        self._open: int | None = None  # the score batch being filled
         self._pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in widths]
         self._pending_images = 0
-        self._batch_scores: list[torch.Tensor] = []
-        # Poisson bootstrap: replicate r weighs score batch b by w_rb ~ Poisson(1).
-        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+        self._next_row = 0
+        self._batch_scores: list[tuple[int, torch.Tensor | float]] = []  # (score batch, divergence)
+        # Poisson bootstrap: replicate r weighs score batch b by w_rb ~ Poisson(1), drawn from (seed, b).
         self._boot_sum = [torch.zeros(self.bootstrap, c, **f64) for c in widths]
         self._boot_sumsq = [torch.zeros(self.bootstrap, c, **f64) for c in widths]
         self._boot_images = torch.zeros(self.bootstrap, **f64)
@@ -112,35 +130,59 @@ class MomentAccumulator:
         self._handles = []
 
     # ---- accumulation ---------------------------------------------------------------------------
-    def step(self) -> None:
-        """Fold the sums captured by the last forward pass into the accumulators."""
+    def step(self, rows: Sequence[int] | None = None) -> None:
+        """Fold the sums captured by the last forward pass into the accumulators.
+
+        Args:
+            rows: the dataset row index of each image of the batch, increasing (unreadable rows are
+                simply absent); ``None``: the rows after the previous batch's.
+        """
         if any(c is None for c in self._captured):
             missing = [self.layers[i][0] for i, c in enumerate(self._captured) if c is None]
             raise RuntimeError(f"BN layers {missing} were not called by the forward pass")
         n = self._captured[0][0].shape[0]
+        rows = list(range(self._next_row, self._next_row + n)) if rows is None else list(rows)
+        if len(rows) != n or any(b <= a for a, b in zip(rows, rows[1:])) or (rows and rows[0] < self._next_row):
+            raise ValueError(f"`rows` must be {n} increasing row indices from {self._next_row} on, got {rows[:8]}...")
+        captured = []
         for i, (s, q) in enumerate(self._captured):
             s, q = s.to(torch.float64), q.to(torch.float64)
             self.sum[i] += s.sum(0)
             self.sumsq[i] += q.sum(0)
-            self._pending[i].append((s, q))
+            captured.append((s, q))
         self._captured = [None] * len(self.layers)
         self.n_images += n
-        self._pending_images += n
-        while self._pending_images >= self.score_batch:
-            self._flush(self.score_batch)
+        first = 0
+        while first < n:  # runs of images of one score batch
+            batch = rows[first] // self.score_batch
+            last = first
+            while last < n and rows[last] // self.score_batch == batch:
+                last += 1
+            if self._open is not None and batch != self._open:
+                self._flush()
+            self._open = batch
+            for i, (s, q) in enumerate(captured):
+                self._pending[i].append((s[first:last], q[first:last]))
+            self._pending_images += last - first
+            first = last
+        if rows:
+            self._next_row = rows[-1] + 1
+        if self._open is not None and self._next_row >= (self._open + 1) * self.score_batch:
+            self._flush()  # its last row has been seen
 
-    def _flush(self, size: int) -> None:
-        """Close one score batch made of the first ``size`` pending images."""
+    def _flush(self) -> None:
+        """Close the open score batch."""
+        batch, size = self._open, self._pending_images
         weights = None
         if self.bootstrap:
-            weights = torch.poisson(torch.ones(self.bootstrap), generator=self._gen).to(self.device, torch.float64)
+            generator = torch.Generator(device="cpu").manual_seed(bootstrap_seed(self.seed, batch))
+            weights = torch.poisson(torch.ones(self.bootstrap), generator=generator).to(self.device, torch.float64)
             self._boot_images += weights * size
         scores = []
         for i in range(len(self.layers)):
-            s = torch.cat([p[0] for p in self._pending[i]])
-            q = torch.cat([p[1] for p in self._pending[i]])
-            bs, bq = s[:size].sum(0), q[:size].sum(0)
-            self._pending[i] = [(s[size:], q[size:])] if s.shape[0] > size else []
+            bs = torch.cat([p[0] for p in self._pending[i]]).sum(0)
+            bq = torch.cat([p[1] for p in self._pending[i]]).sum(0)
+            self._pending[i] = []
             if weights is not None:
                 self._boot_sum[i] += weights[:, None] * bs
                 self._boot_sumsq[i] += weights[:, None] * bq
@@ -149,14 +191,33 @@ class MomentAccumulator:
                 mean = bs / count
                 var = (bq / count - mean.square()).clamp_min(0.0)
                 scores.append(self.metric(*self.running[i], mean, var).mean())
-        self._pending_images -= size
+        self._pending_images = 0
+        self._open = None
         if scores:
-            self._batch_scores.append(torch.stack(scores).mean())
+            self._batch_scores.append((batch, torch.stack(scores).mean()))
 
     def finish(self) -> None:
-        """Close the last, partial score batch (it counts in the bootstrap, not as a batch-level score)."""
-        if self._pending_images:
-            self._flush(self._pending_images)
+        """Close the last score batch (a partial one counts in the bootstrap, not as a batch-level score)."""
+        if self._open is not None:
+            self._flush()
+
+    def merge(self, dist: Distributed) -> None:
+        """Combine the accumulators of every process (after :meth:`finish`): sums are all-reduced in
+        float64, batch scores gathered in data order. Every process ends with the same totals."""
+        if not dist.enabled:
+            return
+        k = len(self.layers)
+        count = torch.tensor([float(self.n_images)], dtype=torch.float64)
+        reduced = dist.all_reduce(self.sum + self.sumsq + self._boot_sum + self._boot_sumsq
+                                  + [self._boot_images, count])
+        self.sum, self.sumsq = reduced[:k], reduced[k:2 * k]
+        self._boot_sum, self._boot_sumsq = reduced[2 * k:3 * k], reduced[3 * k:4 * k]
+        self._boot_images, self.n_images = reduced[4 * k], int(reduced[4 * k + 1].item())
+        mine = [(batch, float(score)) for batch, score in self._batch_scores]
+        everyone = dist.all_gather((self.values_per_image, mine))
+        # a process that saw no image never learnt the layers' spatial sizes
+        self.values_per_image = [max(sizes[i] for sizes, _ in everyone) for i in range(k)]
+        self._batch_scores = sorted((pair for _, scores in everyone for pair in scores), key=lambda p: p[0])
 
     # ---- results --------------------------------------------------------------------------------
     def moments(self) -> list[LayerMoments]:
@@ -166,7 +227,7 @@ class MomentAccumulator:
 
     def batch_scores(self) -> list[float]:
         """Divergence of each full score batch alone, in data order."""
-        return torch.stack(self._batch_scores).cpu().tolist() if self._batch_scores else []
+        return [float(score) for _, score in sorted(self._batch_scores, key=lambda p: p[0])]
 
     def bootstrap_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer ``(mean, var)`` of shape ``(replicates, C)``; replicates that drew no image are dropped."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,16 +23,17 @@ import torch
 
 from ..cache import cache_root
 from ..fingerprint import fingerprint, weights_sha256
+from ..outputs import write_text
 from ..synth.api import run_identity, synthesize
 from ..synth.config import SynthConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset", "load_cached", "store_cached",
-           "REFERENCE_VERSION"]
+__all__ = ["cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset", "entry_path", "load_cached",
+           "store_cached", "REFERENCE_VERSION"]
 
 # Bump when what a reference measures changes (the synthesis of the near point has its own versions).
-REFERENCE_VERSION = 2
+REFERENCE_VERSION = 3  # 3: score batches by row index, bootstrap weights seeded per score batch
 
 
 def cache_dir() -> Path:
@@ -58,25 +58,33 @@ def reference_key(model, settings: dict[str, Any]) -> str:
                        settings=settings, synthesis=synth)
 
 
+def entry_path(key: str) -> Path:
+    """The cache file of a reference point."""
+    return cache_dir() / f"{key}.json"
+
+
 def load_cached(key: str) -> dict[str, Any] | None:
-    path = cache_dir() / f"{key}.json"
+    """The cached reference point ``key``, or ``None`` (absent, or unreadable: then it is measured again)."""
+    path = entry_path(key)
     try:
-        return json.loads(path.read_text())
+        entry = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:  # a corrupted entry is recomputed, not fatal
         logger.warning("ignoring unreadable audit cache entry %s: %s", path, err)
         return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("divergence"), (int, float)):
+        logger.warning("ignoring audit cache entry %s: it is not a reference point", path)
+        return None
+    return entry
 
 
 def store_cached(key: str, value: dict[str, Any]) -> None:
-    path = cache_dir() / f"{key}.json"
+    """Write a reference point atomically (a reader never sees half an entry); a failure only costs time later."""
+    path = entry_path(key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)  # atomic, so concurrent audits never read half an entry
-    except OSError as err:  # a read-only cache only costs time
+        write_text(path, json.dumps(value))
+    except OSError as err:  # a read-only or full cache only costs time
         logger.warning("could not cache audit reference in %s: %s", path, err)
 
 

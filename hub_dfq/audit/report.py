@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..outputs import reserve_folder, staged
 from .registry import DIVERGENCES
 
 if TYPE_CHECKING:
@@ -106,8 +106,8 @@ def to_markdown(report: "AuditReport") -> str:
         if r and r.get("failed"):
             lines.append(f"| {kind} | {r.get('method', '–')}: **failed** ({r.get('error')}) | – | – | – | – |")
         elif r:
-            lines.append(f"| {kind} | {r.get('method', '–')} | {r.get('n_images', '–')} | {_fmt(r.get('divergence'))} | "
-                         f"{_fmt(r.get('similarity'), 3)} | {r.get('cached', '–')} |")
+            lines.append(f"| {kind} | {r.get('method', '–')} | {r.get('n_images', '–')} | "
+                         f"{_fmt(r.get('divergence'))} | {_fmt(r.get('similarity'), 3)} | {r.get('cached', '–')} |")
         else:
             lines.append(f"| {kind} | not measured | – | – | – | – |")
     normalisation = s.get("normalisation")
@@ -121,8 +121,9 @@ def to_markdown(report: "AuditReport") -> str:
                     "measured, so 0 is noise and 1 a perfect match).")
     else:
         norm_doc = "not computed (no reference points were measured)."
-    lines += ["", HOW_TO_READ.format(metric_doc=DIVERGENCES.get(s["metric"]).formula if s["metric"] in DIVERGENCES else s["metric"], normalisation_doc=norm_doc,
-                                     score_batch=s["score_batch"], bootstrap=s["bootstrap"], seed=s["seed"])]
+    metric_doc = DIVERGENCES.get(s["metric"]).formula if s["metric"] in DIVERGENCES else s["metric"]
+    lines += ["", HOW_TO_READ.format(metric_doc=metric_doc, normalisation_doc=norm_doc, score_batch=s["score_batch"],
+                                     bootstrap=s["bootstrap"], seed=s["seed"])]
     lines += ["## Most divergent layers", "", "| dataset | top layers (divergence) |", "|---|---|"]
     for c in data["candidates"]:
         top = sorted(((v if v is not None else math.inf, k) for k, v in c["layers"].items()), reverse=True)[:3]
@@ -178,16 +179,24 @@ def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
     fig.savefig(path)
 
 
-def write_report(report: "AuditReport", out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, str]:
-    """Write ``audit.json``, ``audit.md`` and (with ``plot``) ``audit_layers.png`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "audit.json", "markdown": out / "audit.md"}
-    for kind, text in (("json", to_json(report)), ("markdown", to_markdown(report))):
-        tmp = paths[kind].with_name(paths[kind].name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[kind])
-    if plot:
-        paths["plot"] = out / "audit_layers.png"
-        plot_layers(report, paths["plot"])
-    return {k: str(v) for k, v in paths.items()}
+def write_report(report: "AuditReport", out_dir: str | os.PathLike[str], *, plot: bool = True,
+                 overwrite: bool = False) -> dict[str, str]:
+    """Write ``audit.json``, ``audit.md`` and (with ``plot``) ``audit_layers.png`` as the folder ``out_dir``.
+
+    The folder is new or empty, or (with ``overwrite``) an earlier audit report hub-dfq wrote; it is
+    written beside its target and swapped in whole (:mod:`hub_dfq.outputs`), and files hub-dfq did
+    not write in an earlier report folder are kept.
+
+    Raises:
+        OutputExistsError: ``out_dir`` is a file, holds files hub-dfq did not write, or holds a report and
+            ``overwrite`` is false.
+        OutputWriteError: the folder cannot be written; nothing was changed.
+    """
+    names = {"json": "audit.json", "markdown": "audit.md"} | ({"plot": "audit_layers.png"} if plot else {})
+    with reserve_folder(out_dir, kind="audit", overwrite=overwrite) as out:
+        with staged(out) as folder:
+            (folder / names["json"]).write_text(to_json(report))
+            (folder / names["markdown"]).write_text(to_markdown(report))
+            if plot:
+                plot_layers(report, folder / names["plot"])
+        return {kind: str(out.path / name) for kind, name in names.items()}

@@ -75,6 +75,6 @@ class AuditReport:
                 "ranking": [c.dataset for c in self.ranking()],
                 "candidates": [c.to_dict() for c in self.candidates]}
 
-    def save(self, out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, str]:
-        """Write the report files into ``out_dir``; returns their paths by kind."""
-        return write_report(self, out_dir, plot=plot)
+    def save(self, out_dir: str | os.PathLike[str], *, plot: bool = True, overwrite: bool = False) -> dict[str, str]:
+        """Write the report folder ``out_dir`` (see :func:`~hub_dfq.audit.report.write_report`); returns the paths."""
+        return write_report(self, out_dir, plot=plot, overwrite=overwrite)

@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import (
+    ArgumentTypeError,
     CheckpointError,
     ConfigError,
     DependencyError,
-    OutputExistsError,
     UnsupportedModelError,
 )
 from ..evaluation import evaluate_accuracy
+from ..locks import hold
+from ..outputs import check_file, write_file
 from ..quant.integer import ActivationGrid, IntegerLayer
 from ..quant.model import QuantizedModel
 
@@ -194,7 +196,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
 
     Args:
         qmodel: a quantized model (from :func:`hub_dfq.quantize` or :func:`hub_dfq.from_pretrained`).
-        path: the ``.onnx`` file to write (written next to it, then moved into place).
+        path: the ``.onnx`` file to write (written to a temporary beside it, then renamed into place).
         batch_size: a fixed batch size; ``None`` makes the batch dimension dynamic.
         opset: ONNX opset (13 or newer: per-channel ``DequantizeLinear``).
         overwrite: replace an existing file at ``path``.
@@ -205,37 +207,39 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
     Raises:
         DependencyError: onnx or onnxruntime is not installed.
         ConfigError: an opset below 13, or a model still being calibrated.
+        ArgumentTypeError: ``qmodel`` is not a :class:`QuantizedModel`.
         OutputExistsError: ``path`` exists and ``overwrite`` is false, or it is a folder.
+        OutputWriteError: the file cannot be written (read-only folder, disk full); nothing was changed.
         UnsupportedModelError: an operation the TorchScript exporter cannot write at this opset.
     """
+    if not isinstance(qmodel, QuantizedModel):
+        raise ArgumentTypeError(f"export_onnx takes a QuantizedModel (from hub_dfq.quantize or "
+                                f"hub_dfq.from_pretrained), got {type(qmodel).__name__}: quantize the model first")
     if opset < 13:
         raise ConfigError(f"per-channel weight quantization needs ONNX opset >= 13, got {opset}")
-    target = Path(path)
-    if target.is_dir():
-        raise OutputExistsError(f"{target} is a folder: give the .onnx file to write")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} exists: choose another path or pass `overwrite=True`")
+    target = check_file(path, overwrite=overwrite, argument="path")
     _require_onnxruntime()
     module = _export_module(qmodel)
     example = qmodel.model.example_input(batch_size or 2).cpu()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
     dynamic = None if batch_size else {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            # The TorchScript exporter, because it honours autograd functions' ``symbolic``: the QDQ
-            # nodes are written exactly as the simulation computes them.
-            torch.onnx.export(module, (example,), str(partial), dynamo=False, opset_version=opset,
-                              input_names=["pixel_values"], output_names=["logits"], dynamic_axes=dynamic,
-                              do_constant_folding=True)
-        os.replace(partial, target)
-    except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as err:
-        raise UnsupportedModelError(
-            f"cannot export {qmodel.source.spec} to ONNX opset {opset} ({type(err).__name__}: {err}); try a newer "
-            "opset, or keep the offending layer in float with `exclude` when quantizing") from err
-    finally:
-        partial.unlink(missing_ok=True)
+
+    def write(partial: Path) -> None:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+                # The TorchScript exporter, because it honours autograd functions' ``symbolic``: the QDQ
+                # nodes are written exactly as the simulation computes them.
+                torch.onnx.export(module, (example,), str(partial), dynamo=False, opset_version=opset,
+                                  input_names=["pixel_values"], output_names=["logits"], dynamic_axes=dynamic,
+                                  do_constant_folding=True)
+        except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as err:
+            raise UnsupportedModelError(
+                f"cannot export {qmodel.source.spec} to ONNX opset {opset} ({type(err).__name__}: {err}); try a "
+                "newer opset, or keep the offending layer in float with `exclude` when quantizing") from err
+
+    with hold(target, what="ONNX file", argument="path"):
+        check_file(target, overwrite=overwrite, argument="path")  # again, now that no other run can write it
+        write_file(target, write)
     return target
 
 
@@ -296,9 +300,11 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None,
                   ort_errors.NotImplemented, ort_errors.RuntimeException, RuntimeError, ValueError)
     try:
         session = ort.InferenceSession(str(path), sess_options=_session_options(ort, threads),
-                                       providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
+                                       providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled_optimizers))
     except unreadable as err:  # onnxruntime's own exception types for unreadable graphs (they derive from Exception)
-        raise CheckpointError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}): export it again") from err
+        raise CheckpointError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}): export it "
+                              "again") from err
     return OnnxClassifier(session, Path(path))
 
 

@@ -25,7 +25,8 @@ from . import info as info_cmd
 from . import quantize as quantize_cmd
 from . import registries as list_cmd
 from . import synth as synth_cmd
-from .options import cli_message
+from .launch import world_rank
+from .options import check_json_path, cli_message
 
 __all__ = ["main", "build_parser"]
 
@@ -47,6 +48,12 @@ class _Parser(argparse.ArgumentParser):
             name = action.dest if action is not None else flags
             message = f"unknown {name} {value!r}: use one of {choices.replace(chr(39), '')}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str, limit: int = 800) -> str:
+    """A message on one line (library errors can span many), shortened to ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    world, rank = world_rank()
+    # In a multi-process run an error every rank raises is printed once, by rank 0; others name their rank.
+    where = f"[rank {rank}] " if rank else ""
     try:
+        check_json_path(getattr(args, "json", None))  # every command writes it last: refuse a bad path first
         return int(args.func(args) or 0)
     except HubDfqError as err:
         if os.environ.get("HUB_DFQ_DEBUG"):
             raise
-        print(f"hub-dfq {args.command}: error: {cli_message(str(err), args.parser)}", file=sys.stderr)
+        everywhere = world > 1 and getattr(err, "raised_on_every_rank", False)
+        if not (rank and everywhere):
+            print(f"hub-dfq {args.command}: error: {where}{_one_line(cli_message(str(err), args.parser))}",
+                  file=sys.stderr)
+        if everywhere:
+            _settle()
         return 2
     except KeyboardInterrupt:
         print(f"hub-dfq {args.command}: interrupted", file=sys.stderr)
@@ -91,9 +107,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last resort: one line instead of a traceback
         if os.environ.get("HUB_DFQ_DEBUG"):
             raise
-        print(f"hub-dfq {args.command}: internal error: {type(err).__name__}: {err} (this is a bug in hub-dfq or a "
-              "library it uses; set HUB_DFQ_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        print(f"hub-dfq {args.command}: internal error: {where}{type(err).__name__}: {_one_line(str(err))} (this is "
+              "a bug in hub-dfq or a library it uses; set HUB_DFQ_DEBUG=1 for the traceback and report it)",
+              file=sys.stderr)
         return 1
+
+
+def _settle() -> None:
+    """After an error every rank raised alike, leave together: the launcher stops the others as soon as one
+    process exits with an error, and rank 0 must have printed it by then."""
+    from ..distributed import current  # why: only reached in a multi-process run, where torch is loaded
+
+    try:
+        current().barrier()
+    except RuntimeError as err:  # the group is gone already: nothing left to wait for
+        logging.getLogger(__name__).debug("could not wait for the other processes: %s", err)
 
 
 if __name__ == "__main__":

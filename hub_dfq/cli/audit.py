@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..audit.registry import DIVERGENCES
-from ..errors import OutputExistsError
+from ..outputs import check_folder, reserve_folder
+from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .options import (
     add_common_options,
     add_dataset_options,
     add_model_arguments,
-    check_json_path,
     model_kwargs,
     write_json,
 )
@@ -24,7 +23,8 @@ def register(sub) -> None:
         "the layer's running statistics. Prints a ranking; --out writes audit.json, audit.md and a per-layer plot.")
     add_model_arguments(parser)
     parser.add_argument("data", nargs="+", metavar="DATA",
-                        help="datasets to audit: 'default', a Hub dataset id, parquet:PATH, a .parquet file or a folder")
+                        help="datasets to audit: 'default', a Hub dataset id, parquet:PATH, a .parquet file or a "
+                        "folder")
     add_dataset_options(parser, flag=None)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--score-batch", type=int, default=64,
@@ -40,30 +40,43 @@ def register(sub) -> None:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (default 200, 0 = no CI)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the references and the bootstrap (default 0)")
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference points")
-    parser.add_argument("--out", dest="out_dir", help="write audit.json, audit.md and audit_layers.png into this folder")
+    parser.add_argument("--out", dest="out_dir",
+                        help="write audit.json, audit.md and audit_layers.png as this folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    add_launch_option(parser)
     add_common_options(parser, json_help="also write the JSON report to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch and datasets
+    """Check ``--out``, hold its lock for the whole audit (rank 0 of a launch, before the model loads), then audit."""
+    if args.out_dir and world_rank()[0] == 1:  # under a launch, the library checks it on rank 0 for everyone
+        check_folder(args.out_dir, kind="audit", overwrite=args.overwrite)  # before any work
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    if not args.out_dir or world_rank()[0] > 1:
+        return _run(args)
+    with reserve_folder(args.out_dir, kind="audit", overwrite=args.overwrite):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch and datasets
     from ..audit.core import audit
     from ..audit.report import json_safe
     from ..models.loader import load_model
 
-    if args.out_dir and (Path(args.out_dir) / "audit.json").exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out_dir} already holds an audit (audit.json): pass `overwrite=True` or "
-                                "another `out_dir`")
-    check_json_path(args.json)
-    model = load_model(args.model, **model_kwargs(args))
+    model = place(load_model(args.model, **model_kwargs(args)))
     report = audit(
         model, args.data, limit=args.limit, batch_size=args.batch_size, score_batch=args.score_batch,
         metric=args.metric, references=args.references, reference_images=args.reference_images,
         reference_iters=args.reference_iters, bootstrap=args.bootstrap, seed=args.seed, split=args.split,
         image_column=args.image_column, streaming=args.streaming, cache=args.cache, out_dir=args.out_dir,
-        progress=args.progress, token=args.token,
+        overwrite=args.overwrite, progress=args.progress, token=args.token,
     )
+    if not is_main_process():  # every process has the same report: rank 0 prints it
+        return 0
     if args.json != "-":  # keep stdout parseable
         print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "
               f"metric {args.metric}); lower divergence = closer to the training data")

@@ -6,12 +6,11 @@ import argparse
 from pathlib import Path
 
 from ..backends.registry import BACKENDS
-from ..errors import OutputExistsError
+from ..outputs import check_file
 from ..registry import resolve
 from .options import (
     add_common_options,
     add_dataset_options,
-    check_json_path,
     choices_help,
     dataset_kwargs,
     write_json,
@@ -21,9 +20,9 @@ from .options import (
 def register(sub) -> None:
     parser = sub.add_parser(
         "export", help="export a hub-dfq quantized checkpoint for an integer inference backend (ONNX Runtime)",
-        description="Write a quantized checkpoint (a folder or Hub repo made by `hub-dfq quantize --out/--push-to-hub`) "
-        "for an inference backend that runs it with integer kernels; with --dataset, compare its top-1 with the "
-        "PyTorch model's on labelled images.")
+        description="Write a quantized checkpoint (a folder or Hub repo made by `hub-dfq quantize "
+        "--out/--push-to-hub`) for an inference backend that runs it with integer kernels; with --dataset, compare "
+        "its top-1 with the PyTorch model's on labelled images.")
     parser.add_argument("checkpoint", help="quantized checkpoint: a folder, local-dir:PATH or ORG/NAME[@REV]")
     parser.add_argument("--revision", help="Hub revision of the checkpoint")
     parser.add_argument("--token", help="Hub token (default: the logged-in one, or HF_TOKEN)")
@@ -48,11 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.data import images_to_tensor
 
     out = Path(args.path or BACKENDS.get(args.backend).file_name)
-    if out.is_dir():
-        raise OutputExistsError(f"{out} is a folder: `path` must name the file to write")
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} exists: choose another `path` or pass `overwrite=True`")
-    check_json_path(args.json)
+    check_file(out, overwrite=args.overwrite, argument="path")  # before the checkpoint is even read
     data = load_images(args.dataset, **dataset_kwargs(args)) if args.dataset else None
     qmodel = from_pretrained(args.checkpoint, revision=args.revision, token=args.token)
     backend = BACKENDS.get(args.backend)

@@ -11,10 +11,9 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..errors import OutputExistsError
+from ..outputs import check_file, write_text
 
 __all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
            "write_json", "cli_message", "choices_help"]
@@ -81,15 +80,14 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_json_path(path: str | None) -> None:
-    """Refuse a ``--json`` target that cannot be written, before any work starts."""
+    """Refuse a ``--json`` target that cannot be written (a folder, an unwritable place), before any work starts."""
     if not path or path == "-":
         return
-    target = Path(path)
-    if target.is_dir():
-        raise OutputExistsError(f"{target} is a folder: `json` must name a file")
+    check_file(path, overwrite=True, argument="json")
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to stdout (``-``) or, atomically, to the file ``path`` (which it replaces)."""
     if not path:
         return
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
@@ -97,14 +95,7 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         sys.stdout.write(text)
         return
     check_json_path(path)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(target)  # atomic: a crash never leaves half a JSON file
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, text)
 
 
 _ARGUMENT = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")

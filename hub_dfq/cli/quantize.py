@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, PublishError
+from ..outputs import check_folder, reserve_folder
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import SYNTH_METHODS
+from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .options import (
     add_common_options,
     add_model_arguments,
-    check_json_path,
     choices_help,
     model_kwargs,
     write_json,
@@ -73,7 +74,8 @@ def register(sub) -> None:
     parser.add_argument("--act-observer", choices=ACT_OBSERVERS.names(), default="mse",
                         help="activation ranges: " + choices_help(ACT_OBSERVERS, "mse"))
     parser.add_argument("--override", dest="overrides", action="append", type=_override, default=[],
-                        metavar="GLOB:FIELD=V,...", help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
+                        metavar="GLOB:FIELD=V,...",
+                        help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
@@ -83,7 +85,8 @@ def register(sub) -> None:
     parser.add_argument("--eval-split", help="split of the evaluation dataset")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N images only")
     parser.add_argument("--out", dest="out_dir", help="save the quantized model to this folder (a Hub model repo)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint hub-dfq saved in --out (other files there are kept)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (integer kernels in ONNX Runtime) to --out / the pushed repo, "
                         "and report its top-1 next to the PyTorch model's")
@@ -91,6 +94,7 @@ def register(sub) -> None:
     parser.add_argument("--push-dataset", dest="dataset_repo", metavar="REPO",
                         help="also publish the synthetic calibration set to this Hub dataset repo (cards link both)")
     parser.add_argument("--private", action="store_true", help="create the Hub repositories as private")
+    add_launch_option(parser)
     add_common_options(parser, json_help="write the summary as JSON to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
@@ -108,11 +112,31 @@ def _eval_spec(args: argparse.Namespace, model) -> str | None:
     return "default" if list(model.labels) == embedded_sample_labels() else None
 
 
+def _check_count(value: int | None, name: str, what: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"`{name}` must be a positive number of {what}, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch, timm and datasets
+    """Check every argument and output first, hold the lock of ``--out`` for the whole run (rank 0), then quantize."""
+    _check_count(args.calibration_images, "calibration_images", "calibration images")
+    _check_count(args.eval_limit, "eval_limit", "evaluation images")
+    if args.out_dir:  # before minutes of work (every process of a launch checks the shared folder alike)
+        check_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite)
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    if not args.out_dir or world_rank()[0] > 1:  # under a launch, rank 0's save takes the lock when it writes
+        return _run(args)
+    with reserve_folder(args.out_dir, kind="checkpoint", overwrite=args.overwrite):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch, timm and datasets
     from ..data import load_images
+    from ..distributed import current
     from ..evaluation import evaluate_accuracy
-    from ..hub.mixin import check_out_dir
     from ..models.loader import load_model
     from ..quant.api import quantize
     from ..quant.data import is_synthetic
@@ -125,11 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset_repo and not is_synthetic(args.calibration):
         raise ConfigError("`dataset_repo` publishes synthetic calibration data; with real data "
                           f"({args.calibration}) there is nothing to publish")
-    if args.out_dir:  # before minutes of work, not after
-        check_out_dir(args.out_dir, overwrite=args.overwrite)
-    check_json_path(args.json)
     start = time.perf_counter()
-    model = load_model(args.model, **model_kwargs(args))
+    model = place(load_model(args.model, **model_kwargs(args)))
     eval_spec = _eval_spec(args, model)
     eval_data = load_images(eval_spec, split=args.eval_split, limit=args.eval_limit, token=args.token) \
         if eval_spec else None  # opened now: a wrong spec fails before quantizing
@@ -173,9 +194,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary["eval_note"] = ("no evaluation: the model's classes are not CIFAR-10's; pass --eval DATA (labelled "
                                 "images of its classes) to compare full-precision and quantized accuracy")
-    if args.out_dir or args.push_to_hub:
-        _publish(args, qmodel, evaluation, summary)
+    if args.out_dir or args.push_to_hub:  # rank 0 alone saves and pushes; every rank learns whether it worked
+        summary = current().run_on_main(lambda: _publish(args, qmodel, evaluation, summary) or summary)
     summary["total_seconds"] = round(time.perf_counter() - start, 2)
+    if not is_main_process():
+        return 0
     if args.json != "-":
         print(_render(summary, qmodel))
     write_json(args.json, summary)
@@ -183,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _onnx_accuracy(qmodel, data, *, progress: bool) -> dict:
-    """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the same)."""
+    """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the
+    same)."""
     from ..backends.onnx import (  # why: onnx and onnxruntime load only when asked for
         export_onnx,
         load_onnx,
@@ -233,7 +257,8 @@ def _render(summary: dict, qmodel) -> str:
         drop = summary["fp_top1"] - summary["quant_top1"]
         lines.append(f"top-1 on {summary['eval']} ({summary['eval_n']} images): full precision "
                      f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)"
-                     + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%" if summary.get("onnx_top1") is not None else ""))
+                     + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%"
+                        if summary.get("onnx_top1") is not None else ""))
     if summary.get("eval_note"):
         lines.append(summary["eval_note"])
     lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")

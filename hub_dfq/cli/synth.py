@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..outputs import check_folder, reserve_folder
 from ..synth.registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS
+from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -19,7 +21,8 @@ def register(sub) -> None:
     parser = sub.add_parser(
         "synth", help="generate synthetic calibration images from a model (" + ", ".join(SYNTH_METHODS.names()) + ")",
         description="Generate images from nothing but the model and write them as a Hub dataset folder "
-        "(data/*.parquet, README.md card, preview.png, generation.json).")
+        "(data/*.parquet, README.md card, preview.png, generation.json). Under `accelerate launch -m hub_dfq synth` "
+        "(or with --num-processes) the processes share the shards; the folder is the same bytes.")
     add_model_arguments(parser)
     parser.add_argument("--method", choices=SYNTH_METHODS.names(), default="bns",
                         help="generation method: " + choices_help(SYNTH_METHODS, "bns"))
@@ -31,26 +34,46 @@ def register(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--shard-size", type=int, default=1024, help="rows per parquet shard (default 1024)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="bf16 or fp32 arithmetic in the loop (default auto: bf16 where the hardware is fast at it)")
+                        help="bf16 or fp32 arithmetic in the loop (default auto: bf16 where the hardware is fast "
+                        "at it)")
     parser.add_argument("--out", dest="out_dir", required=True, help="output folder (a Hub dataset repository)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run with the same arguments")
-    group.add_argument("--overwrite", action="store_true", help="replace another run's files in --out")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the dataset hub-dfq wrote in --out (other files there are kept)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push the folder to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    add_launch_option(parser)
     add_common_options(parser)
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch
+    """Check the arguments and ``--out``, hold its lock for the whole run, then synthesize.
+
+    Under a launch (several processes) the library checks and locks the folder on rank 0 and tells every
+    rank the outcome, so a refusal is one error, printed once.
+    """
+    if args.private and not args.push_to_hub:
+        raise ConfigError("`private` only applies with `push_to_hub`")
+    if world_rank()[0] == 1:
+        check_folder(args.out_dir, kind="dataset", overwrite=args.overwrite, resume=args.resume)  # before any work
+    launched = relaunch(args)  # --num-processes: this process only waits for the ones it starts
+    if launched is not None:
+        return launched
+    if world_rank()[0] > 1:
+        return _run(args)
+    with reserve_folder(args.out_dir, kind="dataset", overwrite=args.overwrite, resume=args.resume):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # why: keeps `hub-dfq --help` (and a launching process) free of torch
     from ..models.loader import load_model
     from ..synth.api import synthesize_folder
     from ..synth.writer import read_manifest
 
-    if args.private and not args.push_to_hub:
-        raise ConfigError("`private` only applies with `push_to_hub`")
-    model = load_model(args.model, **model_kwargs(args))
+    model = place(load_model(args.model, **model_kwargs(args)))
     folder = synthesize_folder(model, args.method, args.num_images, iters=args.iters, batch_size=args.batch_size,
                                loss=args.loss, lr=args.lr, seed=args.seed, out_dir=args.out_dir, resume=args.resume,
                                overwrite=args.overwrite, shard_size=args.shard_size, precision=args.precision,
@@ -64,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         text += f"; BN divergence ({div.get('metric')}) {start:.4g} -> {end:.4g}"
     if manifest.get("wall_time_s") is not None:
         text += f"; {manifest['wall_time_s']:.1f} s"
+    if not is_main_process():  # every process has the same result: rank 0 reports it
+        return 0
     if args.json != "-":
         print(text)
         if args.push_to_hub:

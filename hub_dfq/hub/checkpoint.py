@@ -24,11 +24,12 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
 from .. import __version__
 from ..backends.registry import BACKENDS
-from ..errors import CheckpointError, ConfigError
+from ..errors import ArgumentTypeError, CheckpointError, ConfigError
+from ..locks import hold
 from ..models.adapters import QUANT_METHOD
 from ..models.loader import build_architecture
 from ..models.vision_model import ModelSource, VisionModel
@@ -45,7 +46,7 @@ from .model_card import calibration_source, render_model_card
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WEIGHTS_NAME", "QuantizedCheckpoint", "save_pretrained", "push_to_hub",
            "from_pretrained", "load_quantized_folder", "quantization_config", "is_quantized_checkpoint",
-           "read_tensors"]
+           "read_tensors", "safetensors_bytes", "write_safetensors"]
 
 FORMAT_VERSION = 2  # 2: the config records its quantized-graph version (QuantConfig.graph_version)
 WEIGHTS_NAME = "model.safetensors"
@@ -94,8 +95,36 @@ def quantization_config(qmodel: QuantizedModel, *, calibration_repo: str | None 
     }
 
 
+def _check_quantized(qmodel: Any, verb: str) -> None:
+    if not isinstance(qmodel, QuantizedModel):
+        raise ArgumentTypeError(f"{verb} takes a QuantizedModel (from hub_dfq.quantize or hub_dfq.from_pretrained), "
+                                f"got {type(qmodel).__name__}: quantize the model first, e.g. "
+                                "`hub_dfq.quantize(model, weights=4, activations=8)`")
+
+
 def is_quantized_checkpoint(config: dict[str, Any]) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend on the tensors and metadata only.
+
+    The safetensors writer keeps the metadata in a hash map, so its key order in the header changes from one
+    process to the next; the header is rewritten with the keys sorted (same length, same tensor offsets).
+    """
+    data = safetensors_save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > length:  # cannot happen: the same keys and values, reordered
+        raise RuntimeError("safetensors header grew while sorting its metadata")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write :func:`safetensors_bytes` to ``path`` (a file in a staging folder)."""
+    path.write_bytes(safetensors_bytes(tensors, metadata))
 
 
 def _fp32_bytes(qmodel: QuantizedModel) -> int:
@@ -116,6 +145,7 @@ class QuantizedCheckpoint(HubMixin):
 
     def __init__(self, qmodel: QuantizedModel, *, repo_id: str | None = None, evaluation: dict[str, Any] | None = None,
                  command: str | None = None, calibration_repo: str | None = None, backends: Sequence[str] = ()):
+        _check_quantized(qmodel, "QuantizedCheckpoint")
         for name in backends:
             BACKENDS.get(name)
         self.qmodel = qmodel
@@ -132,7 +162,7 @@ class QuantizedCheckpoint(HubMixin):
     def _save_pretrained(self, folder: Path) -> None:
         qmodel = self.qmodel
         metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
-        save_file(qmodel.checkpoint_tensors(), str(folder / WEIGHTS_NAME), metadata=metadata)
+        write_safetensors(qmodel.checkpoint_tensors(), folder / WEIGHTS_NAME, metadata)
         config = dict(qmodel.model.config)
         config["quantization_config"] = quantization_config(qmodel, calibration_repo=self.calibration_repo)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
@@ -217,29 +247,37 @@ def save_pretrained(
 ) -> Path:
     """Write ``qmodel`` as a Hub model repo folder: integer safetensors, config, model card.
 
-    The folder is written beside its target and moved into place at the end, so an interrupted
-    save never leaves half a checkpoint, and a folder is never seen without its card.
+    The folder is checked before anything is written, written beside its target and swapped into
+    place at the end (:mod:`hub_dfq.outputs`): an interrupted save leaves the old folder or the new
+    one, complete; an existing folder is replaced only if hub-dfq wrote it, and files hub-dfq did not
+    write in it are kept.
 
     Args:
         qmodel: the quantized model.
-        out_dir: destination (must be empty or absent unless ``overwrite``).
+        out_dir: destination: new or empty, or (with ``overwrite``) a folder hub-dfq wrote.
         repo_id: the Hub repo it is meant for (used in the card's links and snippets).
         evaluation: accuracy of the float and quantized models (see :func:`render_model_card`).
         command: the command line that made it, for the card.
         calibration_repo: Hub dataset repo of the published synthetic calibration set.
-        overwrite: replace an existing folder.
+        overwrite: replace a checkpoint hub-dfq saved there earlier.
         onnx: also write ``model.onnx`` (the integer model for ONNX Runtime, see :mod:`hub_dfq.backends.onnx`).
 
     Returns:
         The folder.
 
     Raises:
-        OutputExistsError: ``out_dir`` holds files and ``overwrite`` is false.
+        ArgumentTypeError: ``qmodel`` is not a :class:`QuantizedModel`.
+        OutputExistsError: ``out_dir`` is a file, holds files hub-dfq did not write, or holds a checkpoint and
+            ``overwrite`` is false.
+        UnsafeOutputError: ``out_dir`` is the current folder, a parent of it, the home folder or a root.
+        OutputWriteError: the folder cannot be written (read-only, disk full); nothing was changed.
+        OutputLockedError: another hub-dfq process is writing ``out_dir``.
 
     Example:
         >>> qmodel = hub_dfq.quantize("default", weights=4, activations=8)  # doctest: +SKIP
         >>> hub_dfq.save_pretrained(qmodel, "resnet20-w4a8")  # doctest: +SKIP
     """
+    _check_quantized(qmodel, "save_pretrained")
     checkpoint = QuantizedCheckpoint(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
                                      calibration_repo=calibration_repo, backends=("onnx",) if onnx else ())
     return checkpoint.save_pretrained(out_dir, overwrite=overwrite)
@@ -279,16 +317,19 @@ def push_to_hub(
         Where the model landed.
 
     Raises:
+        ArgumentTypeError: ``qmodel`` is not a :class:`QuantizedModel`.
         ConfigError: ``dataset_repo`` without synthetic calibration data.
         PublishError: no token, no write access or a failed upload.
     """
+    _check_quantized(qmodel, "push_to_hub")
     if dataset_repo:
         if calibration_folder is None:
             raise ConfigError("`dataset_repo` needs synthetic calibration data (calibration='bns', 'bns+i', ...); "
                               "real calibration data is not republished")
-        manifest = read_manifest(Path(calibration_folder))
-        write_card(Path(calibration_folder), manifest, repo_id=dataset_repo, model_repo=repo_id)
-        push_dataset_folder(calibration_folder, dataset_repo, private=private, token=token)
+        with hold(calibration_folder, what="synthetic-data cache entry"):  # its card is rewritten, then pushed
+            manifest = read_manifest(Path(calibration_folder))
+            write_card(Path(calibration_folder), manifest, repo_id=dataset_repo, model_repo=repo_id)
+            push_dataset_folder(calibration_folder, dataset_repo, private=private, token=token)
     checkpoint = QuantizedCheckpoint(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
                                      calibration_repo=dataset_repo, backends=("onnx",) if onnx else ())
     return checkpoint.push_to_hub(repo_id, private=private, token=token, revision=revision)

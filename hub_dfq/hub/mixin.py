@@ -4,8 +4,10 @@ A class implements ``_save_pretrained(folder)`` (write everything the repo holds
 folder) and ``_from_pretrained(folder, source)``; the mixin adds the rest, the same way for every
 artefact hub-dfq publishes:
 
-- ``save_pretrained`` writes into a fresh staging folder beside the target and moves it into place
-  at the end, so a folder is never seen half-written (or without its card);
+- ``save_pretrained`` checks the target before anything is written, writes into a fresh staging folder
+  beside it and swaps it into place at the end (:mod:`hub_dfq.outputs`): a folder is never seen
+  half-written (or without its card), an existing folder is replaced only if hub-dfq wrote it, and
+  files hub-dfq did not write in it are kept;
 - ``push_to_hub`` always writes the object it is called on into a fresh temporary folder, then
   uploads that folder as one commit: what lands on the Hub is exactly this object;
 - ``from_pretrained`` accepts the same specs as :func:`hub_dfq.load_model` (folders, Hub ids).
@@ -14,14 +16,14 @@ artefact hub-dfq publishes:
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import ModelSpecError, OutputExistsError
+from ..errors import ModelSpecError
 from ..models.loader import resolve_folder
 from ..models.vision_model import ModelSource
+from ..outputs import check_folder, reserve_folder, staged
 from ..publish import PushResult, push_folder
 
 __all__ = ["HubMixin", "check_out_dir"]
@@ -29,24 +31,23 @@ __all__ = ["HubMixin", "check_out_dir"]
 T = TypeVar("T", bound="HubMixin")
 
 
-def check_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """The folder a save will write, checked before any work starts.
+def check_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False, kind: str = "checkpoint") -> Path:
+    """The folder a save will write, checked before any work starts (see :func:`hub_dfq.outputs.check_folder`).
 
     Raises:
-        OutputExistsError: ``out_dir`` is a file, or holds files and ``overwrite`` is false.
+        OutputExistsError: ``out_dir`` is a file, holds files hub-dfq did not write, or holds an earlier
+            result and ``overwrite`` is false.
+        UnsafeOutputError: the current folder, a parent of it, the home folder or a filesystem root.
+        OutputWriteError: ``out_dir`` cannot be written.
     """
-    target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"{target} is a file: `out_dir` must be a folder (absent or empty)")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{target} is not empty: choose another `out_dir` or pass `overwrite=True`")
-    return target
+    return check_folder(out_dir, kind=kind, overwrite=overwrite).path
 
 
 class HubMixin:
     """Adds ``save_pretrained``, ``push_to_hub`` and ``from_pretrained`` to a class with the two hooks."""
 
     repo_type = "model"
+    output_kind = "checkpoint"  # what its folders hold, for hub_dfq.outputs
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _save_pretrained(self, folder: Path) -> None:
@@ -63,23 +64,19 @@ class HubMixin:
 
     # ---- the verbs ------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the repo folder ``out_dir`` (must be empty or absent unless ``overwrite``).
+        """Write the repo folder ``out_dir``: new or empty, or (with ``overwrite``) one hub-dfq wrote.
 
         Raises:
-            OutputExistsError: ``out_dir`` holds files and ``overwrite`` is false.
+            OutputExistsError: ``out_dir`` is a file, holds files hub-dfq did not write, or holds an earlier
+                result and ``overwrite`` is false.
+            UnsafeOutputError: the current folder, a parent of it, the home folder or a filesystem root.
+            OutputWriteError: the folder cannot be written (read-only, disk full); nothing was changed.
+            OutputLockedError: another hub-dfq process is writing ``out_dir``.
         """
-        target = check_out_dir(out_dir, overwrite=overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            self._save_pretrained(staging)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+        with reserve_folder(out_dir, kind=self.output_kind, overwrite=overwrite) as out:
+            with staged(out) as staging:
+                self._save_pretrained(staging)
+            return out.path
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> PushResult:

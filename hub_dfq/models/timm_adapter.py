@@ -11,7 +11,7 @@ import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
 from ..errors import UnsupportedModelError
-from .checkpoints import check_weights_present, unsafe_checkpoint_error
+from .checkpoints import check_weights_present, unsafe_checkpoint_error, weights_error
 from .preprocess import Preprocess
 from .vision_model import ModelSource, VisionModel
 
@@ -70,10 +70,10 @@ def load_timm_folder(folder: Path, source: ModelSource, *, pretrained: bool = Tr
         check_weights_present(folder)
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=pretrained)
-    except Exception as err:  # noqa: BLE001 - translated to UnsafeCheckpointError or re-raised as is
-        unsafe = unsafe_checkpoint_error(folder, err)
-        if unsafe is not None:
-            raise unsafe from err
+    except Exception as err:  # noqa: BLE001 - translated to UnsafeCheckpointError/CheckpointError or re-raised as is
+        translated = unsafe_checkpoint_error(folder, err) or weights_error(folder, err)
+        if translated is not None:
+            raise translated from err
         raise
     return _wrap(model, source, config)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .checkpoints import check_weights_present, unsafe_checkpoint_error
+from .checkpoints import check_weights_present, mismatch_error, unsafe_checkpoint_error, weights_error
 from .preprocess import Preprocess
 from .vision_model import ModelSource, VisionModel
 
@@ -43,12 +43,23 @@ def _from_pretrained(folder: Path, trust_remote_code: bool) -> nn.Module:
 
     check_weights_present(folder)
     try:
-        return AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - translated to UnsafeCheckpointError or re-raised as is
-        unsafe = unsafe_checkpoint_error(folder, err)
-        if unsafe is not None:
-            raise unsafe from err
+        model, info = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                                      output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - translated to UnsafeCheckpointError/CheckpointError or re-raised as is
+        translated = unsafe_checkpoint_error(folder, err) or weights_error(folder, err)
+        if translated is not None:
+            raise translated from err
+        if isinstance(err, RuntimeError) and "mismatched_sizes" in str(err):  # its load report went to the log
+            raise mismatch_error(folder, mismatched=["see the load report above"]) from err
         raise
+    # transformers initialises missing weights at random with only a warning: a classifier that silently
+    # predicts noise is worse than an error
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        raise mismatch_error(folder, missing=missing, unexpected=list(info.get("unexpected_keys") or []),
+                             mismatched=mismatched)
+    return model
 
 
 def load_transformers_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False,

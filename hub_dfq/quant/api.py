@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -9,6 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..distributed import current
 from ..errors import UnsupportedModelError
 from ..fingerprint import fingerprint, weights_sha256
 from ..models.loader import load_model
@@ -25,7 +27,7 @@ from .data import calibration_tensor, is_synthetic
 from .model import QuantizedModel
 from .prepare import prepare
 from .registry import PRESETS, QUANT_ALGORITHMS
-from .resume import RunState
+from .resume import RunState, load_quantizer_state, quantizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ def quantize(
     BN layers are folded into the convolutions; weights are quantized per output channel
     (symmetric), activations per tensor at the input of every conv/linear and at the residual
     additions. The first conv and last linear stay at 8 bits unless ``first_last_bits=None``.
+
+    Under ``accelerate launch`` on-the-fly synthetic calibration data is shared out over the
+    processes, ``distill`` trains data-parallel, and every process returns rank 0's model.
 
     Args:
         model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
@@ -194,11 +199,15 @@ def quantize(
         state = RunState.for_run(version=PIPELINE_VERSION, run=run_fingerprint)
     context = AlgorithmContext(module=gm, node_blocks=prepared.node_blocks, data=data, settings=run_settings,
                                seed=seed, progress=progress, state=state, settings_of=settings_for)
-    history = run_algorithm(algorithm, context)
-    if state is not None:
-        state.clear()  # the model is complete: nothing left to resume
+    with state.locked() if state is not None else contextlib.nullcontext():
+        history = run_algorithm(algorithm, context)
+        if state is not None:
+            state.clear()  # the model is complete: nothing left to resume
     freeze_weights(gm)
     gm.eval()
+    dist = current()
+    if dist.enabled:  # every process goes on with rank 0's model (GPU kernels need not be deterministic)
+        load_quantizer_state(gm, dist.broadcast(quantizer_state(gm) if dist.is_main else None))
     timings["total"] = time.perf_counter() - start
     history["seconds"] = timings
     history["fingerprint"] = run_fingerprint

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import current
 from ..errors import ConfigError, DivergedError
 from ..progress import progress_enabled
 from .calibrate import act_quantizers, quant_layers, quant_mode
+from .parallel import data_parallel, local_rows
 from .resume import RunState, quantizer_state
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.init not in ("calibrate", "reconstruct"):
             raise ConfigError(f"distillation init must be 'calibrate' or 'reconstruct', got {self.init!r}")
-        if self.iters < 0 or self.batch_size <= 0 or self.temperature <= 0:
-            raise ConfigError("distillation needs iters >= 0, batch_size > 0 and temperature > 0")
+        if self.iters <= 0 or self.batch_size <= 0 or self.temperature <= 0:
+            raise ConfigError(f"distillation needs `iters` > 0, `batch_size` > 0 and a temperature > 0, got "
+                              f"{self.iters}, {self.batch_size}, {self.temperature}: with no step the model is only "
+                              "calibrated (use algorithm 'calibrate' for that)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +78,9 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
 def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool | None = None,
             state: RunState | None = None) -> list[float]:
     """Fine-tune a calibrated quantized model to match its own full-precision outputs on ``data``.
+
+    Under ``accelerate launch`` every process computes the loss on its share of each batch and the
+    gradients are averaged by DDP (:mod:`hub_dfq.quant.parallel`); every process ends with the same model.
 
     Args:
         module: a prepared, calibrated model (modified in place; its weights end up frozen).
@@ -109,12 +116,16 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         layer.weight.requires_grad_(True)
         weight_groups.append({"params": [layer.weight], "lr": cfg.lr_weight * step})
         layer.weight_quantizer.scale.requires_grad_(True)
-    scale_params = [l.weight_quantizer.scale for l in layers] + [q.scale for q in acts]
+    scale_params = [layer.weight_quantizer.scale for layer in layers] + [q.scale for q in acts]
     for q in acts:
         q.scale.requires_grad_(True)
     optimizer = torch.optim.Adam(weight_groups + [{"params": scale_params, "lr": cfg.lr_scale}])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
+    dist = current()
+    batch = min(cfg.batch_size, len(data))
+    mine = local_rows(batch, dist)
+    student = data_parallel(module, dist)
     losses: list[float] = []
     start = 0
     saved = state.load("distill") if state is not None else None
@@ -125,20 +136,26 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         generator.set_state(saved["generator"])
         losses, start = list(saved["losses"]), int(saved["steps_done"])
         logger.warning("resuming distillation at step %d of %d (saved in %s)", start, cfg.iters, state.folder)
-    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress_enabled(progress), leave=False, initial=start,
-               total=cfg.iters)
+    bar = tqdm(range(start, cfg.iters), desc="distill", disable=not progress_enabled(progress), leave=False,
+               initial=start, total=cfg.iters)
     try:
         for step in bar:
-            idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
+            idx = torch.randint(len(data), (batch,), generator=generator)
             x = data[idx].to(device)
             if cfg.flip:
                 flip = torch.rand(len(x), generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None].to(device), x.flip(-1), x)
+            x = x[mine]  # every process drew the whole batch (same generator state), each computes its share
             with torch.no_grad(), quant_mode(teacher_module, enabled=False):
                 teacher = teacher_module(x)
-            loss = _kd_loss(module(x), teacher, cfg.temperature)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"distillation diverged at step {step} (loss {loss.item()}): lower lr_weight")
+            loss = _kd_loss(student(x), teacher, cfg.temperature)
+            value = loss.detach()
+            if dist.enabled:
+                # DDP averages gradients over processes: weigh each share so the average is the whole batch's
+                loss = loss * (len(x) * dist.world_size / batch)
+                value = dist.all_reduce([loss.detach()])[0] / dist.world_size  # the whole batch's loss, everywhere
+            if not torch.isfinite(value):
+                raise DivergedError(f"distillation diverged at step {step} (loss {value.item()}): lower lr_weight")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -147,7 +164,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
                 for p in scale_params:
                     p.abs_().clamp_min_(1e-8)
             if step % 50 == 0:
-                losses.append(float(loss.detach()))
+                losses.append(float(value))
                 bar.set_postfix(kd=f"{losses[-1]:.4g}")
             if state is not None and (step + 1) % SAVE_EVERY == 0 and step + 1 < cfg.iters:
                 state.save("distill", {"module": quantizer_state(module),

@@ -56,8 +56,10 @@ class ReconstructConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.iters < 0 or self.batch_size <= 0:
-            raise ConfigError(f"reconstruction needs iters >= 0 and batch_size > 0, got {self.iters}, {self.batch_size}")
+        if self.iters <= 0 or self.batch_size <= 0:
+            raise ConfigError(f"reconstruction needs `iters` > 0 and `batch_size` > 0, got {self.iters}, "
+                              f"{self.batch_size}: with no step the model is only calibrated (use algorithm "
+                              "'calibrate' for that)")
         if not 0.0 <= self.drop_prob < 1.0 or not 0.0 <= self.warmup < 1.0:
             raise ConfigError("drop_prob and warmup must be in [0, 1)")
 
@@ -170,7 +172,7 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
         q.train()
     groups = []
     if layers:
-        groups.append({"params": [l.weight_quantizer.alpha for l in layers], "lr": cfg.lr_round})
+        groups.append({"params": [layer.weight_quantizer.alpha for layer in layers], "lr": cfg.lr_round})
     if acts:
         groups.append({"params": [q.scale for q in acts], "lr": cfg.lr_act})
     optimizer = torch.optim.Adam(groups)
@@ -193,10 +195,11 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
             if step >= warm and layers:
                 progress_frac = (step - warm) / max(cfg.iters - warm, 1)
                 beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * progress_frac
-                loss = loss + cfg.round_weight * sum(l.weight_quantizer.rounding_regulariser(beta) for l in layers)
+                regulariser = sum(layer.weight_quantizer.rounding_regulariser(beta) for layer in layers)
+                loss = loss + cfg.round_weight * regulariser
             if not torch.isfinite(loss):
-                raise DivergedError(f"reconstruction of block {block.name} diverged at step {step} (loss {loss.item()}): "
-                                    "lower lr_act or lr_round")
+                raise DivergedError(f"reconstruction of block {block.name} diverged at step {step} "
+                                    f"(loss {loss.item()}): lower lr_act or lr_round")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

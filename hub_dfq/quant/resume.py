@@ -6,22 +6,27 @@ key is :func:`hub_dfq.fingerprint.fingerprint` of everything that determines the
 weights, the quantization config, the algorithm, its version and settings, the calibration tensor,
 the seed, the device type), so a rerun of the same command picks the saved state up and finishes
 with the same bytes as an uninterrupted run; any other run starts fresh. :func:`hub_dfq.quantize`
-deletes the state once the model is complete.
+deletes the state once the model is complete. A run holds the lock of its state folder
+(:mod:`hub_dfq.locks`): the same run started twice at once is refused with the other's pid, never mixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..cache import cache_root
+from ..distributed import current
 from ..fingerprint import fingerprint
+from ..locks import hold
+from ..outputs import temp_path
 from .modules import quant_layers
 
 logger = logging.getLogger(__name__)
@@ -44,11 +49,27 @@ class RunState:
         """The state folder of the run that ``parts`` determine (see :func:`hub_dfq.fingerprint.fingerprint`)."""
         return cls(cache_root("quantize") / fingerprint("quantize", version=version, **parts))
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["RunState"]:
+        """Hold this run's lock while it reads and saves its state.
+
+        Raises:
+            OutputLockedError: another process runs the same quantization right now.
+        """
+        with hold(self.folder, what="saved progress of this quantization run"):
+            yield self
+
     def _file(self, stage: str) -> Path:
         return self.folder / f"{stage}.pt"
 
     def load(self, stage: str) -> dict[str, Any] | None:
-        """The saved state of ``stage``, or ``None`` (nothing saved, or a file that cannot be read)."""
+        """The saved state of ``stage``, or ``None`` (nothing saved, or a file that cannot be read).
+
+        In a multi-process run rank 0 reads it and every rank gets rank 0's, so all resume alike.
+        """
+        return current().run_on_main(lambda: self._read(stage))
+
+    def _read(self, stage: str) -> dict[str, Any] | None:
         path = self._file(stage)
         if not path.is_file():
             return None
@@ -61,15 +82,32 @@ class RunState:
             return None
 
     def save(self, stage: str, state: dict[str, Any]) -> None:
-        """Write ``state`` atomically: an interruption leaves the previous state, never half a file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` atomically: an interruption leaves the previous state, never half a file.
+
+        A failed save (disk full) is logged and the run goes on: it only loses the chance to resume. In a
+        multi-process run only rank 0 writes (every rank holds the same state).
+        """
+        if not current().is_main:
+            return
         path = self._file(stage)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
-        os.replace(partial, path)
+        partial = temp_path(path)  # per process: a concurrent run never removes ours
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(state, partial)
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as err:  # torch reports a failed write (disk full) as RuntimeError
+            logger.warning("could not save the progress of %s in %s (%s): an interruption will start this stage "
+                           "again", stage, self.folder, err)
+        finally:
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError as err:
+                logger.warning("could not remove %s: %s", partial, err)
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the saved stages (rank 0 only, in a multi-process run)."""
+        if current().is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def quantizer_state(module: nn.Module) -> dict[str, torch.Tensor]:

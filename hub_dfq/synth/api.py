@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -16,23 +18,28 @@ import torch
 
 from .. import __version__
 from ..cache import cache_root
-from ..errors import ConfigError
+from ..distributed import current
+from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
+from ..locks import hold
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
+from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
 from .card import write_card, write_preview
 from .config import Priors, SynthConfig
 from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
 from .publish import push_dataset_folder
+from .records import clear_records, merge_records, read_records, write_record
 from .registry import BN_LOSSES
 from .writer import (
-    DATA_DIR,
     MANIFEST_FORMAT,
     features_for,
     finished_shards,
-    prepare_folder,
+    planned_files,
     read_manifest,
+    remove_stale_temporaries,
+    resume_manifest,
     shard_name,
     unique_label_names,
     write_manifest,
@@ -74,6 +81,11 @@ def synth_fingerprint(identity: dict[str, Any]) -> str:
     return fingerprint("synth", version=identity["algorithm"]["loop"], **identity)
 
 
+def _same_everywhere(identity: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """What every process of a launch must agree on, the run's arguments named as the API names them."""
+    return {**identity["arguments"], **{k: v for k, v in identity.items() if k != "arguments"}, **more}
+
+
 def _model_record(model: VisionModel, weights: str) -> dict[str, Any]:
     src = model.source
     return {"spec": src.spec, "repo_id": src.repo_id, "revision": src.revision, "commit": src.commit, "url": src.url,
@@ -93,83 +105,168 @@ def _summary(layers: dict[str, float]) -> dict[str, Any] | None:
 
 def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
                     overwrite: bool = False, progress: bool | None = None, repo_id: str | None = None,
-                    stop_after_shards: int | None = None,
-                    on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    stop_after_shards: int | None = None, on_shard: Callable[[int], None] | None = None,
+                    owned: bool = False) -> dict[str, Any]:
     """Generate (or finish) the dataset folder of one run; returns its manifest (``generation.json``).
+
+    A new or empty folder is written in place, shard by shard, so an interrupted run can be continued
+    (``resume``). Replacing an earlier dataset (``overwrite``) writes the new one beside it and swaps it
+    in when it is complete: an interruption leaves the earlier dataset as it was. The folder is locked
+    for the whole run.
+
+    Under ``accelerate launch`` the shards still to do are dealt out over the processes (shard ``i``
+    is the same bytes whichever process makes it, so the folder is the single-process folder); rank 0
+    alone locks the folder and writes ``generation.json``, the preview and the card, and every process
+    returns the manifest.
 
     Args:
         model: source model.
         config: run arguments.
-        out_dir: output folder (a Hub dataset repository).
+        out_dir: output folder (a Hub dataset repository); with several processes, on a filesystem
+            they all share.
         resume: continue a run with the same arguments from its finished shards.
-        overwrite: replace another run's files.
+        overwrite: replace a synthetic dataset hub-dfq wrote there (other files in the folder are kept).
         progress: show a progress bar (``None``: on a terminal).
         repo_id: Hub id the card's loading snippet names (when the folder will be pushed).
-        stop_after_shards: generate at most this many new shards and return (for tests of resuming).
+        stop_after_shards: generate at most this many new shards (per process) and return (for tests of resuming).
         on_shard: called with the index of each shard after it is written.
+        owned: ``out_dir`` is a hub-dfq cache entry (ours by construction, marker or not).
+
+    Raises:
+        ConfigError: ``resume`` with ``overwrite``, or ``stop_after_shards`` with ``overwrite``.
+        OutputExistsError, UnsafeOutputError, OutputWriteError, OutputLockedError: see
+            :func:`hub_dfq.outputs.check_folder`; also a ``resume`` of a run with other arguments.
     """
+    if resume and overwrite:
+        raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
     check_model_supports(model, config.method)
-    folder = Path(out_dir)
+    dist = current()
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
-    previous = prepare_folder(folder, identity, resume=resume, overwrite=overwrite)
-    for stale in (folder / DATA_DIR).glob(".*.tmp") if (folder / DATA_DIR).is_dir() else ():
-        stale.unlink()  # a temporary file of a killed run: never a finished shard
-    done = finished_shards(folder, previous)
+    dist.check_same("synthesis", _same_everywhere(identity, out_dir=os.fspath(out_dir), resume=resume,
+                                                  overwrite=overwrite, repo_id=repo_id,
+                                                  stop_after_shards=stop_after_shards))
+    dist.check_shared_folder(Path(out_dir), argument="out_dir")
+    run = dict(model=model, config=config, identity=identity, weights=weights, progress=progress, repo_id=repo_id,
+               stop_after_shards=stop_after_shards, on_shard=on_shard, dist=dist)
+    with contextlib.ExitStack() as held:  # rank 0's lock (and staging folder) for the whole run
+
+        def reserve() -> tuple[str, bool, dict[str, Any] | None]:
+            """Rank 0: lock and check the folder; where to write, whether it replaces a dataset, what to resume."""
+            out = held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume,
+                                                    owned=owned))
+            if out.holds_result and overwrite:
+                if stop_after_shards is not None:
+                    raise ConfigError("`stop_after_shards` cannot be combined with `overwrite=True` (a replacement "
+                                      "is swapped in only when it is complete)")
+                return str(held.enter_context(staged(out))), True, None
+            previous = resume_manifest(out.path, identity) if out.holds_result else None
+            declare(out.path, "dataset", planned_files(config.num_shards))
+            remove_stale_temporaries(out.path)
+            return str(out.path), False, previous
+
+        folder, replacing, previous = dist.run_on_main(reserve)
+        try:
+            return _generate(folder=Path(folder), previous=previous, **run)
+        except OutputWriteError as err:
+            if replacing:
+                raise
+            raise OutputWriteError(f"{err} (the finished shards are kept: continue with `resume=True`)") from err
+
+
+def _generate(*, model: VisionModel, config: SynthConfig, folder: Path, previous: dict[str, Any] | None,
+              identity: dict[str, Any], weights: str, progress: bool | None, repo_id: str | None,
+              stop_after_shards: int | None, on_shard: Callable[[int], None] | None, dist) -> dict[str, Any]:
     total = config.num_shards
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "hub_dfq_version": __version__,
-        "torch_version": torch.__version__,
-        "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "model": _model_record(model, weights),
-        "arguments": config.to_dict(),
-        "label_names": unique_label_names(model.labels),
-        "input_size": list(model.input_size),
-        "num_rows": config.num_images,
-        "num_shards": total,
-        "fingerprint": synth_fingerprint(identity),
-        "algorithm": identity["algorithm"],
-        "device_type": identity["device_type"],
-        "complete": False,
-        "shards": [done[i] for i in sorted(done)],
-    }
-    if config.spec.augment is not None:
-        manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
-    features = features_for(model.labels)
-    generator = BatchGenerator(model, config)
-    todo = [i for i in range(total) if i not in done]
-    rows_done = sum(len(config.shard_rows(i)) for i in done)
-    bar = _progress(config, rows_done, progress)
-    new = 0
-    try:
-        for index in todo:
-            if stop_after_shards is not None and new >= stop_after_shards:
-                break
-            record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
-            manifest["shards"] = sorted(manifest["shards"] + [record], key=lambda r: r["index"])
-            write_manifest(folder, manifest)
-            new += 1
-            if on_shard is not None:
-                on_shard(index)
-    finally:
-        if bar is not None:
-            bar.close()
-    if len(manifest["shards"]) < total:
-        write_manifest(folder, manifest)
+    run_key = synth_fingerprint(identity)
+
+    def prepare() -> dict[str, Any]:
+        if previous is None:
+            clear_records(folder)  # records of a replaced run
+        # shards recorded in the manifest, or (after a killed multi-process run) by the rank that made them
+        records = merge_records((previous or {}).get("shards", []), read_records(folder, fingerprint=run_key))
+        done = finished_shards(folder, {"shards": records})
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "hub_dfq_version": __version__,
+            "torch_version": torch.__version__,
+            "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+                      + (f" x {dist.world_size} processes" if dist.enabled else ""),
+            "model": _model_record(model, weights),
+            "arguments": config.to_dict(),
+            "label_names": unique_label_names(model.labels),
+            "input_size": list(model.input_size),
+            "num_rows": config.num_images,
+            "num_shards": total,
+            "fingerprint": run_key,
+            "algorithm": identity["algorithm"],
+            "device_type": identity["device_type"],
+            "complete": False,
+            "shards": [done[i] for i in sorted(done)],
+        }
+        if config.spec.augment is not None:
+            manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
+        write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
         return manifest
-    _finish(manifest, config)
-    write_manifest(folder, manifest)
-    write_preview(folder, manifest)
-    write_card(folder, manifest, repo_id=repo_id)
-    return manifest
+
+    manifest = dist.run_on_main(prepare)
+    done = {r["index"] for r in manifest["shards"]}
+    todo = [i for i in range(total) if i not in done]
+    mine = todo[dist.rank::dist.world_size]  # round robin: shards take about the same time each
+    if dist.enabled:
+        logger.info("rank %d of %d generates shards %s", dist.rank, dist.world_size, mine or "none (nothing left)")
+    features = features_for(model.labels)
+    generator = BatchGenerator(model, config) if mine else None
+
+    def work() -> list[dict[str, Any]]:
+        # Rank 0's bar counts its own images; in one process that is the whole run, as before.
+        if dist.enabled:
+            bar = _progress(config, 0, progress, total=sum(len(config.shard_rows(i)) for i in mine)) \
+                if dist.is_main else None
+        else:
+            bar = _progress(config, sum(len(config.shard_rows(i)) for i in done), progress)
+        made: list[dict[str, Any]] = []
+        try:
+            for index in mine:
+                if stop_after_shards is not None and len(made) >= stop_after_shards:
+                    break
+                record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
+                made.append(record)
+                if dist.is_main:
+                    others = read_records(folder, fingerprint=run_key) if dist.enabled else []
+                    manifest["shards"] = merge_records(manifest["shards"], [record], others)
+                    write_manifest(folder, manifest)
+                else:
+                    write_record(folder, record, fingerprint=run_key)
+                if on_shard is not None:
+                    on_shard(index)
+        finally:
+            if bar is not None:
+                bar.close()
+        return made
+
+    made_by_rank = dist.together(work)
+
+    def finish() -> dict[str, Any]:
+        manifest["shards"] = merge_records(manifest["shards"], *made_by_rank)
+        if len(manifest["shards"]) < total:
+            write_manifest(folder, manifest)
+            return manifest
+        _finish(manifest, config)
+        write_manifest(folder, manifest)
+        write_preview(folder, manifest)
+        write_card(folder, manifest, repo_id=repo_id)
+        clear_records(folder)  # all of them are in generation.json now
+        return manifest
+
+    return dist.run_on_main(finish)
 
 
-def _progress(config: SynthConfig, initial: int, enabled: bool | None):
+def _progress(config: SynthConfig, initial: int, enabled: bool | None, *, total: int | None = None):
     if not progress_enabled(enabled):
         return None
-    return progress_bar(progress=True, total=config.num_images, initial=initial, unit="img",
-                        desc=f"synth {config.method}")
+    return progress_bar(progress=True, total=config.num_images if total is None else total, initial=initial,
+                        unit="img", desc=f"synth {config.method}")
 
 
 def _generate_shard(generator: BatchGenerator, config: SynthConfig, index: int, total: int, folder: Path, features,
@@ -236,7 +333,8 @@ def _finish(manifest: dict[str, Any], config: SynthConfig) -> None:
     counts: Counter[str] = Counter()
     for r in shards:
         counts.update({k: v for k, v in r["label_counts"].items()})
-    manifest["label_counts"] = {manifest["label_names"][int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
+    names = manifest["label_names"]
+    manifest["label_counts"] = {names[int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
 def load_folder(folder: str | os.PathLike[str], *, progress: bool | None = None):
@@ -306,7 +404,10 @@ def synthesize_folder(
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
     The result is written as a Hub dataset folder (parquet shards under ``data/``, ``README.md``
-    card, ``preview.png``, ``generation.json``).
+    card, ``preview.png``, ``generation.json``). ``out_dir`` is checked and locked before the model
+    is loaded (see :mod:`hub_dfq.outputs`): it must be new or empty, or hold a dataset hub-dfq wrote.
+    Under ``accelerate launch`` the processes share the shards (the folder is byte-identical to a
+    single-process run's) and rank 0 alone locks the folder, writes the card and pushes.
 
     Args:
         model: a :class:`VisionModel` or a model spec for :func:`hub_dfq.load_model`.
@@ -322,7 +423,8 @@ def synthesize_folder(
             arguments, algorithm versions, precision and device type), so a repeated call loads
             instead of regenerating.
         resume: continue an interrupted run in ``out_dir`` (same arguments required).
-        overwrite: replace another run's files in ``out_dir``.
+        overwrite: replace the dataset hub-dfq wrote in ``out_dir`` (written beside it and swapped in when
+            complete; files hub-dfq did not write there are kept).
         shard_size: rows per parquet shard.
         precision: ``auto``, ``fp32`` or ``bf16``.
         priors: :class:`Priors` (or a dict of its fields) for inception and bns+i.
@@ -339,7 +441,11 @@ def synthesize_folder(
     Raises:
         ConfigError: an unknown method or loss, or a non-positive ``num_images`` or ``iters``.
         UnsupportedModelError: a BN method on a model without BatchNorm layers.
-        OutputExistsError: ``out_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+        OutputExistsError: ``out_dir`` is a file, holds files hub-dfq did not write, or holds another run and
+            neither ``resume`` nor ``overwrite`` is set.
+        UnsafeOutputError: ``out_dir`` is the current folder, a parent of it, the home folder or a root.
+        OutputWriteError: ``out_dir`` cannot be written (read-only, disk full).
+        OutputLockedError: another hub-dfq process is writing ``out_dir`` (or the cache entry).
         DivergedError: the loss became NaN/Inf (nothing of the broken batch is saved).
         PublishError: the push failed (the local folder stays complete).
 
@@ -349,26 +455,63 @@ def synthesize_folder(
     if n is not None:
         warnings.warn("`n` is deprecated: use `num_images`", FutureWarning, stacklevel=2)
         num_images = n
-    if not isinstance(model, VisionModel):
-        model = load_model(model, revision=revision, token=token)
+    if out_dir is None and overwrite:
+        raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
     if isinstance(priors, dict):
         priors = Priors(**priors)
     config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
                          seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
-    check_model_supports(model, config.method)
-    identity = run_identity(model, config)
-    if out_dir is None:
-        if overwrite:
-            raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
-        out_dir = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
-        resume = True  # a cache entry is always ours: finish or reuse it
-    folder = Path(out_dir)
-    existing = _reusable(folder, identity) if resume else None
-    if existing is None:
-        generate_folder(model, config, folder, resume=resume, overwrite=overwrite, progress=progress,
-                        repo_id=push_to_hub)
-    elif push_to_hub:
-        write_card(folder, existing, repo_id=push_to_hub)
-    if push_to_hub:
-        push_dataset_folder(folder, push_to_hub, private=private, token=token)
+    dist = current()
+    with contextlib.ExitStack() as held:
+        if out_dir is not None:  # checked, and locked (by rank 0), before the model is even loaded
+            dist.run_on_main(lambda: held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite,
+                                                                       resume=resume)) and None)
+        if not isinstance(model, VisionModel):
+            model = load_model(model, revision=revision, token=token)
+        check_model_supports(model, config.method)
+        identity = run_identity(model, config)
+        # before anything is written: processes given different arguments would write one folder of two runs
+        dist.check_same("synthesis", _same_everywhere(identity, out_dir=None if out_dir is None else os.fspath(out_dir),
+                                                      resume=resume, overwrite=overwrite, push_to_hub=push_to_hub,
+                                                      private=private))
+        run = dict(progress=progress, repo_id=push_to_hub)
+        if out_dir is None:
+            folder = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
+            dist.check_shared_folder(folder, what="the synthesis cache folder",
+                                     hint=" (set HUB_DFQ_CACHE to one, or pass `out_dir`)")
+            dist.run_on_main(lambda: held.enter_context(hold(folder, what="synthetic-data cache entry")) and None)
+            _cached(model, config, identity, folder, dist=dist, **run)
+        else:
+            folder = Path(out_dir)
+            dist.check_shared_folder(folder, argument="out_dir")
+            existing = dist.run_on_main(lambda: _reusable(folder, identity)) if resume else None
+            if existing is None:
+                generate_folder(model, config, folder, resume=resume, overwrite=overwrite, **run)
+            elif push_to_hub:
+                dist.run_on_main(lambda: write_card(folder, existing, repo_id=push_to_hub))
+        if push_to_hub:  # rank 0 alone pushes: one commit
+            dist.run_on_main(lambda: push_dataset_folder(folder, push_to_hub, private=private, token=token))
     return folder
+
+
+def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], folder: Path, *, dist,
+            progress: bool | None, repo_id: str | None) -> None:
+    """Reuse, finish or (if damaged) regenerate the cache entry ``folder`` (call with its lock held by rank 0)."""
+
+    def check() -> bool:
+        existing = _reusable(folder, identity)
+        if existing is not None:
+            if repo_id:
+                write_card(folder, existing, repo_id=repo_id)
+            return True
+        if folder.exists():
+            try:
+                resume_manifest(folder, identity)
+            except OutputExistsError as err:  # a damaged entry of our own cache: made again, not a user's problem
+                logger.warning("the cache entry %s is damaged (%s); generating it again", folder, err)
+                shutil.rmtree(folder)
+        return False
+
+    if dist.run_on_main(check):
+        return
+    generate_folder(model, config, folder, resume=True, owned=True, progress=progress, repo_id=repo_id)

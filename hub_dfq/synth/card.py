@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image
 
+from ..outputs import write_file, write_text
 from .registry import BN_LOSSES, SYNTH_METHODS
 
 __all__ = ["render_card", "write_card", "write_preview", "size_category"]
@@ -50,11 +51,9 @@ def write_preview(folder: Path, manifest: dict[str, Any], *, count: int = 64, sc
         if scale != 1:
             image = image.resize((width * scale, height * scale), Image.NEAREST)
         grid.paste(image, (pad + (i % cols) * cell_w, pad + (i // cols) * cell_h))
-    path = folder / "preview.png"
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG", compress_level=6, optimize=False)
-    path.write_bytes(buffer.getvalue())
-    return path
+    return write_file(folder / "preview.png", lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def _fmt(value: float | None) -> str:
@@ -156,8 +155,4 @@ def _model_url(repo_id: str) -> str:
 def write_card(folder: Path, manifest: dict[str, Any], *, repo_id: str | None = None,
                model_repo: str | None = None) -> Path:
     card = render_card(manifest, repo_id=repo_id, model_repo=model_repo)
-    path = folder / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(folder / "README.md", str(card))

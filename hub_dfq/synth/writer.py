@@ -7,9 +7,12 @@ Layout (identical locally and on the Hub)::
     preview.png                         grid of the first images
     generation.json                     arguments, provenance, per-shard records, BN divergences
 
+    .hub-dfq.json                       the files hub-dfq writes here (see hub_dfq.outputs; never pushed)
+
 Shards are deterministic (PNG with fixed settings, fixed row groups, no timestamps in metadata) and
-written atomically (temporary file + rename), and ``generation.json`` is rewritten after every
-shard, so an interrupted run resumes from its finished shards and never sees half a shard.
+written atomically (a per-process temporary file + rename, :func:`hub_dfq.outputs.write_file`), and
+``generation.json`` is rewritten after every shard, so an interrupted run resumes from its finished
+shards and never sees half a shard.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,13 +32,16 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import OutputExistsError
+from ..outputs import is_temp, write_file, write_text
+from .records import record_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MANIFEST", "CARD", "PREVIEW", "DATA_DIR", "ROW_GROUP_SIZE", "shard_name", "features_for", "unique_label_names", "encode_png",
-    "write_shard", "read_manifest", "write_manifest", "prepare_folder", "file_sha256", "finished_shards",
+    "MANIFEST", "CARD", "PREVIEW", "DATA_DIR", "ROW_GROUP_SIZE", "shard_name", "features_for", "unique_label_names",
+    "encode_png", "write_shard", "read_manifest", "write_manifest", "resume_manifest", "file_sha256",
+    "finished_shards", "planned_files", "remove_stale_temporaries",
 ]
 
 MANIFEST = "generation.json"
@@ -61,14 +65,16 @@ def unique_label_names(label_names: Sequence[str]) -> list[str]:
 
 def features_for(label_names: Sequence[str]) -> datasets.Features:
     # ClassLabel rejects repeated names
-    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=unique_label_names(label_names))})
+    labels = datasets.ClassLabel(names=unique_label_names(label_names))
+    return datasets.Features({"image": datasets.Image(), "label": labels})
 
 
 def encode_png(pixels: torch.Tensor | np.ndarray) -> bytes:
     """``uint8`` ``(C, H, W)`` -> PNG bytes with fixed settings (no metadata chunks, fixed compression)."""
     array = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
     array = np.ascontiguousarray(array.transpose(1, 2, 0))
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, mode="L" if array.shape[-1] == 1 else "RGB")
+    gray = array.shape[-1] == 1
+    image = Image.fromarray(array[..., 0] if gray else array, mode="L" if gray else "RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=6, optimize=False)
     return buffer.getvalue()
@@ -80,19 +86,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the whole new one
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_shard(path: Path, pixels: torch.Tensor, labels: torch.Tensor, features: datasets.Features) -> str:
@@ -112,7 +105,7 @@ def write_shard(path: Path, pixels: torch.Tensor, labels: torch.Tensor, features
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="snappy", use_dictionary=["label"],
                        write_statistics=True, store_schema=True)
 
-    _atomic_write_bytes(path, write)
+    write_file(path, write)
     return file_sha256(path)
 
 
@@ -133,12 +126,23 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(folder / MANIFEST, lambda tmp: tmp.write_text(text))
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _holds_results(folder: Path) -> bool:
-    return (folder / MANIFEST).exists() or (folder / CARD).exists() or any((folder / DATA_DIR).glob("*.parquet"))
+def planned_files(num_shards: int) -> list[str]:
+    """Every file a run of ``num_shards`` shards writes (declared in the folder's marker before it is written),
+    the per-shard records of a multi-process run included."""
+    return ([shard_name(i, num_shards) for i in range(num_shards)] + [MANIFEST, CARD, PREVIEW]
+            + [record_name(i) for i in range(num_shards)])
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove hub-dfq temporaries a killed run left (call with the folder's lock held: no live run owns them)."""
+    for sub in (folder, folder / DATA_DIR):
+        if sub.is_dir():
+            for path in sub.iterdir():
+                if is_temp(path.name) and path.is_file():
+                    path.unlink()
 
 
 def _differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
@@ -152,42 +156,22 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "
     return out
 
 
-def prepare_folder(folder: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check (and maybe clear) the output folder; returns the manifest to resume from, if any.
+def resume_manifest(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the run in ``folder`` to continue, checked to be the run ``identity`` describes.
 
     Args:
-        folder: output folder.
+        folder: an output folder holding an earlier (maybe interrupted) run.
         identity: what decides the run's bytes (:func:`hub_dfq.synth.api.run_identity`); must match to resume.
-        resume: continue a run with the same identity.
-        overwrite: delete a previous run's files (other files in the folder are kept).
 
     Raises:
-        OutputExistsError: the folder holds another run and neither flag allows it, or ``resume``
-            was asked for a run with different arguments or weights.
+        OutputExistsError: no readable ``generation.json``, or the stored run used other arguments or weights.
     """
-    if resume and overwrite:
-        raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
-    if not folder.exists() or not _holds_results(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        return None
-    if overwrite:
-        for name in (MANIFEST, CARD, PREVIEW):
-            if (folder / name).exists():
-                (folder / name).unlink()
-        if (folder / DATA_DIR).is_dir():
-            shutil.rmtree(folder / DATA_DIR)
-        logger.info("removed the previous run in %s (overwrite)", folder)
-        return None
     manifest = read_manifest(folder)
-    if not resume:
-        raise OutputExistsError(
-            f"{folder} already holds a synthetic dataset (generation.json, README.md or data/*.parquet): pass "
-            f"`resume=True` to continue that run with the same arguments, `overwrite=True` to replace it, or another "
-            "`out_dir`")
     if manifest is None:
         raise OutputExistsError(
-            f"cannot resume in {folder}: it has shards or a card but no readable generation.json; pass `overwrite=True`")
-    stored = {"arguments": manifest.get("arguments", {}), "weights_sha256": manifest.get("model", {}).get("weights_sha256"),
+            f"cannot resume in {folder}: it has no readable generation.json; pass `overwrite=True` to replace it")
+    stored = {"arguments": manifest.get("arguments", {}),
+              "weights_sha256": (manifest.get("model") or {}).get("weights_sha256"),
               "algorithm": manifest.get("algorithm"), "device_type": manifest.get("device_type")}
     diffs = _differences(stored, identity)
     if diffs:

@@ -9,6 +9,7 @@ import datasets
 import evaluate
 
 import hub_dfq
+from hub_dfq.distributed import local
 
 _CITATION = """\
 @inproceedings{haroush2020knowledge,
@@ -70,8 +71,12 @@ class BnSimilarity(evaluate.Measurement):
                  seed=0, bootstrap=200):
         data = datasets.Dataset.from_dict({"images": list(images)},
                                           features=datasets.Features({"images": datasets.Image(decode=False)}))
-        report = hub_dfq.audit(model, {"images": data}, batch_size=batch_size, score_batch=score_batch,
-                               metric=metric, references=reference_points, seed=seed, bootstrap=bootstrap, progress=False)
+        # evaluate shares work between processes its own way (it may compute on one process only): the audit
+        # here is this process's alone, never split with the others of a launch
+        with local():
+            report = hub_dfq.audit(model, {"images": data}, batch_size=batch_size, score_batch=score_batch,
+                                   metric=metric, references=reference_points, seed=seed, bootstrap=bootstrap,
+                                   progress=False)
         result = report.candidates[0]
         return {"divergence": result.divergence, "similarity": result.similarity,
                 "ci": list(result.ci) if result.ci else None, "n_images": result.n_images,

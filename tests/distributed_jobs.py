@@ -1,0 +1,109 @@
+"""Jobs that tests/test_distributed.py runs on several processes (``accelerate launch`` or hand-set ranks).
+
+Each process writes what it saw to ``OUT/rank-<rank>.json``; the test compares that with the same job in
+one process. Usage: ``python tests/distributed_jobs.py JOB OUT [ARG]`` with JOB one of ``measure``,
+``refusals``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+import hub_dfq
+from hub_dfq.distributed import current
+
+AUDIT = dict(batch_size=32, score_batch=64, bootstrap=50, references="auto", reference_images=16,
+             reference_iters=5, cache=False, progress=False)
+DISTILL = dict(weights=4, activations=8, algorithm="distill", settings={"distill": {"iters": 12, "batch_size": 16}},
+               resume=False, progress=False)
+
+
+def calibration_tensor() -> torch.Tensor:
+    """The same 48 inputs in every process (and in the test's single process)."""
+    return torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def state_digest(qmodel) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(qmodel.module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def measure(out: Path, parquet: str) -> dict:
+    """Audit (in memory and streamed), evaluation and distillation of the embedded model."""
+    model = hub_dfq.load_model("default")
+    audit_dir = out / "audit"
+    report = hub_dfq.audit(model, {"parquet": f"parquet:{parquet}"}, out_dir=audit_dir, **AUDIT)
+    streamed = hub_dfq.audit(model, {"streamed": f"parquet:{parquet}"}, streaming=True, **AUDIT)
+    accuracy = hub_dfq.evaluate_accuracy(model, hub_dfq.load_images(f"parquet:{parquet}"), batch_size=32,
+                                         progress=False)
+    qmodel = hub_dfq.quantize(model, calibration=calibration_tensor(), **DISTILL)
+    return {"audit": report.to_dict(), "streamed": streamed.to_dict(), "accuracy": accuracy,
+            "distill_loss": qmodel.history["distill_loss"], "distill_state": state_digest(qmodel),
+            "wrote_report": (audit_dir / "audit.json").is_file()}
+
+
+def refusals(out: Path, base: str) -> dict:
+    """Bad input: different arguments per rank, an output folder only rank 0 sees, more ranks than shards, and
+    how the CLI reports an error every rank raises."""
+    from hub_dfq.cli import main as cli_main
+    from hub_dfq.synth.api import synthesize_folder
+
+    dist = current()
+    base_dir = Path(base)
+    seen: dict = {}
+    model = hub_dfq.load_model("default")
+    try:  # rank 1 asks for another seed
+        synthesize_folder(model, "gaussian", 8, seed=dist.rank, out_dir=base_dir / "mixed", progress=False)
+    except hub_dfq.HubDfqError as err:
+        seen["different_arguments"] = [type(err).__name__, str(err)]
+    # the same relative path names a different folder in each process (as on machines without a shared disk)
+    own = base_dir / f"cwd-{dist.rank}"
+    own.mkdir(parents=True, exist_ok=True)
+    os.chdir(own)
+    try:
+        synthesize_folder(model, "gaussian", 8, out_dir="unshared", progress=False)
+    except hub_dfq.HubDfqError as err:
+        seen["unshared_folder"] = [type(err).__name__, str(err)]
+    # one shard for two processes: rank 1 has nothing to do and returns with the others
+    folder = synthesize_folder(model, "gaussian", 8, shard_size=8, out_dir=base_dir / "idle", progress=False)
+    seen["idle"] = str(folder)
+    # the CLI prints an error every process raises once, from rank 0
+    taken = base_dir / "taken"
+    if dist.is_main:
+        taken.mkdir(parents=True, exist_ok=True)
+        (taken / "README.md").write_text("someone else's dataset card")
+    dist.barrier()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = cli_main(["synth", "default", "--method", "gaussian", "--num-images", "8", "--out", str(taken),
+                         "--no-progress"])
+    seen["cli"] = [code, stderr.getvalue().splitlines()]
+    return seen
+
+
+def main() -> None:
+    job, out, arg = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    rank = current().rank
+    try:
+        result = {"ok": True, **{"measure": measure, "refusals": refusals}[job](out, arg)}
+    except Exception as err:  # noqa: BLE001 - reported to the test, which fails with the traceback
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank-{rank}.json").write_text(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()
