@@ -101,6 +101,16 @@ def test_conv2d_same_is_quantized_with_its_static_asymmetric_pads():
     assert [p.signed for p in report.act_points if p.name == "pw_out"] == [False]
 
 
+def test_same_pads_follow_a_non_square_input():
+    model = _settle_bn(SameStem(), (3, 30, 47))
+    x = torch.randn(4, 3, 30, 47)
+    prepared = prepare(model, W8A8, example_input=x[:1])
+    # stem: 30 -> pad 1 (0 + 1), 47 -> pad 2 (1 + 1); dw (5x5, stride 2) on 15 x 24: 4 (2 + 2) and 3 (1 + 2)
+    assert prepared.report.absorbed_pads == {"stem": [1, 1, 0, 1], "dw": [1, 2, 2, 2]}
+    with quant_mode(prepared.module, enabled=False):
+        assert (prepared.module(x) - model(x)).abs().max() <= 1e-5
+
+
 def test_padded_conv_simulation_equals_integer_arithmetic():
     """The padded conv pads its integer input with the zero point: exactly the simulated output."""
     model = _settle_bn(SameStem(), (3, 32, 32))
