@@ -249,7 +249,8 @@ def test_efficientnet_lite0_is_an_integer_model_end_to_end(shared_dir, tmp_path)
                if isinstance(m, (nn.Conv2d, nn.Linear)))
     path = export_onnx(qmodel, tmp_path / "lite0.onnx")
     agreement = compare_onnx(qmodel, load_onnx(path, threads=1), images[8:])
-    assert agreement["top1_agreement"] == 1.0 and agreement["max_abs_logit_diff"] < 0.5
+    # 32 of 32 here (99.2% of the 500 images in docs/coverage.md): allow one rounding-boundary image
+    assert agreement["top1_agreement"] >= 31 / 32 and agreement["max_abs_logit_diff"] < 0.5
     macs = integer_macs(path)
     assert macs["share"] == 1.0 and math.isclose(macs["total"], 385_187_552, rel_tol=1e-6)
     reloaded = QuantizedModel.from_checkpoint(model, qmodel.config, qmodel.checkpoint_tensors())
