@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hub_dfq"
 
 # Lower layers never import higher ones (by any import, module-level or inside a function).
 CORE = ("hub_dfq.quant.config", "hub_dfq.quant.integer", "hub_dfq.quant.quantizers", "hub_dfq.quant.observers",
-        "hub_dfq.quant.fold", "hub_dfq.quant.modules", "hub_dfq.quant.tracing", "hub_dfq.quant.prepare",
+        "hub_dfq.quant.fold", "hub_dfq.quant.modules", "hub_dfq.quant.tracing", "hub_dfq.quant.padding",
+        "hub_dfq.quant.float_parts", "hub_dfq.quant.prepare",
         "hub_dfq.quant.packing", "hub_dfq.quant.model", "hub_dfq.bnstats")
 FORBIDDEN = {
     "hub_dfq.quant": ("hub_dfq.hub", "hub_dfq.backends", "hub_dfq.cli", "hub_dfq.audit", "huggingface_hub"),

@@ -112,9 +112,10 @@ def test_reflect_padded_and_depthwise_convs_export(tmp_path):
     x = torch.randn(16, 3, 16, 16)
     session = load_onnx(export_onnx(qmodel, tmp_path / "t.onnx"), threads=1)
     assert compare_onnx(qmodel, session, x)["max_abs_logit_diff"] < 0.05
-    # the depthwise conv feeds a quantized input: integer; the reflect pad sits between its input's
-    # DequantizeLinear and the conv, and the 1x1 conv's output is pooled before it is quantized: float
-    assert runtime_ops(tmp_path / "t.onnx").get("QLinearConv", 0) == 1
+    # the depthwise conv feeds a quantized input: integer; so does the 1x1 conv, whose output is quantized
+    # before the pooling (an output quantizer); the reflect pad sits between its input's
+    # DequantizeLinear and the conv: float
+    assert runtime_ops(tmp_path / "t.onnx").get("QLinearConv", 0) == 2
 
 
 def test_cli_quantize_onnx_and_export(tmp_path, capsys):

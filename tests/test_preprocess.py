@@ -61,3 +61,26 @@ def test_grayscale_and_rgba_become_rgb():
 def test_rejects_mismatched_stats():
     with pytest.raises(ValueError, match="mean/std"):
         Preprocess(input_size=(3, 8, 8), mean=(0.5,), std=(0.5,))
+
+
+def test_lite0_folder_matches_timm_eval_transform_on_real_imagenet_images(shared_dir):
+    """The shared EfficientNet-Lite0 (bicubic, crop 0.875, mean/std 0.5) on the shared ImageNet JPEGs."""
+    import hub_dfq
+
+    folder = shared_dir / "models" / "imagenet-efficientnet-lite0"
+    model = hub_dfq.load_model(folder)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False,
+                                  pretrained_cfg_overlay=model.config.get("pretrained_cfg", {}))
+    transform = create_transform(**resolve_data_config(model=reference))
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shared_dir / "data" / "imagenet-sample" / "even-classes.parquet", columns=["image"])
+    worst = 0.0
+    for cell in table.column("image").to_pylist()[::20]:  # 25 of the 500 JPEGs
+        image = Image.open(io.BytesIO(cell["bytes"])).convert("RGB")
+        expected, ours = transform(image), model.preprocess(image)
+        assert ours.shape == expected.shape == (3, 224, 224)
+        worst = max(worst, float((ours - expected).abs().max()))
+    assert worst < 1e-5  # same resize, crop and normalisation, to float rounding

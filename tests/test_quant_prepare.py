@@ -78,11 +78,25 @@ def test_prepare_folds_bn_swaps_layers_and_keeps_float_outputs():
     assert isinstance(model.bn, nn.BatchNorm2d)  # the caller's model is untouched
 
 
-def test_unsupported_layers_are_reported_by_name_and_left_float():
+class FunctionalHead(nn.Module):
+    """A classifier that multiplies by its own parameter: no layer module to swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 8))
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+def test_what_stays_float_is_named_with_its_reason():
     model = _randomize_bn(Tiny(norm=nn.GroupNorm(2, 8)))
+    model.head = FunctionalHead()
     prepared = prepare(model, QuantConfig(exclude=("layers.1.*",)), example_input=torch.zeros(1, 3, 8, 8))
-    assert prepared.report.unsupported == ["norm (GroupNorm)"]
-    assert "layers.1.conv1" in prepared.report.excluded
+    report = prepared.report
+    assert report.float_by_design == ["norm (GroupNorm: normalisation over the tensor's own statistics)"]
+    assert report.unsupported == ["head (FunctionalHead: weights of a functional matrix product, no layer to quantize)"]
+    assert "layers.1.conv1" in report.excluded
     assert not isinstance(prepared.module.get_submodule("layers.1.conv1"), QuantConv2d)
 
 

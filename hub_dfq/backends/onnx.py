@@ -83,19 +83,56 @@ class _QuantizeDequantize(torch.autograd.Function):
 
 
 class _Dequantize(torch.autograd.Function):
-    """``values * scale`` (per output channel) in PyTorch, ``DequantizeLinear`` of an integer initializer in ONNX."""
+    """``values * scale`` (per channel along ``axis``) in PyTorch, ``DequantizeLinear`` of an integer
+    initializer in ONNX."""
 
     @staticmethod
-    def forward(ctx, values, scale):
-        shape = [-1] + [1] * (values.dim() - 1)
+    def forward(ctx, values, scale, axis=0):
+        shape = [1] * values.dim()
+        shape[axis] = -1
         return values.to(torch.float32) * scale.view(shape)
 
     @staticmethod
-    def symbolic(g, values, scale):
+    def symbolic(g, values, scale, axis=0):
         zero_type = torch.int8 if values.type().scalarType() == "Char" else torch.int32
-        channels = values.type().sizes()[0]
+        channels = values.type().sizes()[axis]
         zero = g.op("Constant", value_t=torch.zeros(channels, dtype=zero_type))
-        return g.op("DequantizeLinear", values, scale, zero, axis_i=0)
+        return g.op("DequantizeLinear", values, scale, zero, axis_i=axis)
+
+
+def _onnx_pads(padding: tuple[int, ...], pre_pad: tuple[int, ...] | None) -> list[int]:
+    """ONNX ``Conv`` pads (all begins, then all ends): a symmetric ``padding`` plus a zero ``pre_pad`` (F.pad order)."""
+    begins, ends = list(padding), list(padding)
+    if pre_pad is not None:
+        dims = len(padding)
+        for i in range(dims):  # F.pad lists the last dimension first
+            begins[dims - 1 - i] += pre_pad[2 * i]
+            ends[dims - 1 - i] += pre_pad[2 * i + 1]
+    return begins + ends
+
+
+class _PaddedConv(torch.autograd.Function):
+    """A convolution with explicit, possibly asymmetric zero pads: one ONNX ``Conv`` with ``pads``.
+
+    Written as ``Pad -> Conv`` the pad would sit between the input's ``DequantizeLinear`` and the
+    convolution and keep ONNX Runtime from fusing an integer kernel; ``Conv``'s own ``pads`` (which
+    ``QLinearConv`` fills with the input's zero point) say the same thing and fuse.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pads, stride, dilation, groups):
+        dims = len(stride)
+        torch_pads = []
+        for i in reversed(range(dims)):
+            torch_pads += [pads[i], pads[dims + i]]
+        conv = {1: F.conv1d, 2: F.conv2d}[dims]
+        return conv(F.pad(x, torch_pads), weight, bias, stride, 0, dilation, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, pads, stride, dilation, groups):
+        inputs = [x, weight] if bias is None else [x, weight, bias]
+        return g.op("Conv", *inputs, pads_i=list(pads), strides_i=list(stride), dilations_i=list(dilation),
+                    group_i=groups)
 
 
 class _ExportActQuantizer(nn.Module):
@@ -116,9 +153,13 @@ class _ExportWeightLayer(nn.Module):
         self.linear = not layer.is_conv
         if layer.is_conv:
             self.pre_pad = (layer.pre_pad, layer.pre_pad_mode) if layer.pre_pad is not None else None
+            # zero pads, symmetric or not, are the convolution's own ONNX pads (see _PaddedConv)
+            self.pads = _onnx_pads(layer.padding, layer.pre_pad) if layer.pre_pad_mode == "constant" else None
             self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
             self.conv_fn = {"conv1d": F.conv1d, "conv2d": F.conv2d}[layer.kind]
         self.register_buffer("weight_int", layer.weight_int.clone())
+        if self.linear:  # see forward: token inputs multiply a [in, out] weight, as ONNX Runtime's own quantizer writes
+            self.register_buffer("weight_int_t", layer.weight_int.t().contiguous())
         self.register_buffer("weight_scale", layer.weight_scale.clone())
         self.register_buffer("bias_int", layer.bias_int)
         if layer.bias_int is not None:
@@ -127,10 +168,19 @@ class _ExportWeightLayer(nn.Module):
             self.register_buffer("bias_float", layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _Dequantize.apply(self.weight_int, self.weight_scale)
         bias = _Dequantize.apply(self.bias_int, self.bias_scale) if self.bias_int is not None else self.bias_float
+        if self.linear and x.dim() > 2:
+            # F.linear on tokens exports as MatMul(x, Transpose(DequantizeLinear(w))); ONNX Runtime then
+            # cannot always see a constant weight behind the Transpose (a bias-free linear stays float).
+            # A DequantizeLinear straight into the MatMul, on the stored [in, out] weight, always fuses.
+            out = torch.matmul(x, _Dequantize.apply(self.weight_int_t, self.weight_scale, 1))
+            return out if bias is None else out + bias
+        weight = _Dequantize.apply(self.weight_int, self.weight_scale)
         if self.linear:
             return F.linear(x, weight, bias)
+        if self.pads is not None and self.pre_pad is not None:
+            return _PaddedConv.apply(x, weight, bias, self.pads, self.conv["stride"], self.conv["dilation"],
+                                     self.conv["groups"])
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
         return self.conv_fn(x, weight, bias, **self.conv)

@@ -49,7 +49,7 @@ __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WEIGHTS_NAME", "QuantizedCheckpoin
            "from_pretrained", "load_quantized_folder", "quantization_config", "is_quantized_checkpoint",
            "read_tensors", "safetensors_bytes", "write_safetensors"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config records its quantized-graph version (QuantConfig.graph_version)
 WEIGHTS_NAME = "model.safetensors"
 
 

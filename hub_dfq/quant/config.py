@@ -16,9 +16,13 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS"]
+__all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS", "GRAPH_VERSION"]
 
 MIN_BITS, MAX_BITS = 2, 8
+# The rules that build the quantized graph (hub_dfq.quant.prepare). 1: hub-dfq 0.1.0; 2: "same"-padding
+# convolutions quantized, zero pads absorbed by the convolution after them, output quantizers where they let
+# ONNX Runtime run a convolution as an integer kernel. Checkpoints record it, so a reload rebuilds its own graph.
+GRAPH_VERSION = 2
 
 
 def check_bits(value: Any, what: str) -> int:
@@ -103,6 +107,11 @@ class QuantConfig:
             ``{"layer3.*": {"weights": 8}}`` (globs, not regular expressions).
         include: globs of module names to quantize (default all).
         exclude: globs of module names to keep in full precision.
+        output_quantizers: quantize a convolution's output (at ``residual_bits``) where a float op reads it
+            before any quantizer does (a SiLU, a normalisation, a pooling), so that ONNX Runtime can run the
+            convolution as an integer kernel; graph version 2 and later.
+        graph_version: version of the rules that build the quantized graph (``GRAPH_VERSION``, the
+            newest, by default); a checkpoint records it so that a reload builds the graph it was saved from.
 
     Raises:
         ConfigError: a bit width outside 2-8, an unknown observer or override field.
@@ -119,6 +128,8 @@ class QuantConfig:
     overrides: Any = ()
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    output_quantizers: bool = True
+    graph_version: int = GRAPH_VERSION
 
     def __post_init__(self) -> None:
         if isinstance(self.default, Mapping):
@@ -136,6 +147,13 @@ class QuantConfig:
             if not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(f"{attr} must be glob strings, got {value!r}")
             object.__setattr__(self, attr, value)
+        if not isinstance(self.output_quantizers, bool):
+            raise ConfigError(f"`output_quantizers` must be True or False, got {self.output_quantizers!r}")
+        if isinstance(self.graph_version, bool) or self.graph_version not in range(1, GRAPH_VERSION + 1):
+            newer = isinstance(self.graph_version, int) and self.graph_version > GRAPH_VERSION
+            hint = " (written by a newer hub-dfq: upgrade with `pip install -U hub-dfq`)" if newer else ""
+            raise ConfigError(f"`graph_version` must be an integer from 1 to {GRAPH_VERSION}, "
+                              f"got {self.graph_version!r}{hint}")
 
     # ---- resolution --------------------------------------------------------------------------
     def selected(self, name: str) -> bool:
@@ -172,15 +190,19 @@ class QuantConfig:
             "overrides": {pattern: dict(change) for pattern, change in self.overrides},
             "include": list(self.include),
             "exclude": list(self.exclude),
+            "output_quantizers": self.output_quantizers,
+            "graph_version": self.graph_version,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        """Read :meth:`to_dict`'s output; one without ``graph_version`` predates it and gets graph version 1."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown quantization config key(s) {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
+        data.setdefault("graph_version", 1)
         if "default" in data:
             data["default"] = QuantScheme(**data["default"])
         return cls(**data)

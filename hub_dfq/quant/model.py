@@ -90,7 +90,7 @@ class QuantizedModel:
     @property
     def left_in_float(self) -> list[str]:
         """Layers with parameters that stay in floating point, and why."""
-        return sorted(set(self.report.unsupported) | set(self.report.excluded))
+        return sorted(set(self.report.unsupported) | set(self.report.excluded) | set(self.report.float_by_design))
 
     # ---- inference -------------------------------------------------------------------------------
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ placed in the graph (one tensor may feed several layers). The bias is put on the
 
 The registry is keyed by the float class and resolved through the class hierarchy, so subclasses
 are covered; a subclass that redefines ``forward`` (e.g. timm's ``Conv2dSame``) is not, because
-swapping it would change what it computes: register it explicitly.
+swapping it would change what it computes: register it explicitly (prepare rewrites timm's ``Conv2dSame``
+into a plain convolution with a static zero pad first, see :mod:`hub_dfq.quant.padding`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QuantScheme
+from .config import GRAPH_VERSION, QuantScheme
 from .fold import overrides_forward
 from .integer import IntegerLayer
 from .quantizers import ActQuantizer, WeightQuantizer, round_ste
@@ -27,6 +28,9 @@ __all__ = ["register_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "Qua
            "quant_layers", "act_quantizers"]
 
 _REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
+# Subclasses whose own ``forward`` computes exactly what their base's does (named, so that the
+# core imports no model library): timm's Linear only adds a dtype cast for TorchScript.
+_SAME_FORWARD = frozenset({"timm.layers.linear.Linear"})
 
 
 def register_qmodule(float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -39,16 +43,22 @@ def register_qmodule(float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], 
     return wrap
 
 
-def qmodule_for(module: nn.Module) -> type[nn.Module] | None:
-    """The quantized class for ``module``, or ``None`` when it has none."""
+def qmodule_for(module: nn.Module, *, graph_version: int = GRAPH_VERSION) -> type[nn.Module] | None:
+    """The quantized class for ``module``, or ``None`` when it has none (``graph_version`` 1: none for
+    subclasses with their own forward, even equivalent ones)."""
     if isinstance(module, QuantModule):
         return None
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
-            if cls is not type(module) and overrides_forward(module, (cls,)):
+            same = graph_version >= 2 and _qualname(type(module)) in _SAME_FORWARD
+            if cls is not type(module) and overrides_forward(module, (cls,)) and not same:
                 return None
             return _REGISTRY[cls]
     return None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class QuantModule:
@@ -125,19 +135,54 @@ def _copy_params(dst: nn.Module, src: nn.Module) -> None:
     dst.to(src.weight.device)
 
 
+def _numeric_padding(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """``(symmetric padding, extra zero pad in F.pad order or None)`` of a conv whose ``padding`` may be a string.
+
+    ``"valid"`` is no padding; ``"same"`` (stride 1) is what PyTorch computes into
+    ``_reversed_padding_repeated_twice``: symmetric when it can be, else the odd pixel after.
+    """
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding), None
+    pads = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
+    before, after = pads[0::2], pads[1::2]
+    if before == after:
+        return tuple(reversed(before)), None
+    return (0,) * len(before), pads
+
+
 class _QuantConv(QuantModule):
-    """Shared body of the quantized convolutions (the float class supplies ``_conv_forward``)."""
+    """Shared body of the quantized convolutions (the float class supplies ``_conv_forward``).
+
+    ``pre_pad`` is a zero pad (``F.pad`` order, asymmetric allowed) the layer applies to its input before
+    convolving: "same" padding and explicit zero pads in front of the convolution that prepare absorbed.
+    It is geometry, rebuilt by prepare, not state.
+    """
+
+    pre_pad: tuple[int, ...] | None = None
 
     @classmethod
-    def from_float(cls, conv: nn.Module, scheme: QuantScheme) -> "_QuantConv":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+    def from_float(cls, conv: nn.Module, scheme: QuantScheme, *,
+                   pre_pad: tuple[int, ...] | None = None) -> "_QuantConv":
+        """The quantized copy of ``conv``; ``pre_pad`` adds a zero pad of the input (zero padding mode only)."""
+        padding, own_pad = _numeric_padding(conv)
+        if conv.padding_mode != "zeros":  # padded by nn.Conv*d itself, see _geometry
+            if pre_pad is not None:
+                raise ValueError(f"`pre_pad` needs zero padding, got padding_mode={conv.padding_mode!r}")
+            padding, own_pad = conv.padding, None
+        if own_pad is not None and pre_pad is not None:
+            pre_pad = tuple(a + b for a, b in zip(own_pad, pre_pad))
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode, dtype=conv.weight.dtype)
         _copy_params(q, conv)
         q._init_quant(scheme, conv.out_channels)
+        if pre_pad is not None or own_pad is not None:
+            q.pre_pad = tuple(pre_pad if pre_pad is not None else own_pad)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad)
         return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
     @property
@@ -146,11 +191,12 @@ class _QuantConv(QuantModule):
 
     def _geometry(self) -> dict:
         # as nn.Conv*d._conv_forward: a non-zero padding mode is an explicit pad before an unpadded conv
-        zeros = self.padding_mode == "zeros"
-        return {"stride": tuple(self.stride), "padding": tuple(self.padding) if zeros else (0,) * len(self.stride),
-                "dilation": tuple(self.dilation), "groups": self.groups,
-                "pre_pad": None if zeros else tuple(self._reversed_padding_repeated_twice),
-                "pre_pad_mode": "constant" if zeros else self.padding_mode}
+        if self.padding_mode != "zeros":
+            return {"stride": tuple(self.stride), "padding": (0,) * len(self.stride), "dilation": tuple(self.dilation),
+                    "groups": self.groups, "pre_pad": tuple(self._reversed_padding_repeated_twice),
+                    "pre_pad_mode": self.padding_mode}
+        return {"stride": tuple(self.stride), "padding": tuple(self.padding), "dilation": tuple(self.dilation),
+                "groups": self.groups, "pre_pad": self.pre_pad, "pre_pad_mode": "constant"}
 
 
 @register_qmodule(nn.Conv2d)

@@ -23,9 +23,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from ..models.vision_model import BN_TYPES
-from .config import QuantConfig
-from .fold import fold_batchnorms
+from .config import GRAPH_VERSION, QuantConfig
+from .float_parts import float_parts
+from .fold import CONV_TYPES, fold_batchnorms
 from .modules import QuantModule, qmodule_for
+from .padding import expand_same_padding, zero_pad_input
 from .quantizers import ActQuantizer
 from .tracing import ConcreteTracer
 
@@ -55,7 +57,8 @@ class ActPoint:
         name: its module name under ``act_quantizers``.
         source: the graph node whose output it quantizes.
         consumers: qualified names of the layers (or ``BLOCK.add`` nodes) reading its output.
-        kind: ``"input"`` (of a conv/linear) or ``"residual"`` (operand of an addition).
+        kind: ``"input"`` (of a conv/linear), ``"residual"`` (operand of an addition) or ``"output"``
+            (of a conv/linear layer whose output a float op reads before any quantizer; graph version 2).
         bits: bit width.
         signed: asymmetric with a zero point (``False``: unsigned after a ReLU).
         block: the block it belongs to (for block-wise reconstruction).
@@ -72,13 +75,26 @@ class ActPoint:
 
 @dataclass
 class PrepareReport:
-    """What was quantized, folded, excluded and left in float (and why)."""
+    """What was quantized, folded, excluded and left in float (and why).
+
+    ``unsupported`` names layers with weights that an integer model would quantize but this one cannot
+    (a conv subclass with its own forward, a module called twice, a weight used by a functional op);
+    ``float_by_design`` what integer runtimes compute in float too (normalisations over a tensor's own
+    statistics, a BatchNorm with no convolution to fold into, learned tensors that are added or
+    multiplied: position embeddings, class tokens, layer scales).
+
+    ``same_padding`` lists the "same"-padding convolutions rewritten as static pads (graph version 2),
+    ``absorbed_pads`` the zero pads each quantized convolution does itself (``F.pad`` order).
+    """
 
     quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
     folded_bn: list[str] = field(default_factory=list)
     unfolded_bn: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    float_by_design: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    same_padding: list[str] = field(default_factory=list)
+    absorbed_pads: dict[str, list[int]] = field(default_factory=dict)
     residual_adds: list[str] = field(default_factory=list)
     act_points: list[ActPoint] = field(default_factory=list)
 
@@ -100,7 +116,8 @@ class Prepared:
 class _Tracer(fx.Tracer):
     """Keeps BN, registered weight layers and timm's untraceable modules as leaves."""
 
-    def __init__(self) -> None:
+    def __init__(self, graph_version: int = GRAPH_VERSION) -> None:
+        self.graph_version = graph_version
         functions: tuple = ()
         self._notrace_modules: tuple = ()
         # why: timm (with torchvision) takes seconds to import; the quantization core reads it only when tracing
@@ -117,7 +134,8 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, BN_TYPES) or qmodule_for(m) is not None or isinstance(m, QuantModule):
+        if isinstance(m, BN_TYPES) or qmodule_for(m, graph_version=self.graph_version) is not None \
+                or isinstance(m, QuantModule):
             return True
         if self._notrace_modules and isinstance(m, self._notrace_modules):
             return True
@@ -144,9 +162,9 @@ class _ConcreteTracer(ConcreteTracer, _Tracer):
     """The same leaf rules, answering shape questions with concrete values (transformers models)."""
 
 
-def _trace(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+def _trace(module: nn.Module, example_input: torch.Tensor, graph_version: int = GRAPH_VERSION) -> fx.GraphModule:
     try:
-        tracer: fx.Tracer = _Tracer()
+        tracer: fx.Tracer = _Tracer(graph_version)
         graph = tracer.trace(module)
     except Exception as symbolic_error:  # noqa: BLE001 - fx raises many types on Python control flow
         # Retry knowing concrete shapes (models that branch on sizes, e.g. transformers), and say so.
@@ -154,7 +172,7 @@ def _trace(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
                     type(symbolic_error).__name__, symbolic_error)
         # a batch of 2: the concrete tracer keeps a batch-sized first dimension symbolic (see .tracing)
         batch = torch.cat([example_input[:1]] * 2) if example_input.dim() else example_input
-        tracer = _ConcreteTracer(example_inputs=(batch,))
+        tracer = _ConcreteTracer(example_inputs=(batch,), graph_version=graph_version)
         try:
             graph = tracer.trace(module)
         except Exception as err:  # noqa: BLE001 - reported below with both failures
@@ -163,7 +181,23 @@ def _trace(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
                 f"{symbolic_error}; with concrete shapes: {type(err).__name__}: {err}); quantization needs a static "
                 "graph to place the integer quantizers: use a model without data-dependent control flow, or keep "
                 "the offending module in float with `exclude`") from err
+    _bind_defaults(graph)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _bind_defaults(graph: fx.Graph) -> None:
+    """Make every input after the image its default value (timm ViTs take ``attn_mask=None, is_causal=False``):
+    the quantized model is a function of the image alone, and exporters must not see them as tensors."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if len(node.args) != 1:  # no default: leave it, the caller must pass it
+            continue
+        def bound(a, n=node, default=node.args[0]):
+            return default if a is n else a
+
+        for user in list(node.users):
+            user.args = fx.node.map_aggregate(user.args, bound)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, bound)
+        graph.erase_node(node)
 
 
 def _node_block(node: fx.Node, blocks: set[str]) -> str | None:
@@ -228,6 +262,86 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
+def _absorbable_pad(node: fx.Node, layer: nn.Module, modules: dict[str, nn.Module]):
+    """``(unpadded input, pads)`` when ``node`` convolves a zero pad of its input it can do itself, else ``None``."""
+    if not isinstance(layer, CONV_TYPES) or layer.padding_mode != "zeros" or not node.args:
+        return None
+    return zero_pad_input(node.args[0], modules, layer.weight.dim() - 2)
+
+
+# Activations an integer kernel applies on its way to a QuantizeLinear (ONNX Runtime drops a Relu/Clip
+# whose range the quantizer already enforces), and no-ops.
+_FUSABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
+
+
+def _is_quantizer(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(ACT_QUANTIZERS + ".")
+
+
+def _fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """The tensor an integer kernel for ``node`` would produce: its output through single-use ReLU/ReLU6/no-ops."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module":
+            module = modules.get(user.target)
+            parts = list(module) if isinstance(module, nn.Sequential) else [module]
+            fusable = all(isinstance(m, _FUSABLE_MODULES) for m in parts)
+        elif user.op == "call_function":
+            fusable = user.target in (F.relu, torch.relu, F.relu6, F.dropout)
+        else:
+            fusable = user.op == "call_method" and user.target in ("relu", "contiguous")
+        if not fusable or user.args[0] is not node:
+            break
+        node = user
+    return node
+
+
+def _add_output_point(gm: fx.GraphModule, conv: fx.Node, modules: dict[str, nn.Module], config: QuantConfig,
+                      container: nn.Module, shared: dict, report: PrepareReport, blocks: set[str]) -> None:
+    """Quantize a layer's (activated) output where ONNX Runtime would otherwise run the layer in float.
+
+    ONNX Runtime runs ``DequantizeLinear -> Conv -> QuantizeLinear`` as an integer kernel; a conv whose
+    output goes to a SiLU, a normalisation or a pooling first runs as a float ``Conv``. A linear layer
+    whose output no quantizer reads still runs integer (``MatMulIntegerToFloat``, ``QGemm`` with float
+    output), but not one read by a quantizer *and* a float op (a residual stream that also feeds a
+    LayerNorm). A quantizer on the output, at the residual width (8 bits by default, what the integer
+    kernel writes), makes both integer.
+    """
+    end = _fused_output(conv, modules)
+    users = list(end.users)
+    quantized = [_is_quantizer(u) for u in users]
+    if not users or all(quantized) or any(u.op == "output" for u in users):
+        return
+    if not isinstance(modules[conv.target], CONV_TYPES) and not any(quantized):
+        return
+    name = conv.target
+    scheme = config.residual_scheme(name)
+    if not scheme.enabled:
+        return
+    block = _node_block(conv, blocks) or ""
+    signed = not _nonnegative(end, modules)
+    key = (end.name, scheme.activations, signed, block)
+    if key in shared:  # a quantizer of this tensor already exists: everything reads through it
+        qnode, point, _ = shared[key]
+        end.append(qnode)  # right after the tensor, before any reader (it reads nothing else)
+    else:
+        qname = _sanitize(name) + "_out"
+        quantizer = ActQuantizer(scheme.activations, signed=signed)
+        quantizer.observer_method, quantizer.percentile = scheme.act_observer, scheme.percentile
+        container.add_module(qname, quantizer)
+        with gm.graph.inserting_after(end):
+            qnode = gm.graph.call_module(f"{ACT_QUANTIZERS}.{qname}", (end,))
+        qnode.meta["hub_dfq_block"] = block
+        qnode.meta["tensor_meta"] = end.meta.get("tensor_meta")
+        point = ActPoint(qname, end.name, [], "output", scheme.activations, signed, block)
+        shared[key] = (qnode, point, quantizer)
+        report.act_points.append(point)
+    for user in users:
+        if user is not qnode:
+            user.replace_input_with(end, qnode)
+            point.consumers.append(user.target if user.op == "call_module" else user.name)
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
@@ -248,15 +362,21 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
     """
     float_module = copy.deepcopy(module).eval()
     blocks = block_paths(float_module)
-    gm = _trace(float_module, example_input)
+    graph_version = config.graph_version
+    gm = _trace(float_module, example_input, graph_version)
     report = PrepareReport()
+    if graph_version >= 2:  # static "same" pads need the traced shapes
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+        report.same_padding = expand_same_padding(gm)
     report.folded_bn, report.unfolded_bn = fold_batchnorms(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
     modules = dict(gm.named_modules())
 
     # ---- swap weight layers ------------------------------------------------------------------
-    weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and qmodule_for(modules[n.target]) is not None]
+    weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
+                    and qmodule_for(modules[n.target], graph_version=graph_version) is not None]
     if not weight_nodes:
         raise UnsupportedModelError(
             f"{type(module).__name__} has no convolution or linear layer to quantize (found "
@@ -272,21 +392,23 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
         if name in swapped:  # one module called twice: its input scales could differ, keep it float
             report.unsupported.append(f"{name} ({type(float_layer).__name__}, called more than once)")
             continue
-        qlayer = qmodule_for(float_layer).from_float(float_layer, scheme)
+        qclass = qmodule_for(float_layer, graph_version=graph_version)
+        pad = _absorbable_pad(node, float_layer, modules) if graph_version >= 2 else None
+        if pad is not None:
+            qlayer = qclass.from_float(float_layer, scheme, pre_pad=pad[1])
+            node.replace_input_with(node.args[0], pad[0])
+            report.absorbed_pads[name] = list(pad[1])
+        else:
+            qlayer = qclass.from_float(float_layer, scheme)
         gm.set_submodule(name, qlayer)
         swapped[name] = node
         report.quantized[name] = {"type": type(float_layer).__name__, "weights": scheme.weights,
                                   "activations": scheme.activations, "first": name == first, "last": name == last}
     modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = modules[node.target]
-        if isinstance(m, QuantModule) or node.target in report.excluded or isinstance(m, BN_TYPES):
-            continue
-        if any(True for _ in m.parameters()):
-            report.unsupported.append(f"{node.target} ({type(m).__name__})")
-    report.unsupported += [f"{name} (BatchNorm not after a convolution)" for name in report.unfolded_bn]
+    unsupported, by_design = float_parts(gm, dict(float_module.named_modules()), skip=set(report.excluded),
+                                         unfolded_bn=report.unfolded_bn)
+    report.unsupported += unsupported
+    report.float_by_design += by_design
 
     # ---- place activation quantizers ---------------------------------------------------------
     container = nn.Module()
@@ -336,6 +458,11 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
             report.residual_adds.append(name)
             for i, operand in enumerate(operands):
                 add_point(node, operand, scheme, "residual", name, f"_in{i}")
+    if graph_version >= 2 and config.output_quantizers:
+        gm.graph.eliminate_dead_code()  # bypassed no-ops (Identity, Dropout) are not readers
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and isinstance(modules.get(node.target), QuantModule):
+                _add_output_point(gm, node, modules, config, container, shared, report, blocks)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -346,4 +473,6 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
             node_blocks[node.name] = block
     if report.unsupported:
         logger.warning("left in full precision (no integer equivalent): %s", "; ".join(report.unsupported))
+    if report.float_by_design:
+        logger.info("in float by design: %s", "; ".join(report.float_by_design))
     return Prepared(gm, report, node_blocks)

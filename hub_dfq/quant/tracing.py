@@ -41,13 +41,17 @@ class ConcreteProxy(fx.Proxy):
         return super().__getattr__(name)
 
     def _shape(self, value: torch.Tensor) -> tuple[Any, ...]:
-        """The concrete shape, except a batch-sized first dimension, which stays a traced ``size(0)``.
+        """The concrete shape, except a first dimension that is a multiple of the batch size, which stays
+        a traced ``size(0)``.
 
         Without it, code like ``cls_token.expand(pixel_values.shape[0], -1, -1)`` would be recorded with
-        the example's batch size and fail on any other.
+        the example's batch size and fail on any other; multiples cover tensors that fold the batch into
+        their first dimension (Swin's windows: batch x windows). A traced ``size(0)`` of a tensor whose
+        first dimension is not batch-derived is still right, only less static.
         """
         shape = tuple(value.shape)
-        if shape and shape[0] == self.tracer.batch_size:
+        batch = self.tracer.batch_size
+        if shape and batch and shape[0] and shape[0] % batch == 0:
             return (self.tracer.create_proxy("call_method", "size", (self, 0), {}), *shape[1:])
         return shape
 
