@@ -105,6 +105,22 @@ def integer_mac_share(path: Path, threads: int) -> float:
     return integer_macs(path, threads=threads)["share"]
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process since :func:`reset_peak_rss` (VmHWM), in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -130,6 +146,7 @@ def main() -> None:
         results["float_latency_ms"] = {b: 1e3 * timed(float_session, inputs[:b], args.repeats) for b in (1, 32)}
     synth_seconds: dict[str, float] = {}
     for row in args.rows:
+        reset_peak_rss()
         start = time.perf_counter()
         if row in HUB_ROWS:
             calibration, config = HUB_ROWS[row]
@@ -158,7 +175,7 @@ def main() -> None:
         record = {"top1": 100.0 * float((pred == labels).float().mean()),
                   "agreement": 100.0 * float((pred == float_pred).float().mean()), "seconds": seconds,
                   "onnx_top1": 100.0 * float((predictions(session, inputs) == labels).float().mean()),
-                  "integer_mac_share": integer_mac_share(path, args.threads), **extra}
+                  "integer_mac_share": integer_mac_share(path, args.threads), "peak_rss_gib": peak_rss_gib(), **extra}
         if not args.skip_latency:
             record["latency_ms"] = {b: 1e3 * timed(session, inputs[:b], args.repeats) for b in (1, 32)}
         results["rows"][row] = record
@@ -175,17 +192,18 @@ def table(results: dict) -> str:
     lines = [f"EfficientNet-Lite0, {results['images']} shared ImageNet images, float top-1 {results['float_top1']:.1f}%, "
              f"{results['threads']} threads, preset {results['preset']}", "",
              "| row | top-1 (simulated) | top-1 (ORT int8) | agreement with float | wall time (s) | synthesis (s) "
-             "| int8 MAC share | latency b=1 (ms) | latency b=32 (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| int8 MAC share | latency b=1 (ms) | latency b=32 (ms) | peak RSS (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     float_latency = results.get("float_latency_ms") or {}
     lines.append(f"| float (PyTorch / ORT fp32) | {results['float_top1']:.1f} | - | 100 | - | - | 0 | "
-                 f"{float_latency.get(1, float('nan')):.1f} | {float_latency.get(32, float('nan')):.0f} |")
+                 f"{float_latency.get(1, float('nan')):.1f} | {float_latency.get(32, float('nan')):.0f} | - |")
     for name, r in results["rows"].items():
         lat = r.get("latency_ms") or {}
         synth = r.get("synthesis_s")
         lines.append(f"| {name} | {r['top1']:.1f} | {r['onnx_top1']:.1f} | {r['agreement']:.1f} | {r['seconds']:.0f} | "
                      f"{'-' if synth is None else f'{synth:.0f}'} | {r['integer_mac_share']:.2f} | "
-                     f"{lat.get(1, float('nan')):.1f} | {lat.get(32, float('nan')):.0f} |")
+                     f"{lat.get(1, float('nan')):.1f} | {lat.get(32, float('nan')):.0f} | "
+                     f"{r.get('peak_rss_gib', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 Run it on any machine with a CUDA GPU (the CPU path is what the test suite covers):
 
     python scripts/gpu_check.py [--device cuda:0] [--images 64] [--json scripts/results/gpu_check.json]
+    python scripts/gpu_check.py --device cpu --images 8 --iters 2 --json /tmp/g.json   # the script itself, on a CPU
 
 It prints, for each step, the wall time and the result (BN divergence, top-1 of float and W4A8 on the 500
 shared ImageNet images, the audit ranking), with the CPU's numbers for the same small budgets when
@@ -75,7 +76,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was run")
         return 3
     os.environ.setdefault("HUB_DFQ_CACHE", tempfile.mkdtemp(prefix="hub-dfq-gpu-check-"))

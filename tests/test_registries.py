@@ -180,3 +180,23 @@ def test_the_docs_tables_are_generated_from_the_registries():
     finally:
         register_synth_method(toys[0])
         register_algorithm(toys[1])
+
+
+def test_presets_shrink_for_models_that_cost_more_than_the_cifar_resnets():
+    fast = PRESETS.get("fast")
+    assert fast.sized_for(0.08) is fast and fast.sized_for(0.19) is fast  # ResNet-20 and ResNet-44: as written
+    lite0 = fast.sized_for(0.77)  # EfficientNet-Lite0 at 224 px
+    assert lite0.calibration_images == 64 and lite0.synth["iters"] == 64
+    assert lite0.algorithms["reconstruct"]["iters"] == 97 and lite0.algorithms["reconstruct"]["batch_size"] == 32
+    huge = fast.sized_for(100.0)
+    assert huge.calibration_images == 64 and huge.synth["iters"] == 50 and huge.algorithms["reconstruct"]["iters"] == 50
+    best = PRESETS.get("best").sized_for(0.77)
+    assert best.calibration_images == 320 and best.algorithms["distill"]["init"] == "reconstruct"
+
+
+def test_quantize_sizes_the_preset_by_the_models_cost(monkeypatch):
+    from hub_dfq.models.vision_model import VisionModel
+
+    monkeypatch.setattr(VisionModel, "gflops", lambda self: 2.0)  # as if the model were 8x the reference cost
+    qmodel = hub_dfq.quantize("default", weights=8, activations=8, calibration="gaussian", progress=False)
+    assert qmodel.calibration["n"] == 64

@@ -138,3 +138,65 @@ def test_config_defaults_and_checks():
     with pytest.raises(ConfigError, match="precision"):
         SynthConfig(method="bns", num_images=3, precision="fp8")
     assert SynthConfig.from_dict(config.to_dict()) == config
+
+
+def test_affine_moments_with_a_clamp_is_bn_then_relu6_in_one_node():
+    """A timm BN+ReLU6 runs as one autograd node in the loop: same output and input gradient as the two layers."""
+    from hub_dfq.bnstats import affine_moments
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 4).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: affine_moments(t, scale, shift, (0.0, 6.0)), (x.requires_grad_(True),))
+    grad_y = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    y, mean, var = affine_moments(x, scale, shift, (0.0, 6.0))
+    (y * grad_y).sum().add(mean.sum() + var.sum()).backward()
+    got, x.grad = x.grad, None
+    ref_y = torch.nn.functional.relu6(x * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1))
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    (ref_y * grad_y).sum().add(ref_mean.sum() + ref_var.sum()).backward()
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(got, x.grad)
+
+
+@pytest.mark.parametrize("groups,stride,size", [(8, 2, (15, 16)), (8, 2, (14, 14)), (1, 2, (14, 15)), (8, 1, (9, 9))],
+                         ids=["dw-s2-odd", "dw-s2-even", "dense-s2", "dw-s1"])
+def test_loop_convs_compute_timms_same_padding_exactly(groups, stride, size):
+    from timm.layers import Conv2dSame
+
+    from hub_dfq.synth.loop_convs import LoopConv2d, prepare_loop_convs
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(8, 8, 3, stride=stride, groups=groups)
+    x = torch.randn(2, 8, *size)
+    assert torch.equal(LoopConv2d(conv, torch.float32, tf_same=True)(x), conv(x))
+    holder = prepare_loop_convs(torch.nn.Sequential(conv), "fp32", torch.device("cpu"))
+    assert isinstance(holder[0], LoopConv2d) and holder[0].dtype == torch.float32
+    # bf16 loops keep the strided depthwise convs in float32 on a CPU (oneDNN's bf16 kernels are slow there)
+    low = prepare_loop_convs(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, stride=stride, groups=groups)), "bf16",
+                             torch.device("cpu"))
+    strided_depthwise = groups == 8 and stride == 2
+    assert isinstance(low[0], LoopConv2d) == strided_depthwise
+
+
+def test_reverse_kl_uses_the_layers_own_eps_and_reports_the_papers_kl(tmp_path):
+    import json
+
+    from hub_dfq.synth.bns import reverse_kl_term
+
+    running_mean, running_var = torch.tensor([0.0, 1.0]), torch.tensor([1e-6, 2.0])
+    mean, var = torch.tensor([0.1, 1.0]), torch.tensor([0.0, 2.0])
+    expected = gaussian_kl(mean, var, running_mean, running_var, eps=1e-3).mean()
+    assert reverse_kl_term(running_mean, running_var, mean, var, eps=1e-3) == pytest.approx(float(expected))
+    # a dead batch channel against a tiny running variance: bounded, where the paper's direction explodes
+    assert float(reverse_kl_term(running_mean, running_var, mean, var, eps=1e-3)) < 10
+    assert float(gaussian_kl(running_mean, running_var, mean, var).mean()) > 10
+
+    model = hub_dfq.load_model("default")
+    eps = {name: bn.eps for name, bn in model.bn_layers}
+    with bn_loss(model.bn_layers, loss="rkl") as state:
+        assert state._eps == list(eps.values())
+    hub_dfq.synthesize(model, "bns", 4, iters=3, batch_size=4, loss="rkl", out_dir=tmp_path / "d", progress=False)
+    divergence = json.loads((tmp_path / "d" / "generation.json").read_text())["bn_divergence"]
+    assert divergence["metric"] == "kl" and divergence["loss"] == "rkl"
+    assert divergence["end"]["total"] < divergence["start"]["total"]

@@ -29,7 +29,8 @@ def register(sub) -> None:
     parser.add_argument("--num-images", "--n", dest="num_images", type=int, required=True, help="number of images")
     parser.add_argument("--iters", type=int, help="optimisation steps per batch (default: the method's, 200)")
     parser.add_argument("--batch-size", type=int, default=64, help="images optimised together (default 64)")
-    parser.add_argument("--loss", choices=BN_LOSSES.names(), default="kl", help="BN loss: " + choices_help(BN_LOSSES))
+    parser.add_argument("--loss", choices=BN_LOSSES.names(), default="rkl",
+                        help="BN loss optimised: " + choices_help(BN_LOSSES, "rkl"))
     parser.add_argument("--lr", type=float, help="peak Adam learning rate (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--shard-size", type=int, default=1024, help="rows per parquet shard (default 1024)")

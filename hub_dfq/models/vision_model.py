@@ -122,6 +122,7 @@ class VisionModel:
     library_model: nn.Module | None = None
     quantization_config: dict[str, Any] | None = None
     bn_layers: list[tuple[str, nn.Module]] = field(init=False)
+    _gflops: float | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.module.eval()
@@ -151,6 +152,17 @@ class VisionModel:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+    def gflops(self) -> float:
+        """Floating-point operations (GFLOP, 2 per multiply-accumulate) of one image's forward pass; what sizes
+        the presets' budgets (:meth:`hub_dfq.quant.registry.Preset.sized_for`). Measured once, then cached."""
+        if self._gflops is None:
+            from torch.utils.flop_counter import FlopCounterMode  # why: only needed here, imports sympy
+
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                self.module(self.example_input(1))
+            self._gflops = counter.get_total_flops() / 1e9
+        return self._gflops
 
     def info(self) -> dict[str, Any]:
         """A JSON-serialisable summary (what ``hub-dfq info`` prints)."""

@@ -179,6 +179,13 @@ def quantize(
     if model.quantization_config is not None:
         raise UnsupportedModelError(f"{model.source.spec} is already quantized: quantize its base model "
                                     f"({model.quantization_config.get('base_model', 'see its card')}) instead")
+    sized = chosen.sized_for(model.gflops())
+    if sized is not chosen:  # a model larger than the presets are written for: smaller budgets, same shape
+        logger.info("preset %r sized for %.2f GFLOP per image: %d images, synthesis %s", preset, model.gflops(),
+                    sized.calibration_images, dict(sized.synth))
+        chosen = sized
+        settings_of.clear()
+        run_settings = settings_for(algorithm)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     prepared = prepare(model.module, cfg, example_input=model.example_input(1))

@@ -15,34 +15,12 @@ with its input's zero point and no float ``Pad`` sits between a ``DequantizeLine
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..models.same_padding import same_padded_types, same_pads
+
 __all__ = ["same_pads", "expand_same_padding", "zero_pad_input"]
-
-
-def same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
-              dilation: Sequence[int]) -> tuple[int, ...]:
-    """TensorFlow "same" pads of a convolution over a ``size`` input, in ``F.pad`` order (last dimension first).
-
-    Every dimension gets ``max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)`` pixels, the odd one after.
-    """
-    pads: list[int] = []
-    for n, k, s, d in reversed(list(zip(size, kernel, stride, dilation))):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads += [total // 2, total - total // 2]
-    return tuple(pads)
-
-
-def _same_padded_types() -> tuple[type[nn.Module], ...]:
-    try:  # why: timm takes seconds to import; it is already loaded when a model has its layers
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency, but the core does not require it
-        return ()
-    return (Conv2dSame,)
 
 
 def expand_same_padding(gm: fx.GraphModule) -> list[str]:
@@ -54,7 +32,7 @@ def expand_same_padding(gm: fx.GraphModule) -> list[str]:
     Returns:
         Qualified names of the rewritten layers.
     """
-    types = _same_padded_types()
+    types = same_padded_types()
     if not types:
         return []
     modules = dict(gm.named_modules())

@@ -21,7 +21,7 @@ from ..models.vision_model import BN_TYPES, bn_remainder
 from ..registry import resolve
 from .registry import BN_LOSSES
 
-__all__ = ["BNLoss", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "kl_term"]
+__all__ = ["BNLoss", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "kl_term", "reverse_kl_term"]
 
 
 class StopForward(Exception):
@@ -34,6 +34,19 @@ def kl_term(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.T
     return gaussian_kl(running_mean, running_var, mean, var).mean()
 
 
+def reverse_kl_term(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    *, eps: float = 1e-5) -> torch.Tensor:
+    """One layer's KL(N(batch) || N(running)) averaged over channels, with the layer's own BN ``eps`` added to
+    both variances.
+
+    Bounded (logarithmically) where a batch leaves a channel nearly dead, which the paper's direction punishes
+    as ``running_var / batch_var``: on EfficientNet-Lite0 the paper's KL of a noise batch is dominated by a few
+    such channels after the depthwise convs, and its steep barrier spends Adam's normalised steps on them. The
+    ``eps`` is the model's own: below it the BN itself cannot tell variances apart.
+    """
+    return gaussian_kl(mean, var, running_mean, running_var, eps=eps).mean()
+
+
 class BNLoss:
     """Per-layer BN divergences of the last forward pass (see :func:`bn_loss`).
 
@@ -44,7 +57,9 @@ class BNLoss:
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], loss: str, stop_after_last: bool):
         self.names = [name for name, _ in layers]
         self.loss = loss
-        self._term = resolve(BN_LOSSES.get(loss).layer_term)
+        spec = BN_LOSSES.get(loss)
+        self._term = resolve(spec.layer_term)
+        self._eps = [_bn_eps(layer) for _, layer in layers] if spec.layer_eps else None
         self.stop_after_last = stop_after_last
         self.terms: list[torch.Tensor] = []
         self.enabled = True
@@ -64,7 +79,8 @@ class BNLoss:
 
     def _record(self, index: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         running_mean, running_var = self._running[index]
-        self.terms.append(self._term(running_mean.to(mean.device), running_var.to(mean.device), mean, var))
+        extra = {"eps": self._eps[index]} if self._eps is not None else {}
+        self.terms.append(self._term(running_mean.to(mean.device), running_var.to(mean.device), mean, var, **extra))
         if index == len(self.names) - 1 and self.stop_after_last:
             raise StopForward
 
@@ -75,6 +91,11 @@ class BNLoss:
             return None
 
         return hook
+
+
+def _bn_eps(layer: nn.Module) -> float:
+    bn = layer.bn if isinstance(layer, StatsBatchNorm) else layer
+    return float(getattr(bn, "eps", 1e-5))
 
 
 class StatsBatchNorm(nn.Module):
@@ -94,6 +115,7 @@ class StatsBatchNorm(nn.Module):
             self.register_buffer("scale", scale)
             self.register_buffer("shift", bias - bn.running_mean.float() * scale)
         self.after = bn_remainder(bn)
+        self.clamp = _clamp_range(self.after)  # a ReLU/ReLU6 after the BN runs inside the same autograd node
         self.sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self.last = False  # the loss stops the forward pass here: only the moments are needed
 
@@ -110,9 +132,18 @@ class StatsBatchNorm(nn.Module):
             return self.bn(x)
         if self.last:
             self.sink(*batch_moments(x))
-        y, mean, var = affine_moments(x, self.scale, self.shift)
+        y, mean, var = affine_moments(x, self.scale, self.shift, self.clamp)
         self.sink(mean, var)
-        return self.after(y)
+        return y if self.clamp is not None else self.after(y)
+
+
+def _clamp_range(act: nn.Module) -> tuple[float, float] | None:
+    """``(low, high)`` when ``act`` is a ReLU, ReLU6 or Hardtanh (a clamp), else ``None``."""
+    if type(act) is nn.ReLU:
+        return 0.0, float("inf")
+    if type(act) in (nn.ReLU6, nn.Hardtanh):
+        return float(act.min_val), float(act.max_val)
+    return None
 
 
 def _plain_forward(bn: nn.Module) -> bool:
@@ -146,7 +177,7 @@ def bn_loss(layers: Sequence[tuple[str, nn.Module]], *, loss: str = "kl",
     Args:
         layers: BN layers in forward order (``VisionModel.bn_layers``), or their
             :class:`StatsBatchNorm` stand-ins.
-        loss: ``kl`` or ``l2``.
+        loss: a registered BN loss (:data:`~hub_dfq.synth.registry.BN_LOSSES`).
         stop_after_last: raise :class:`StopForward` once the last BN layer has been seen; catch it
             around the model call.
 

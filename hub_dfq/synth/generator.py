@@ -18,20 +18,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..allocator import heap_reuse
 from ..errors import DivergedError, UnsupportedModelError
 from ..models.vision_model import WEIGHT_LAYER_TYPES, VisionModel
 from ..registry import resolve
 from .bns import StopForward, bn_loss, swap_batchnorms
+from .loop_convs import prepare_loop_convs
 from .config import SynthConfig
 from .objectives import Step
 from .priors import cosine_lr
-from .registry import SYNTH_METHODS, methods_for
+from .registry import BN_LOSSES, SYNTH_METHODS, methods_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchResult", "BatchGenerator", "check_model_supports"]
 
-ALGORITHM_VERSION = 1  # of the loop below; bump whenever it changes the bytes it writes (part of cache keys)
+ALGORITHM_VERSION = 2  # of the loop below; bump whenever it changes the bytes it writes (part of cache keys)
 
 # forwards of the layers autocast runs in bfloat16
 _LOW_PRECISION_FORWARDS = tuple(layer.forward for layer in WEIGHT_LAYER_TYPES)
@@ -95,6 +97,7 @@ class BatchGenerator:
         # cast every weight on every step: its cast cache skips frozen parameters). `measure` keeps
         # the untouched float32 module, so reported divergences are the model's own.
         loop = swap_batchnorms(copy.deepcopy(module), [name for name, _ in model.bn_layers])
+        prepare_loop_convs(loop, config.precision, self.device)  # per-layer dtype, static "same" pads
         if config.precision == "bf16":
             for sub in loop.modules():
                 if type(sub).forward in _LOW_PRECISION_FORWARDS:  # subclasses that transform weights stay float
@@ -137,11 +140,12 @@ class BatchGenerator:
 
     @torch.no_grad()
     def measure(self, x: torch.Tensor, *, logits: bool) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Per-layer BN divergence (float32) of a batch, and its logits when asked."""
+        """Per-layer BN divergence (float32; the loss's reported one) of a batch, and its logits when asked."""
         if not self.bn_layers:
             out = self.module(self._layout(x)) if logits else None
             return {}, out
-        with bn_loss(self.bn_layers, loss=self.config.loss, stop_after_last=not logits) as state:
+        reported = BN_LOSSES.get(self.config.loss).reported
+        with bn_loss(self.bn_layers, loss=reported, stop_after_last=not logits) as state:
             try:
                 out = self.module(self._layout(x))
             except StopForward:
@@ -183,11 +187,12 @@ class BatchGenerator:
     def _optimise(self, x0, targets, generator, on_step, where):
         cfg, priors, method = self.config, self.config.priors, self.method
         x = self._layout(x0.clone()).requires_grad_(True)
-        optimiser = torch.optim.Adam([x], lr=cfg.lr)
+        # one fused kernel per step instead of a dozen elementwise passes over the batch
+        optimiser = torch.optim.Adam([x], lr=cfg.lr, fused=x.device.type in ("cpu", "cuda") or None)
         losses: list[float] = []
         hooks = (bn_loss(self.loop_bn_layers, loss=cfg.loss, stop_after_last=not method.uses_logits)
                  if method.needs_bn else nullcontext())
-        with hooks as state:
+        with hooks as state, heap_reuse(x.device.type == "cpu"):
             for step in range(cfg.iters):
                 for group in optimiser.param_groups:
                     group["lr"] = cosine_lr(step, cfg.iters, base=cfg.lr, warmup=priors.warmup)

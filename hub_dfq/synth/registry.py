@@ -114,13 +114,23 @@ class BNLossSpec:
         summary: one line for the CLI help, the card and the docs.
         layer_term: ``(running_mean, running_var, mean, var) -> 0-d tensor``, one layer's loss (per-channel
             float tensors), or its ``"module:attribute"`` path. The loss of a batch is the sum over layers.
+        layer_eps: the term also takes ``eps=``, the layer's own BN epsilon.
+        reported_as: the registered loss whose value datasets report as their BN divergence (``None``: this
+            one); losses of one family report on one scale, so runs optimised either way compare.
         version: bump whenever the term's values change; part of every cache key.
     """
 
     name: str
     summary: str
     layer_term: Callable[..., Any] | str
+    layer_eps: bool = False
+    reported_as: str | None = None
     version: int = 1
+
+    @property
+    def reported(self) -> str:
+        """The name of the divergence a run with this loss reports."""
+        return self.reported_as or self.name
 
 
 BN_LOSSES: Registry[BNLossSpec] = Registry("BN loss", "loss")
@@ -135,6 +145,11 @@ register_bn_loss(BNLossSpec(
     "kl", "KL divergence between N(running mean, running var) and N(batch mean, batch var), averaged over channels "
           "and summed over layers (the paper's)",
     layer_term="hub_dfq.synth.bns:kl_term"))
+register_bn_loss(BNLossSpec(
+    "rkl", "reverse KL divergence KL(N(batch) || N(running)) with the layer's own BN eps on both variances, averaged "
+           "over channels and summed over layers: well-conditioned where a batch leaves a channel nearly dead "
+           "(reported divergence: the paper's KL)",
+    layer_term="hub_dfq.synth.bns:reverse_kl_term", layer_eps=True, reported_as="kl"))
 register_bn_loss(BNLossSpec(
     "l2", "ZeroQ's ||mu - mu_batch||_2 + ||sigma - sigma_batch||_2 per layer, summed over layers",
     layer_term="hub_dfq.bnstats:zeroq_l2"))
