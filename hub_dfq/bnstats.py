@@ -153,7 +153,8 @@ def bn_layers_with_stats(layers: BNLayers) -> list[tuple[str, nn.Module]]:
 def running_moments(layers: BNLayers, *, dtype: torch.dtype = torch.float64,
                     device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Detached ``(running_mean, running_var)`` of each layer: the model's memory of its training data."""
-    return [(bn.running_mean.detach().to(device=device, dtype=dtype), bn.running_var.detach().to(device=device, dtype=dtype))
+    return [(bn.running_mean.detach().to(device=device, dtype=dtype),
+             bn.running_var.detach().to(device=device, dtype=dtype))
             for _, bn in layers]
 
 

@@ -71,7 +71,8 @@ def fast_bf16(device: torch.device | str | None = None) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
-    """``"fp32"`` or ``"bf16"``: ``precision`` itself, or for ``"auto"`` bf16 where it is natively fast on ``device``."""
+    """``"fp32"`` or ``"bf16"``: ``precision`` itself, or for ``"auto"`` bf16 where it is natively fast on
+    ``device``."""
     if precision != "auto":
         return precision
     return "bf16" if fast_bf16(device) else "fp32"

@@ -25,14 +25,14 @@ import json
 import os
 import platform
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
+from bench_int8 import timed  # the same latency measure as the CIFAR table's
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -55,17 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate on the first N images only (smoke tests)")
     p.add_argument("--json", default=str(RESULTS))
     return p.parse_args(argv)
-
-
-def timed(fn, x, repeats: int) -> float:
-    for _ in range(2):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -124,6 +113,7 @@ def peak_rss_gib() -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
     import hub_dfq
     from hub_dfq.backends.onnx import export_onnx, load_onnx
     from hub_dfq.quant.data import images_to_tensor
@@ -135,7 +125,8 @@ def main() -> None:
     inputs = images_to_tensor(model, data)
     labels = torch.tensor(data.dataset[data.label_column][:len(inputs)])
     float_pred = predictions(model.module, inputs)
-    results = {"model": str(MODEL), "images": len(inputs), "threads": args.threads, "preset": args.preset,
+    results = {"command": "python " + " ".join(sys.argv), "model": str(MODEL), "images": len(inputs),
+               "threads": args.threads, "preset": args.preset,
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "float_top1": 100.0 * float((float_pred == labels).float().mean()), "rows": {}}
     tmp = Path(tempfile.mkdtemp(prefix="bench-imagenet-"))
@@ -189,8 +180,8 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = [f"EfficientNet-Lite0, {results['images']} shared ImageNet images, float top-1 {results['float_top1']:.1f}%, "
-             f"{results['threads']} threads, preset {results['preset']}", "",
+    lines = [f"EfficientNet-Lite0, {results['images']} shared ImageNet images, "
+             f"float top-1 {results['float_top1']:.1f}%, {results['threads']} threads, preset {results['preset']}", "",
              "| row | top-1 (simulated) | top-1 (ORT int8) | agreement with float | wall time (s) | synthesis (s) "
              "| int8 MAC share | latency b=1 (ms) | latency b=32 (ms) | peak RSS (GiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import hub_dfq
-from hub_dfq.outputs import MARKER
 from hub_dfq.data import RowMap
 from hub_dfq.distributed import Distributed
+from hub_dfq.outputs import MARKER
 from hub_dfq.partition import block_size, rank_part
 from hub_dfq.synth.api import generate_folder, synthesize
 from hub_dfq.synth.config import SynthConfig

@@ -200,3 +200,13 @@ def test_quantize_sizes_the_preset_by_the_models_cost(monkeypatch):
     monkeypatch.setattr(VisionModel, "gflops", lambda self: 2.0)  # as if the model were 8x the reference cost
     qmodel = hub_dfq.quantize("default", weights=8, activations=8, calibration="gaussian", progress=False)
     assert qmodel.calibration["n"] == 64
+
+
+def test_synthesis_default_steps_shrink_for_costly_models_and_explicit_steps_are_kept(monkeypatch, tmp_path):
+    from hub_dfq.models.vision_model import VisionModel
+
+    monkeypatch.setattr(VisionModel, "gflops", lambda self: 1.0)  # 4x the reference cost
+    hub_dfq.synthesize("default", "bns", 2, batch_size=2, out_dir=tmp_path / "a", progress=False)
+    assert json.loads((tmp_path / "a" / "generation.json").read_text())["arguments"]["iters"] == 50
+    hub_dfq.synthesize("default", "bns", 2, iters=3, batch_size=2, out_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "generation.json").read_text())["arguments"]["iters"] == 3

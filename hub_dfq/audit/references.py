@@ -23,8 +23,8 @@ import torch
 
 from ..cache import cache_root
 from ..fingerprint import fingerprint, weights_sha256
-from ..runtime import resolve_precision
 from ..outputs import write_text
+from ..runtime import resolve_precision
 from ..synth.api import run_identity, synthesize
 from ..synth.config import SynthConfig
 

@@ -311,6 +311,13 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None,
 def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1,
                 disabled_optimizers: Sequence[str] = ()) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime actually runs after its fusions (``QLinearConv`` etc.)."""
+    graph = optimized_graph(path, threads=threads, disabled_optimizers=disabled_optimizers)
+    return dict(sorted(Counter(n.op_type for n in graph.node).items()))
+
+
+def optimized_graph(path: str | os.PathLike[str], *, threads: int | None = 1,
+                    disabled_optimizers: Sequence[str] = ()) -> Any:
+    """The ``onnx.GraphProto`` ONNX Runtime actually runs after its graph optimisations (fusions)."""
     import onnx  # why: an optional extra, checked by _require_onnxruntime below
 
     ort = _require_onnxruntime()
@@ -319,7 +326,7 @@ def runtime_ops(path: str | os.PathLike[str], *, threads: int | None = 1,
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=list(disabled_optimizers))
-        return dict(sorted(Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node).items()))
+        return onnx.load(options.optimized_model_filepath).graph
 
 
 @torch.no_grad()

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UnsupportedModelError
@@ -113,20 +111,6 @@ def _layer_macs(model: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _optimized_graph(path: Path, threads: int | None, disabled_optimizers: Sequence[str]) -> Any:
-    import onnx  # why: an optional extra ('hub-dfq[onnx]'), checked by the caller
-
-    from .onnx import _require_onnxruntime, _session_options
-
-    ort = _require_onnxruntime()
-    with tempfile.TemporaryDirectory(prefix="hub-dfq-ort-") as tmp:
-        options = _session_options(ort, threads)
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=list(disabled_optimizers))
-        return onnx.load(options.optimized_model_filepath).graph
-
-
 def integer_macs(path: str | os.PathLike[str], *, threads: int | None = 1,
                  disabled_optimizers: Sequence[str] = ()) -> dict[str, Any]:
     """MACs per image of an exported model and the share ONNX Runtime runs in integer kernels.
@@ -146,13 +130,13 @@ def integer_macs(path: str | os.PathLike[str], *, threads: int | None = 1,
     """
     import onnx  # why: an optional extra ('hub-dfq[onnx]')
 
-    from .onnx import _require_onnxruntime
+    from .onnx import _require_onnxruntime, optimized_graph
 
     _require_onnxruntime()
     model = onnx.load(str(path))
     layers = _layer_macs(model)
     exported = _constants(model.graph)
-    optimized = _optimized_graph(Path(path), threads, disabled_optimizers)
+    optimized = optimized_graph(path, threads=threads, disabled_optimizers=disabled_optimizers)
     optimized_constants = _constants(optimized)
     integer_inputs: set[str] = set()
     integer_outputs: set[str] = set()

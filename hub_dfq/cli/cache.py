@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json != "-":
             print(f"{len(entries)} entries, {_size(sum(e.bytes for e in entries))} in {cache_base()}")
             for e in entries:
-                print(f"  {e.kind:<9} {e.key[:24]:<24}  {_size(e.bytes):>9}  {e.to_dict()['modified']}  {e.description}")
+                print(f"  {e.kind:<9} {e.key[:24]:<24}  {_size(e.bytes):>9}  {e.to_dict()['modified']}  "
+                      f"{e.description}")
         write_json(args.json, {"root": str(cache_base()), "entries": [e.to_dict() for e in entries]})
         return 0
     removed = clear_cache(kinds, older_than_days=args.older_than_days)

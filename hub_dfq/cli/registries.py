@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if args.markdown:
             print(markdown())
         else:
-            for title, (header, rows) in tables().items():
+            for title, (_, rows) in tables().items():
                 print(title)
                 for row in rows:
                     print(f"  {row[0]:<14} {row[1]}")

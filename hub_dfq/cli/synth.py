@@ -27,7 +27,9 @@ def register(sub) -> None:
     parser.add_argument("--method", choices=SYNTH_METHODS.names(), default="bns",
                         help="generation method: " + choices_help(SYNTH_METHODS, "bns"))
     parser.add_argument("--num-images", "--n", dest="num_images", type=int, required=True, help="number of images")
-    parser.add_argument("--iters", type=int, help="optimisation steps per batch (default: the method's, 200)")
+    parser.add_argument("--iters", type=int,
+                        help="optimisation steps per batch (default: the method's, 200; fewer for models that cost "
+                        "more than the CIFAR ResNets: 64 for EfficientNet-Lite0 at 224 px)")
     parser.add_argument("--batch-size", type=int, default=64, help="images optimised together (default 64)")
     parser.add_argument("--loss", choices=BN_LOSSES.names(), default="rkl",
                         help="BN loss optimised: " + choices_help(BN_LOSSES, "rkl"))

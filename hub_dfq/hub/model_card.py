@@ -136,7 +136,8 @@ def render_model_card(
         calibration_link = f"`{calibration_source(cal)}` ({cal.get('n', '?')} images)"
         data_statement = f"calibrated on real images: `{calibration_source(cal)}`."
         data_paragraph = (f"Calibration{'' if qmodel.algorithm == 'calibrate' else ' and ' + qmodel.algorithm} used "
-                          f"{cal.get('n', '?')} real images ({calibration_source(cal)}). This is not a data-free model.")
+                          f"{cal.get('n', '?')} real images ({calibration_source(cal)}). "
+                          "This is not a data-free model.")
     rows = []
     if evaluation:
         ds = f"{evaluation.get('dataset')}" + (f" ({evaluation['split']})" if evaluation.get("split") else "")

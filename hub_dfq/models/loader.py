@@ -150,7 +150,8 @@ def resolve_folder(spec: str | os.PathLike[str], *, revision: str | None = None,
         repo_id, revision = _split_revision(text[len("hf-hub:"):], revision)
         folder, source = _download(text, repo_id, revision, token)
         if (folder / "config.json").is_file() and detect_library(_read_config(folder)) != "timm":
-            raise ModelSpecError(f"{repo_id} is not a timm model: drop the 'hf-hub:' prefix to load it with transformers")
+            raise ModelSpecError(f"{repo_id} is not a timm model: drop the 'hf-hub:' prefix to load it with "
+                                 "transformers")
         return folder, source
     path = Path(text).expanduser()
     if path.is_dir():

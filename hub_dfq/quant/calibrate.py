@@ -78,8 +78,8 @@ def calibrate_activations(module: nn.Module, data: torch.Tensor, *, batch_size: 
     with quant_mode(module, enabled=False):
         for _, q in quantizers:
             q.mode = "observe"
-        for batch in tqdm(list(iter_tensor_batches(data, batch_size)), desc="calibrate", disable=not progress_enabled(progress),
-                          leave=False):
+        for batch in tqdm(list(iter_tensor_batches(data, batch_size)), desc="calibrate",
+                          disable=not progress_enabled(progress), leave=False):
             module(batch.to(device))
     for name, q in quantizers:
         low, high = activation_range(q.observer, q.bits, signed=q.signed, method=q.observer_method,

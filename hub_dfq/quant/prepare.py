@@ -204,7 +204,8 @@ def _node_block(node: fx.Node, blocks: set[str]) -> str | None:
     if "hub_dfq_block" in node.meta:
         return node.meta["hub_dfq_block"]
     for path in (node.meta.get("nn_module_stack") or {}):
-        qualname = node.meta["nn_module_stack"][path][0] if isinstance(node.meta["nn_module_stack"][path], tuple) else path
+        entry = node.meta["nn_module_stack"][path]
+        qualname = entry[0] if isinstance(entry, tuple) else path
         if qualname in blocks:
             return qualname
     return None
@@ -235,7 +236,8 @@ def _nonnegative(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> bo
     if node.op == "call_function":
         if node.target in (F.relu, torch.relu, F.relu6):
             return True
-        if node.target is F.pad and node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0) not in (0, 0.0, None):
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+        if node.target is F.pad and value not in (0, 0.0, None):
             return False
         if node.target in _KEEP_SIGN_FUNCTIONS:
             return bool(args) and _nonnegative(args[0], modules, depth + 1)
@@ -296,6 +298,20 @@ def _fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
     return node
 
 
+def _new_quantizer(gm: fx.GraphModule, container: nn.Module, qname: str, source: fx.Node, scheme, bits: int,
+                   signed: bool, block: str, kind: str, shared: dict, key: tuple) -> tuple[fx.Node, ActPoint]:
+    """An activation quantizer of ``source`` as a graph node (at the caller's insertion point), shared by key."""
+    quantizer = ActQuantizer(bits, signed=signed)
+    quantizer.observer_method, quantizer.percentile = scheme.act_observer, scheme.percentile
+    container.add_module(qname, quantizer)
+    qnode = gm.graph.call_module(f"{ACT_QUANTIZERS}.{qname}", (source,))
+    qnode.meta["hub_dfq_block"] = block
+    qnode.meta["tensor_meta"] = source.meta.get("tensor_meta")
+    point = ActPoint(qname, source.name, [], kind, bits, signed, block)
+    shared[key] = (qnode, point, quantizer)
+    return qnode, point
+
+
 def _add_output_point(gm: fx.GraphModule, conv: fx.Node, modules: dict[str, nn.Module], config: QuantConfig,
                       container: nn.Module, shared: dict, report: PrepareReport, blocks: set[str]) -> None:
     """Quantize a layer's (activated) output where ONNX Runtime would otherwise run the layer in float.
@@ -326,15 +342,9 @@ def _add_output_point(gm: fx.GraphModule, conv: fx.Node, modules: dict[str, nn.M
         end.append(qnode)  # right after the tensor, before any reader (it reads nothing else)
     else:
         qname = _sanitize(name) + "_out"
-        quantizer = ActQuantizer(scheme.activations, signed=signed)
-        quantizer.observer_method, quantizer.percentile = scheme.act_observer, scheme.percentile
-        container.add_module(qname, quantizer)
         with gm.graph.inserting_after(end):
-            qnode = gm.graph.call_module(f"{ACT_QUANTIZERS}.{qname}", (end,))
-        qnode.meta["hub_dfq_block"] = block
-        qnode.meta["tensor_meta"] = end.meta.get("tensor_meta")
-        point = ActPoint(qname, end.name, [], "output", scheme.activations, signed, block)
-        shared[key] = (qnode, point, quantizer)
+            qnode, point = _new_quantizer(gm, container, qname, end, scheme, scheme.activations, signed, block,
+                                          "output", shared, key)
         report.act_points.append(point)
     for user in users:
         if user is not qnode:
@@ -426,16 +436,11 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
             qnode, point, quantizer = shared[key]
             point.consumers.append(consumer_name)
         else:
-            qname = _sanitize(consumer_name) + suffix
-            quantizer = ActQuantizer(bits, signed=signed)
-            quantizer.observer_method, quantizer.percentile = scheme.act_observer, scheme.percentile
-            container.add_module(qname, quantizer)
             with gm.graph.inserting_before(consumer):
-                qnode = gm.graph.call_module(f"{ACT_QUANTIZERS}.{qname}", (source,))
-            qnode.meta["hub_dfq_block"] = block
-            qnode.meta["tensor_meta"] = source.meta.get("tensor_meta")
-            point = ActPoint(qname, source.name, [consumer_name], kind, bits, signed, block)
-            shared[key] = (qnode, point, quantizer)
+                qnode, point = _new_quantizer(gm, container, _sanitize(consumer_name) + suffix, source, scheme, bits,
+                                              signed, block, kind, shared, key)
+            point.consumers.append(consumer_name)
+            quantizer = shared[key][2]
             report.act_points.append(point)
         consumer.replace_input_with(arg, qnode)
         return quantizer

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
+from ..budget import cost_ratio, shrink
 from ..registry import Registry
 
 __all__ = [
@@ -89,32 +90,20 @@ class Preset:
     algorithms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def sized_for(self, gflops: float) -> "Preset":
-        """This budget for a model costing ``gflops`` per image (:meth:`VisionModel.gflops`).
-
-        Up to :data:`REFERENCE_GFLOPS` (the CIFAR ResNets) the preset is as written. Above it, synthetic
-        images, synthesis steps and fitting steps each shrink by the cost ratio ``r``, so the time of a run
-        grows no faster than ``1 / r`` of the written budget's would: ``fast`` on EfficientNet-Lite0 at 224 px
-        (0.77 GFLOP, ``r`` = 3.1) synthesises 64 images x 65 steps instead of 256 x 200 (minutes, not an
-        hour). Images stay a multiple of 32 and at least 64; steps at least 50.
-        """
-        ratio = gflops / REFERENCE_GFLOPS
-        if ratio <= 1.0:
+        """This budget for a model costing ``gflops`` per image (:meth:`VisionModel.gflops`): as written up to
+        :data:`hub_dfq.budget.REFERENCE_GFLOPS` (the CIFAR ResNets); above it, images, synthesis steps and fitting
+        steps each shrink by the cost ratio (:func:`hub_dfq.budget.shrink`; images stay a multiple of 32 and at
+        least 64, steps at least 50)."""
+        if cost_ratio(gflops) == 1.0:
             return self
-
-        def fewer(value: int, floor: int, multiple: int = 1) -> int:
-            return max(floor, int(value / ratio) // multiple * multiple)
-
         synth = dict(self.synth)
         if "iters" in synth:
-            synth["iters"] = fewer(synth["iters"], 50)
-        algorithms = {name: {**values, **({"iters": fewer(values["iters"], 50)} if "iters" in values else {})}
+            synth["iters"] = shrink(synth["iters"], gflops, floor=50)
+        algorithms = {name: {**values, **({"iters": shrink(values["iters"], gflops, floor=50)}
+                                          if "iters" in values else {})}
                       for name, values in self.algorithms.items()}
-        return replace(self, calibration_images=fewer(self.calibration_images, 64, 32), synth=synth,
-                       algorithms=algorithms)
-
-
-# The presets are written for models up to this forward cost per image (ResNet-44 at 32 px: 0.19 GFLOP).
-REFERENCE_GFLOPS = 0.25
+        return replace(self, calibration_images=shrink(self.calibration_images, gflops, floor=64, multiple=32),
+                       synth=synth, algorithms=algorithms)
 
 
 QUANT_ALGORITHMS: Registry[QuantAlgorithm] = Registry("quantization algorithm", "algorithm")

@@ -85,7 +85,8 @@ class ConcreteTracer(fx.Tracer):
         self.example_inputs = list(example_inputs)
         first = self.example_inputs[0] if self.example_inputs else None
         # dimension 0 of this size is traced symbolically; 1 would catch every singleton dimension
-        self.batch_size = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] > 1 else None
+        batched = isinstance(first, torch.Tensor) and first.dim() and first.shape[0] > 1
+        self.batch_size = first.shape[0] if batched else None
         self.values: dict[fx.Node, Any] = {}
         self._placeholders = 0
         self._computing = False
@@ -106,7 +107,8 @@ class ConcreteTracer(fx.Tracer):
         return ConcreteProxy(node, self)
 
     def _concrete(self, value: Any) -> Any:
-        return fx.node.map_aggregate(value, lambda v: self.values.get(v.node, _MISSING) if isinstance(v, fx.Proxy) else v)
+        return fx.node.map_aggregate(
+            value, lambda v: self.values.get(v.node, _MISSING) if isinstance(v, fx.Proxy) else v)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)

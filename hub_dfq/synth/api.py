@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
+from ..budget import shrink
 from ..runtime import place_model, resolve_device, resolve_precision
 from .card import write_card, write_preview
 from .config import Priors, SynthConfig
@@ -418,7 +420,8 @@ def synthesize_folder(
         method: a registered synthesis method: ``gaussian``, ``inception``, ``bns``, ``bns+i`` (see
             :mod:`hub_dfq.synth.registry`).
         num_images: number of images.
-        iters: optimisation steps per batch (default: the method's, 200; none for gaussian).
+        iters: optimisation steps per batch (default: the method's, 200 for the BNS methods, shrunk for models
+            that cost more than the CIFAR ResNets, see :mod:`hub_dfq.budget`; none for gaussian).
         batch_size: images optimised together (clamped to ``num_images``).
         loss: BN loss optimised: ``rkl`` (reverse KL, the default), ``kl`` (the paper's), ``l2`` (ZeroQ), or
             another registered one; the dataset reports the paper's KL for both KL losses.
@@ -481,6 +484,8 @@ def synthesize_folder(
             model = load_model(model, revision=revision, token=token)
         place_model(model, run_device)
         check_model_supports(model, config.method)
+        if iters is None and config.iters > 0:  # the method's default steps, sized by the model's cost
+            config = dataclasses.replace(config, iters=shrink(config.iters, model.gflops(), floor=50))
         identity = run_identity(model, config)
         # before anything is written: processes given different arguments would write one folder of two runs
         dist.check_same("synthesis", _same_everywhere(identity, out_dir=None if out_dir is None else os.fspath(out_dir),

@@ -23,8 +23,8 @@ from ..errors import DivergedError, UnsupportedModelError
 from ..models.vision_model import WEIGHT_LAYER_TYPES, VisionModel
 from ..registry import resolve
 from .bns import StopForward, bn_loss, swap_batchnorms
-from .loop_convs import prepare_loop_convs
 from .config import SynthConfig
+from .loop_convs import prepare_loop_convs
 from .objectives import Step
 from .priors import cosine_lr
 from .registry import BN_LOSSES, SYNTH_METHODS, methods_for
