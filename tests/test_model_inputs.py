@@ -74,3 +74,19 @@ def test_device_cpu_gives_the_same_bytes_as_the_default(tmp_path):
     b = hub_dfq.synthesize("default", "bns", 4, iters=2, batch_size=4, out_dir=tmp_path / "b", progress=False,
                            device="cpu")
     assert a["image"] == b["image"]
+
+
+def test_a_gpu_out_of_memory_is_one_error_line_with_what_to_do(monkeypatch, tmp_path, capsys):
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError, as raised on a GPU
+        pass
+
+    def out_of_memory(*args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("hub_dfq.synth.api.synthesize_folder", out_of_memory)
+    out = tmp_path / "out"
+    assert main(["synth", "default", "--num-images", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the GPU ran out of memory" in err and "lower --batch-size, or pass --device cpu" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the lock
