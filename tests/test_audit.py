@@ -116,20 +116,24 @@ def test_auroc():
     assert auroc([0.1, 0.2], [0.2, 0.1]) == 0.5
 
 
-def test_bootstrap_estimate_is_bias_corrected_in_log_space():
-    # replicates whose log-divergence is plug-in + 0.2 +- noise: the estimate removes the 0.2, the interval holds it
-    running = [(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))]
+def test_bootstrap_estimate_corrects_each_layer_and_floors_the_correction():
+    # two layers of 4 channels; replicates' means jitter around 0.3 (layer 0) and 0.02 (layer 1)
+    zeros, ones = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    running = [(zeros, ones), (zeros, ones)]
     gen = torch.Generator().manual_seed(0)
-    means = 0.3 + 0.02 * torch.randn(400, 4, generator=gen, dtype=torch.float64)
-    reps = [(means, torch.ones(400, 4, dtype=torch.float64))]
-    d_star = gaussian_kl(running[0][0], running[0][1], means, reps[0][1]).mean(-1)
-    plugin = float(d_star.log().mean().exp()) / 1.2  # replicates sit ~20% above the plug-in value
-    boot = bootstrap_estimate(reps, running, "kl", plugin=plugin)
-    assert boot.estimate == pytest.approx(plugin ** 2 / float(d_star.log().mean().exp()), rel=1e-9)
-    assert boot.estimate < plugin  # the upward bias is taken out
-    assert 0 < boot.ci[0] < boot.estimate < boot.ci[1]
-    assert bootstrap_estimate(reps, running, "kl", plugin=0.0) is None  # nothing to correct on a log scale
-    assert bootstrap_estimate(None, running, "kl", plugin=plugin) is None
+    reps = [(0.3 + 0.02 * torch.randn(400, 4, generator=gen, dtype=torch.float64), torch.ones(400, 4, dtype=torch.float64)),
+            (0.02 + 0.02 * torch.randn(400, 4, generator=gen, dtype=torch.float64), torch.ones(400, 4, dtype=torch.float64))]
+    d_star = torch.stack([gaussian_kl(zeros, ones, m, v).mean(-1) for m, v in reps])  # (layers, replicates)
+    mean_star = d_star.mean(1)
+    plugin = [float(mean_star[0]) - 0.002, float(mean_star[1]) * 0.5]  # layer 1: the bias is twice its value
+    boot = bootstrap_estimate(reps, running, "kl", plugin_layers=plugin)
+    # layer 0: 2 d - mean d*; layer 1: the correction would reach 0 and is floored at a quarter of d
+    expected = math.sqrt((2 * plugin[0] - float(mean_star[0])) * 0.25 * plugin[1])
+    assert boot.estimate == pytest.approx(expected, rel=1e-9)
+    assert boot.plugin == pytest.approx(math.sqrt(plugin[0] * plugin[1]))
+    assert 0 < boot.ci[0] <= boot.estimate <= boot.ci[1] and boot.ci[0] < boot.ci[1]
+    assert bootstrap_estimate(reps, running, "kl", plugin_layers=[math.inf, 1.0]) is None
+    assert bootstrap_estimate(None, running, "kl", plugin_layers=plugin) is None
 
 
 def test_interval_contains_the_estimate_and_is_not_degenerate(model, clean_rows):
@@ -141,7 +145,8 @@ def test_interval_contains_the_estimate_and_is_not_degenerate(model, clean_rows)
     assert hi / lo > 1.2
     assert small.divergence < small.divergence_plugin  # the sampling bias is positive and corrected
     bigger = audit_core.measure_data(model, hub_dfq.load_images(clean_rows, limit=320))
-    assert bigger.ci[1] / bigger.ci[0] < hi / lo  # more images, a narrower interval
+    assert bigger.ci[1] - bigger.ci[0] < hi - lo  # more images, a narrower interval
+    assert bigger.ci[0] <= bigger.divergence <= bigger.ci[1]
     off = audit_core.measure_data(model, hub_dfq.load_images(clean_rows, limit=40), bootstrap=0)
     assert off.ci is None and off.divergence == off.divergence_plugin == small.divergence_plugin
 

@@ -80,7 +80,7 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
     detail = {n: {m: per_metric[m][i] for m in per_metric} for i, n in enumerate(names)}
     plugin = aggregate(per_metric[metric])
     # the bias-corrected estimate and its interval (the plug-in value is kept beside them)
-    boot = bootstrap_estimate(acc.bootstrap_moments(), running, metric, plugin=plugin)
+    boot = bootstrap_estimate(acc.bootstrap_moments(), running, metric, plugin_layers=per_metric[metric])
     divergence, ci = (boot.estimate, boot.ci) if boot else (plugin, None)
     return CandidateResult(
         dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=divergence, divergence_plugin=plugin,

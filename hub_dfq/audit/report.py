@@ -31,11 +31,12 @@ HOW_TO_READ = """\
   negative means farther than noise. It is not clipped. Real in-distribution data usually lands
   somewhat below 1, because the synthetic data is optimised for exactly these statistics (the
   CIFAR-10 ResNet-20 on 2,000 images of its own test split: about 0.78).
-- **95% CI**: basic bootstrap interval of `log d` (Poisson weights per image, {bootstrap} replicates,
-  seed {seed}), mapped back: always above 0 and around the estimate.
+- **95% CI**: bootstrap interval (Poisson weights per image, {bootstrap} replicates, seed {seed}):
+  per layer the basic bootstrap `2 d - d*` (a correction removes at most 75% of a layer's value),
+  aggregated over layers per replicate; always above 0 and holding the estimate.
   Non-overlapping intervals mean the ranking is not a fluke of which images were drawn.
 - Sampling noise in the moments adds a positive bias that shrinks as images are added; the
-  **divergence** shown is bias-corrected with the same bootstrap (`exp(2 log d - mean log d*)`),
+  **divergence** shown is bias-corrected with the same bootstrap (per layer `2 d - mean d*`),
   `divergence_plugin` in `audit.json` is the raw pooled value. Still, compare candidates audited on
   similar numbers of images (`--limit`).
 - **batch-level scores**: the divergence of each batch of {score_batch} images on its own. Small
