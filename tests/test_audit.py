@@ -18,7 +18,7 @@ from hub_dfq.audit import core as audit_core
 from hub_dfq.audit import measurement_path
 from hub_dfq.audit import references as audit_refs
 from hub_dfq.audit.moments import MomentAccumulator
-from hub_dfq.audit.scores import auroc, similarity
+from hub_dfq.audit.scores import auroc, bootstrap_estimate, similarity
 from hub_dfq.bnstats import bn_layers_with_stats, capture_bn_inputs, gaussian_kl
 from hub_dfq.errors import DatasetError, UnsupportedModelError
 from hub_dfq.models.preprocess import Preprocess
@@ -82,7 +82,7 @@ def test_streaming_sums_equal_one_shot(model, clean_rows):
     window = [a[64:128] for a in full]
     expected = torch.stack([gaussian_kl(bn.running_mean.double(), bn.running_var.double(), w.mean(dim=(0, 2, 3)),
                                         w.var(dim=(0, 2, 3), correction=0)).mean()
-                            for (_, bn), w in zip(layers, window)]).mean().item()
+                            for (_, bn), w in zip(layers, window)]).log().mean().exp().item()  # geometric mean
     assert scores[1] == pytest.approx(expected, rel=1e-5)
 
 
@@ -102,7 +102,11 @@ def test_similarity_formula():
     assert similarity(10.0, far=10.0, near=0.01) == pytest.approx(0.0)
     assert similarity(0.1, far=10.0, near=0.01) == pytest.approx(2 / 3)
     assert similarity(100.0, far=10.0, near=0.01) == pytest.approx(-1 / 3)  # farther than noise
-    assert similarity(2.5, far=10.0, near=None) == pytest.approx(0.75)  # one-point form 1 - d / far
+    # one-point form log10(far / d) / 3: 0 at noise, 1 three decades below it, a third per decade
+    assert similarity(10.0, far=10.0, near=None) == pytest.approx(0.0)
+    assert similarity(0.01, far=10.0, near=None) == pytest.approx(1.0)
+    assert similarity(1.0, far=10.0, near=None) == pytest.approx(1 / 3)
+    assert similarity(100.0, far=10.0, near=None) == pytest.approx(-1 / 3)
     assert similarity(1.0, far=None, near=None) is None
 
 
@@ -110,6 +114,77 @@ def test_auroc():
     assert auroc([0.1, 0.2, 0.3], [0.4, 0.5]) == 1.0
     assert auroc([0.4, 0.5], [0.1, 0.2, 0.3]) == 0.0
     assert auroc([0.1, 0.2], [0.2, 0.1]) == 0.5
+
+
+def test_bootstrap_estimate_corrects_each_layer_and_floors_the_correction():
+    # two layers of 4 channels; replicates' means jitter around 0.3 (layer 0) and 0.02 (layer 1)
+    zeros, ones = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    running = [(zeros, ones), (zeros, ones)]
+    gen = torch.Generator().manual_seed(0)
+    reps = [(0.3 + 0.02 * torch.randn(400, 4, generator=gen, dtype=torch.float64), torch.ones(400, 4, dtype=torch.float64)),
+            (0.02 + 0.02 * torch.randn(400, 4, generator=gen, dtype=torch.float64), torch.ones(400, 4, dtype=torch.float64))]
+    d_star = torch.stack([gaussian_kl(zeros, ones, m, v).mean(-1) for m, v in reps])  # (layers, replicates)
+    mean_star = d_star.mean(1)
+    plugin = [float(mean_star[0]) - 0.002, float(mean_star[1]) * 0.5]  # layer 1: the bias is twice its value
+    boot = bootstrap_estimate(reps, running, "kl", plugin_layers=plugin)
+    # layer 0: 2 d - mean d*; layer 1: the correction would reach 0 and is floored at a quarter of d
+    expected = math.sqrt((2 * plugin[0] - float(mean_star[0])) * 0.25 * plugin[1])
+    assert boot.estimate == pytest.approx(expected, rel=1e-9)
+    assert boot.plugin == pytest.approx(math.sqrt(plugin[0] * plugin[1]))
+    assert 0 < boot.ci[0] <= boot.estimate <= boot.ci[1] and boot.ci[0] < boot.ci[1]
+    assert bootstrap_estimate(reps, running, "kl", plugin_layers=[math.inf, 1.0]) is None
+    assert bootstrap_estimate(None, running, "kl", plugin_layers=plugin) is None
+
+
+def test_interval_contains_the_estimate_and_is_not_degenerate(model, clean_rows):
+    # 40 images: less than one score batch. The former bootstrap over score batches had one unit here and
+    # returned (d, d); over images the interval has a width and never touches 0.
+    small = audit_core.measure_data(model, hub_dfq.load_images(clean_rows, limit=40))
+    lo, hi = small.ci
+    assert 0 < lo < small.divergence < hi
+    assert hi / lo > 1.2
+    assert small.divergence < small.divergence_plugin  # the sampling bias is positive and corrected
+    bigger = audit_core.measure_data(model, hub_dfq.load_images(clean_rows, limit=320))
+    assert bigger.ci[1] - bigger.ci[0] < hi - lo  # more images, a narrower interval
+    assert bigger.ci[0] <= bigger.divergence <= bigger.ci[1]
+    off = audit_core.measure_data(model, hub_dfq.load_images(clean_rows, limit=40), bootstrap=0)
+    assert off.ci is None and off.divergence == off.divergence_plugin == small.divergence_plugin
+
+
+def test_bootstrap_weights_depend_on_rows_not_forward_batches(model, clean_rows):
+    data = hub_dfq.load_images(clean_rows, limit=100)
+    x = torch.stack([model.preprocess(hub_dfq.data.decode_image(c)) for c in data.dataset["img"]])
+    layers = bn_layers_with_stats(model.bn_layers)
+    results = []
+    for cuts in (((0, 100),), ((0, 13), (13, 70), (70, 100))):
+        acc = MomentAccumulator(layers, device=torch.device("cpu"), bootstrap=50, seed=3)
+        with torch.inference_mode(), acc:
+            for start, stop in cuts:
+                model.module(x[start:stop])
+                acc.step()
+        acc.finish()
+        results.append(acc.bootstrap_moments())
+    for (m1, v1), (m2, v2) in zip(*results):
+        torch.testing.assert_close(m1, m2, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(v1, v2, rtol=1e-10, atol=1e-12)
+
+
+def test_near_reference_over_budget_is_skipped_and_reported(model, clean_rows, tmp_path, monkeypatch):
+    monkeypatch.setenv("HUB_DFQ_CACHE", str(tmp_path / "cache"))
+    called = []
+    monkeypatch.setattr(audit_refs, "synth_near_dataset", lambda *a, **k: called.append(1))
+    macs = audit_refs.macs_per_image(model)
+    assert 30e6 < macs < 60e6  # CIFAR ResNet-20: ~41 MMACs per 32 px image
+    assert audit_refs.near_cost_gmacs(model, n=64, iters=200) == pytest.approx(3 * 64 * 200 * macs / 1e9)
+    report = hub_dfq.audit(model, {"clean": clean_rows.select(range(64))}, references="auto", reference_budget_gmacs=1.0,
+                           progress=False, out_dir=tmp_path / "report")
+    assert not called
+    near = report.references["near"]
+    assert near["skipped"] and near["divergence"] is None and "budget" in near["error"]
+    assert report.settings["normalisation"].startswith("one-point: similarity = log10(far / d) / 3")
+    far = report.references["far"]["divergence"]
+    assert report["clean"].similarity == pytest.approx(math.log10(far / report["clean"].divergence) / 3)
+    assert "was skipped" in (tmp_path / "report" / "audit.md").read_text()
 
 
 # ---- the audit ------------------------------------------------------------------------------------
@@ -124,7 +199,8 @@ def test_clean_data_scores_closer_than_noise_and_corruption(model, clean_rows, t
     assert clean.divergence < 0.01 and far > 0.1  # measured: ~1e-3 vs ~0.34
     assert clean.ci[0] <= clean.divergence <= clean.ci[1]
     assert clean.ci[1] < noisy.ci[0]  # separated beyond sampling noise
-    assert clean.similarity > 0.9 > noisy.similarity
+    # one-point log scale (log10(far / d) / 3): measured ~0.86 vs ~0.03 (the former 1 - d / far read 0.997 vs 0.6)
+    assert clean.similarity > 0.75 and noisy.similarity < 0.25
     assert len(clean.batch_scores) == 4
     assert max(clean.batch_scores) < min(noisy.batch_scores)
     assert set(clean.layers) == {n for n, _ in model.bn_layers}
@@ -143,7 +219,7 @@ def test_report_files_exist_and_parse(model, clean_rows, tmp_path):
     assert payload["ranking"] == ["clean"]
     assert payload["references"]["far"]["method"] == "gaussian"
     text = (tmp_path / "out" / "audit.md").read_text()
-    assert "| 1 | `clean` | 128 | 0 |" in text and "## How to read it" in text and "1 - d / far" in text
+    assert "| 1 | `clean` | 128 | 0 |" in text and "## How to read it" in text and "log10(far / d) / 3" in text
     png = (tmp_path / "out" / "audit_layers.png").read_bytes()
     assert png.startswith(b"\x89PNG") and paths["plot"].endswith("audit_layers.png")
     from matplotlib import image as mpimg

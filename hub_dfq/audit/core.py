@@ -28,7 +28,7 @@ from . import references as refs
 from .moments import MomentAccumulator
 from .registry import DIVERGENCES
 from .results import AuditReport, CandidateResult
-from .scores import aggregate, bootstrap_ci, layer_divergences, similarity
+from .scores import SPAN_DECADES, aggregate, bootstrap_estimate, layer_divergences, similarity
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,16 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
     names = [n for n, _ in acc.layers]
     if acc.n_images == 0:
         return CandidateResult(name, 0, n_skipped, None, {m: None for m in DIVERGENCES.names()}, None, {}, {}, [],
-                               skipped[:MAX_LISTED_SKIPPED], split=split)
+                               skipped[:MAX_LISTED_SKIPPED], split=split, divergence_plugin=None)
     moments = acc.moments()
     per_metric = {m: layer_divergences(moments, running, m) for m in DIVERGENCES.names()}
     detail = {n: {m: per_metric[m][i] for m in per_metric} for i, n in enumerate(names)}
-    divergence = aggregate(per_metric[metric])
-    ci = bootstrap_ci(acc.bootstrap_moments(), running, metric, estimate=divergence)
+    plugin = aggregate(per_metric[metric])
+    # the bias-corrected estimate and its interval (the plug-in value is kept beside them)
+    boot = bootstrap_estimate(acc.bootstrap_moments(), running, metric, plugin_layers=per_metric[metric])
+    divergence, ci = (boot.estimate, boot.ci) if boot else (plugin, None)
     return CandidateResult(
-        dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=divergence,
+        dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=divergence, divergence_plugin=plugin,
         divergences={m: aggregate(v) for m, v in per_metric.items()}, ci=ci,
         layers=dict(zip(names, per_metric[metric])), layers_detail=detail, batch_scores=acc.batch_scores(),
         skipped=skipped[:MAX_LISTED_SKIPPED], split=split)
@@ -247,6 +249,7 @@ def audit(
     revision: str | None = None,
     device: str | torch.device | None = None,
     reference_steps: int | None = None,
+    reference_budget_gmacs: float | None = refs.NEAR_BUDGET_GMACS,
 ) -> AuditReport:
     """Score how close each candidate dataset is to the data the model was trained on.
 
@@ -265,16 +268,17 @@ def audit(
             of them, or a mapping ``name -> dataset`` (names label the report).
         limit: audit only the first ``limit`` images of each candidate.
         batch_size: images per forward pass.
-        score_batch: images per batch-level score and per bootstrap unit.
+        score_batch: images per batch-level score (the bootstrap resamples single images).
         metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"`` or ``"w2"``; all
             three are reported per layer.
         references: ``"auto"`` (Gaussian noise as "far", BNS synthetic data as "near"),
-            ``"gaussian"`` (noise only: one-point normalisation), ``"none"``, or a mapping
+            ``"gaussian"`` (noise only: one-point scale ``log10(far / d) / 3``), ``"none"``, or a mapping
             ``{"far": d, "near": d}`` of known reference divergences.
         reference_images: images per reference point.
         reference_iters: BNS optimisation steps per batch of the near reference (``iters`` of
             :func:`hub_dfq.synthesize`).
-        bootstrap: bootstrap replicates of the confidence interval (0: no interval).
+        bootstrap: bootstrap replicates (Poisson weights per image) of the bias-corrected divergence
+            and its 95% interval (0: the plug-in divergence and no interval).
         seed: seed of the reference points and the bootstrap.
         split: dataset split (default: test, then validation, then train).
         image_column: column holding the images (auto-detected).
@@ -289,6 +293,10 @@ def audit(
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is. Moments are accumulated in float64 on that device.
         reference_steps: deprecated spelling of ``reference_iters``.
+        reference_budget_gmacs: with ``references="auto"``, synthesise the near reference only when it
+            costs at most this many GMACs (3 x images x iterations x MACs per image; ``None``: always).
+            Above it (EfficientNet-Lite0 at 224 px with the defaults) the near point is skipped, the
+            report says why, and similarity uses the one-point scale against noise.
 
     Returns:
         An :class:`AuditReport`; ``report.ranking()`` lists candidates from closest to farthest.
@@ -345,7 +353,8 @@ def audit(
                                       "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
                                       "references": references, "reference_images": reference_images,
                                       "reference_iters": reference_iters, "bootstrap": bootstrap, "seed": seed,
-                                      "split": split, "out_dir": out_dir})
+                                      "split": split, "out_dir": out_dir,
+                                      "reference_budget_gmacs": reference_budget_gmacs})
         common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
         reference_info: dict[str, Any] = {"far": None, "near": None}
         if isinstance(references, Mapping):
@@ -353,6 +362,17 @@ def audit(
                                   if references.get(k) is not None else None) for k in ("far", "near")}
         elif references != "none":
             kinds = ("far", "near") if references == "auto" else ("far",)
+            if "near" in kinds and reference_budget_gmacs is not None:
+                cost = refs.near_cost_gmacs(model, n=reference_images, iters=reference_iters)
+                if cost > reference_budget_gmacs:
+                    # too expensive to synthesise here, and a cut-down synthesis is no anchor: say so, use noise alone
+                    kinds = ("far",)
+                    reason = (f"BNS synthesis of {reference_images} images x {reference_iters} steps would cost "
+                              f"~{cost:,.0f} GMACs, over the budget of {reference_budget_gmacs:,.0f} "
+                              "(reference_budget_gmacs)")
+                    logger.info("near reference %s", reason)
+                    reference_info["near"] = {"method": "hub_dfq.synth bns", "skipped": True, "error": reason,
+                                              "divergence": None, "cost_gmacs": cost}
 
             def measure_references() -> dict[str, Any]:
                 return {kind: _reference(model, layers, kind, n=reference_images, steps=reference_iters,
@@ -367,8 +387,9 @@ def audit(
         if far is not None and near is not None and 0 < near < far:
             normalisation = "two-point: similarity = log(far / d) / log(far / near)"
         elif far is not None:
-            normalisation = "one-point: similarity = 1 - d / far" + (
-                f" (the near reference failed: {near_failed})" if near_failed else "")
+            why = "was skipped" if (reference_info["near"] or {}).get("skipped") else "failed"
+            normalisation = f"one-point: similarity = log10(far / d) / {SPAN_DECADES:g}" + (
+                f" (the near reference {why}: {near_failed})" if near_failed else "")
         else:
             normalisation = None
 
@@ -388,8 +409,8 @@ def audit(
             settings={"limit": limit, "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
                       "references": references if isinstance(references, str) else "given",
                       "reference_images": reference_images, "bootstrap": bootstrap, "seed": seed, "split": split,
-                      "normalisation": normalisation,
-                      "aggregate": "mean over BN layers of the channel-mean divergence"},
+                      "normalisation": normalisation, "reference_budget_gmacs": reference_budget_gmacs,
+                      "aggregate": "geometric mean over BN layers of the channel-mean divergence"},
             references=reference_info,
             candidates=results,
         )

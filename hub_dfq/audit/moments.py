@@ -6,9 +6,11 @@ converted to float64 once and added to accumulators that stay on the model's dev
 grouped into fixed-size *score batches* by their index in the dataset (rows ``[b * S, (b + 1) * S)``
 form score batch ``b``; ``S`` = 64 by default, independent of the forward batch size): each score
 batch whose ``S`` rows were all readable gets its own divergence (the batch-level score
-distribution), and each score batch is also a resampling unit of an online Poisson bootstrap whose
-weights are drawn from a generator seeded by ``(seed, b)`` alone, so the confidence interval needs no
-second pass and no per-image storage.
+distribution). The confidence interval comes from an online Poisson bootstrap over *images*: row
+``r`` of score batch ``b`` weighs ``w[:, r % S]`` in every replicate, with ``w ~ Poisson(1)`` of shape
+``(replicates, S)`` drawn from a generator seeded by ``(seed, b)`` alone, so the interval needs no
+second pass and no per-image storage. (Resampling whole score batches left a 200-image candidate
+with 3-4 units, and intervals that were degenerate or clamped at 0.)
 
 Because a score batch and its weights depend only on row indices, processes that each read whole
 score batches of a dataset (:mod:`hub_dfq.partition`) compute exactly the single-process batches;
@@ -28,8 +30,10 @@ from torch import nn
 from ..bnstats import running_moments
 from ..distributed import Distributed
 from .registry import divergence_fn
+from .scores import aggregate_layers
 
-__all__ = ["LayerMoments", "MomentAccumulator", "bootstrap_seed"]
+__all__ = ["LayerMoments", "MomentAccumulator", "bootstrap_seed", "per_image_sums"]
+
 
 BNLayers = Sequence[tuple[str, nn.Module]]
 
@@ -53,7 +57,7 @@ class LayerMoments:
         return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0.0)
 
 
-def _per_image_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_image_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, C)`` float32 sums of ``x`` and ``x**2`` over every dimension but batch and channel."""
     x = x.detach()
     if x.dim() == 2:
@@ -75,9 +79,9 @@ class MomentAccumulator:
     Args:
         layers: ``(name, bn)`` pairs, each with running statistics.
         device: where the accumulators live (the model's device).
-        score_batch: rows per batch-level score and per bootstrap unit.
+        score_batch: rows per batch-level score (and per draw of bootstrap weights).
         metric: divergence of the batch-level scores (see :mod:`hub_dfq.audit.registry`).
-        bootstrap: number of Poisson-bootstrap replicates (0 disables the interval).
+        bootstrap: number of Poisson-bootstrap replicates over images (0 disables the interval).
         seed: seed of the bootstrap weights.
 
     Call :meth:`step` after every forward pass (it consumes what the hooks captured), then
@@ -105,7 +109,9 @@ class MomentAccumulator:
         self._pending_images = 0
         self._next_row = 0
         self._batch_scores: list[tuple[int, torch.Tensor | float]] = []  # (score batch, divergence)
-        # Poisson bootstrap: replicate r weighs score batch b by w_rb ~ Poisson(1), drawn from (seed, b).
+        # Poisson bootstrap over images: replicate j weighs row r of score batch b by w[j, r % S], drawn from (seed, b).
+        self._weights_of: int | None = None
+        self._weights_draw: torch.Tensor | None = None
         self._boot_sum = [torch.zeros(self.bootstrap, c, **f64) for c in widths]
         self._boot_sumsq = [torch.zeros(self.bootstrap, c, **f64) for c in widths]
         self._boot_images = torch.zeros(self.bootstrap, **f64)
@@ -116,7 +122,7 @@ class MomentAccumulator:
         def hook(_module, args):
             x = args[0]
             self.values_per_image[i] = x[0, 0].numel() if x.dim() > 2 else 1
-            self._captured[i] = _per_image_sums(x)
+            self._captured[i] = per_image_sums(x)
 
         return hook
 
@@ -130,6 +136,23 @@ class MomentAccumulator:
         self._handles = []
 
     # ---- accumulation ---------------------------------------------------------------------------
+    def add(self, sums: Sequence[tuple[torch.Tensor, torch.Tensor]], values_per_image: Sequence[int],
+            rows: Sequence[int] | None = None) -> None:
+        """Fold per-image sums computed elsewhere, as :meth:`step` folds what the hooks captured.
+
+        Lets a benchmark reuse one forward pass for many resampled candidates (the CI coverage check).
+
+        Args:
+            sums: per layer ``(N, C)`` sums of ``x`` and ``x**2`` per image (:func:`per_image_sums`).
+            values_per_image: per layer, the spatial size those sums run over.
+            rows: as in :meth:`step`.
+        """
+        if len(sums) != len(self.layers) or len(values_per_image) != len(self.layers):
+            raise ValueError(f"expected sums of {len(self.layers)} layers, got {len(sums)}")
+        self.values_per_image = [int(v) for v in values_per_image]
+        self._captured = [(s.to(self.device), q.to(self.device)) for s, q in sums]
+        self.step(rows)
+
     def step(self, rows: Sequence[int] | None = None) -> None:
         """Fold the sums captured by the last forward pass into the accumulators.
 
@@ -161,8 +184,14 @@ class MomentAccumulator:
             if self._open is not None and batch != self._open:
                 self._flush()
             self._open = batch
+            weights = self._weights(batch, rows[first:last]) if self.bootstrap else None
+            if weights is not None:
+                self._boot_images += weights.sum(1)
             for i, (s, q) in enumerate(captured):
                 self._pending[i].append((s[first:last], q[first:last]))
+                if weights is not None:  # (replicates, k) @ (k, C): one small matmul per layer
+                    self._boot_sum[i] += weights @ s[first:last]
+                    self._boot_sumsq[i] += weights @ q[first:last]
             self._pending_images += last - first
             first = last
         if rows:
@@ -170,22 +199,27 @@ class MomentAccumulator:
         if self._open is not None and self._next_row >= (self._open + 1) * self.score_batch:
             self._flush()  # its last row has been seen
 
+    def _weights(self, batch: int, rows: Sequence[int]) -> torch.Tensor:
+        """Bootstrap weights ``(replicates, len(rows))`` of ``rows`` (all in score batch ``batch``).
+
+        A function of ``(seed, batch, row)`` alone, so a process that reads only some score batches
+        draws exactly the single-process weights; the score batch's draw is kept while it is open.
+        """
+        if self._weights_of != batch:
+            generator = torch.Generator(device="cpu").manual_seed(bootstrap_seed(self.seed, batch))
+            draw = torch.poisson(torch.ones(self.bootstrap, self.score_batch), generator=generator)
+            self._weights_of, self._weights_draw = batch, draw.to(self.device, torch.float64)
+        columns = torch.tensor([r - batch * self.score_batch for r in rows], device=self.device)
+        return self._weights_draw.index_select(1, columns)
+
     def _flush(self) -> None:
         """Close the open score batch."""
         batch, size = self._open, self._pending_images
-        weights = None
-        if self.bootstrap:
-            generator = torch.Generator(device="cpu").manual_seed(bootstrap_seed(self.seed, batch))
-            weights = torch.poisson(torch.ones(self.bootstrap), generator=generator).to(self.device, torch.float64)
-            self._boot_images += weights * size
         scores = []
         for i in range(len(self.layers)):
             bs = torch.cat([p[0] for p in self._pending[i]]).sum(0)
             bq = torch.cat([p[1] for p in self._pending[i]]).sum(0)
             self._pending[i] = []
-            if weights is not None:
-                self._boot_sum[i] += weights[:, None] * bs
-                self._boot_sumsq[i] += weights[:, None] * bq
             if size == self.score_batch:
                 count = size * self.values_per_image[i]
                 mean = bs / count
@@ -193,8 +227,8 @@ class MomentAccumulator:
                 scores.append(self.metric(*self.running[i], mean, var).mean())
         self._pending_images = 0
         self._open = None
-        if scores:
-            self._batch_scores.append((batch, torch.stack(scores).mean()))
+        if scores:  # the same aggregate as the pooled score: geometric mean over layers
+            self._batch_scores.append((batch, aggregate_layers(torch.stack(scores))))
 
     def finish(self) -> None:
         """Close the last score batch (a partial one counts in the bootstrap, not as a batch-level score)."""

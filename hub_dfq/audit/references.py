@@ -31,10 +31,17 @@ from ..synth.config import SynthConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset", "entry_path", "load_cached",
-           "store_cached", "REFERENCE_VERSION"]
+           "store_cached", "REFERENCE_VERSION", "NEAR_BUDGET_GMACS", "macs_per_image", "near_cost_gmacs"]
+
+# The BNS near point is synthesised only below this cost (GMACs: 3 x images x iterations x MACs per image, a
+# forward and a backward pass per step). 64 x 200 on the CIFAR ResNet-20 (0.04 GMACs/image) is ~1,600 GMACs,
+# under a minute on one core; on EfficientNet-Lite0 at 224 px (0.4 GMACs/image) it is ~15,000 GMACs, ~13 minutes
+# on two cores, and a run cut to fit five minutes (16 images x 80 steps) is still at a third of the noise
+# divergence in log terms: no anchor. Above the budget the audit uses the one-point scale against noise.
+NEAR_BUDGET_GMACS = 4000.0
 
 # Bump when what a reference measures changes (the synthesis of the near point has its own versions).
-REFERENCE_VERSION = 3  # 3: score batches by row index, bootstrap weights seeded per score batch
+REFERENCE_VERSION = 4  # 4: bootstrap over images, bias-corrected divergence (3: score batches by row index)
 
 
 def cache_dir() -> Path:
@@ -87,6 +94,33 @@ def store_cached(key: str, value: dict[str, Any]) -> None:
         write_text(path, json.dumps(value))
     except OSError as err:  # a read-only or full cache only costs time
         logger.warning("could not cache audit reference in %s: %s", path, err)
+
+
+def macs_per_image(model) -> int:
+    """Multiply-accumulates of one forward pass at the model's input size (convolutions and linear layers)."""
+    total = [0]
+
+    def count(module, args, out):
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+            total[0] += out[0].numel() * k
+        elif isinstance(module, torch.nn.Linear):
+            total[0] += out[0].numel() * module.in_features
+
+    handles = [m.register_forward_hook(count) for m in model.module.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model.module(torch.zeros(1, *model.input_size, device=model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+def near_cost_gmacs(model, *, n: int, iters: int) -> float:
+    """Estimated cost of synthesising the near reference: a forward and a backward pass (~3x) per step."""
+    return 3.0 * n * iters * macs_per_image(model) / 1e9
 
 
 def gaussian_batches(input_size: tuple[int, ...], *, n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

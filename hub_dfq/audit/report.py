@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..outputs import reserve_folder, staged
 from .registry import DIVERGENCES
+from .scores import SPAN_DECADES
 
 if TYPE_CHECKING:
     from .results import AuditReport
@@ -21,7 +22,7 @@ HOW_TO_READ = """\
 - **divergence** (lower = closer): at the input of every BatchNorm layer, the candidate's per-channel
   mean and variance (accumulated over all its images) are compared with the running statistics the
   layer kept from the training data, as Gaussians: `{metric_doc}` per channel, averaged over channels,
-  then averaged over layers. 0 would mean the BN layers see exactly the statistics they were trained on.
+  then the geometric mean over layers (each layer weighs the same in log terms). 0 would mean the BN layers see exactly the statistics they were trained on.
 - **similarity** puts the divergence `d` on the model's own scale: {normalisation_doc}
   The references are measured on the same model: *far* = Gaussian noise in the model's input space
   (it ignores everything the model learnt), *near* = the model's own BNS synthetic data (inputs
@@ -30,11 +31,14 @@ HOW_TO_READ = """\
   negative means farther than noise. It is not clipped. Real in-distribution data usually lands
   somewhat below 1, because the synthetic data is optimised for exactly these statistics (the
   CIFAR-10 ResNet-20 on 2,000 images of its own test split: about 0.78).
-- **95% CI**: basic (bias-corrected) bootstrap interval of the divergence over batches of
-  {score_batch} images (Poisson weights, {bootstrap} replicates, seed {seed}), clamped at 0.
+- **95% CI**: bootstrap interval (Poisson weights per image, {bootstrap} replicates, seed {seed}):
+  per layer the basic bootstrap `2 d - d*` (a correction removes at most 75% of a layer's value),
+  aggregated over layers per replicate; always above 0 and holding the estimate.
   Non-overlapping intervals mean the ranking is not a fluke of which images were drawn.
-- Sampling noise in the moments adds a small positive bias that shrinks as images are added:
-  compare candidates audited on similar numbers of images (`--limit`).
+- Sampling noise in the moments adds a positive bias that shrinks as images are added; the
+  **divergence** shown is bias-corrected with the same bootstrap (per layer `2 d - mean d*`),
+  `divergence_plugin` in `audit.json` is the raw pooled value. Still, compare candidates audited on
+  similar numbers of images (`--limit`).
 - **batch-level scores**: the divergence of each batch of {score_batch} images on its own. Small
   batches score higher than the pooled divergence (their moments are noisier), so compare batch
   scores with batch scores, e.g. to flag drifting batches in deployment.
@@ -103,7 +107,9 @@ def to_markdown(report: "AuditReport") -> str:
               "|---|---|---:|---:|---:|---|"]
     for kind in ("near", "far"):
         r = data["references"].get(kind)
-        if r and r.get("failed"):
+        if r and r.get("skipped"):
+            lines.append(f"| {kind} | {r.get('method', '–')}: {r.get('error')} | – | – | – | – |")
+        elif r and r.get("failed"):
             lines.append(f"| {kind} | {r.get('method', '–')}: **failed** ({r.get('error')}) | – | – | – | – |")
         elif r:
             lines.append(f"| {kind} | {r.get('method', '–')} | {r.get('n_images', '–')} | "
@@ -113,12 +119,15 @@ def to_markdown(report: "AuditReport") -> str:
     normalisation = s.get("normalisation")
     if normalisation and normalisation.startswith("two-point"):
         norm_doc = "`similarity = log(far / d) / log(far / near)` (1 at *near*, 0 at *far*, linear in log d)."
-    elif normalisation and (data["references"].get("near") or {}).get("failed"):
-        norm_doc = ("`similarity = 1 - d / far` (one-point normalisation, because the synthetic *near* reference "
-                    f"failed: {data['references']['near'].get('error')}; 0 is noise and 1 a perfect match).")
+    elif normalisation and (data["references"].get("near") or {}).get("error"):
+        near_state = "was skipped" if data["references"]["near"].get("skipped") else "failed"
+        norm_doc = (f"`similarity = log10(far / d) / {SPAN_DECADES:g}` (one-point scale, because the synthetic *near* "
+                    f"reference {near_state}: {data['references']['near'].get('error')}; 0 is noise, 1 is "
+                    f"{SPAN_DECADES:g} decades closer than noise, about where clean real data lands).")
     elif normalisation:
-        norm_doc = ("`similarity = 1 - d / far` (one-point normalisation: no synthetic *near* reference was "
-                    "measured, so 0 is noise and 1 a perfect match).")
+        norm_doc = (f"`similarity = log10(far / d) / {SPAN_DECADES:g}` (one-point scale: no synthetic *near* reference "
+                    f"was measured; 0 is noise, 1 is {SPAN_DECADES:g} decades closer than noise, about where clean real "
+                    "data lands).")
     else:
         norm_doc = "not computed (no reference points were measured)."
     metric_doc = DIVERGENCES.get(s["metric"]).formula if s["metric"] in DIVERGENCES else s["metric"]

@@ -15,7 +15,12 @@ __all__ = ["CandidateResult", "AuditReport"]
 
 @dataclass
 class CandidateResult:
-    """Audit of one dataset (or reference). ``divergence`` is ``None`` when no image was readable."""
+    """Audit of one dataset (or reference). ``divergence`` is ``None`` when no image was readable.
+
+    ``divergence`` is the bias-corrected estimate and ``ci`` its interval (both from the bootstrap,
+    :func:`~hub_dfq.audit.scores.bootstrap_estimate`; with ``bootstrap=0`` the plug-in value and no
+    interval); ``divergences`` and ``layers`` are plug-in values of the pooled moments.
+    """
 
     dataset: str
     n_images: int
@@ -31,6 +36,8 @@ class CandidateResult:
     similarity_ci: tuple[float, float] | None = None
     rank: int | None = None
     split: str | None = None
+    # the pooled-moment divergence before the bootstrap's bias correction (``divergence`` without a bootstrap)
+    divergence_plugin: float | None = None
 
     @property
     def batch_summary(self) -> dict[str, float | int] | None:

@@ -81,8 +81,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"BN-statistics audit of {model.source.spec} ({len(report.model['bn_layers'])} BN layers, "
               f"metric {args.metric}); lower divergence = closer to the training data")
         near = report.references.get("near") or {}
-        if near.get("failed"):
-            print(f"note: the near reference failed ({near['error']}); similarity is 1 - d / far (noise only)")
+        if near.get("failed") or near.get("skipped"):
+            state = "was skipped" if near.get("skipped") else "failed"
+            print(f"note: the near reference {state} ({near['error']}); similarity is log10(far / d) / 3 (noise only)")
         print(f"{'rank':>4}  {'divergence':>11}  {'95% CI':>23}  {'similarity':>10}  {'images':>7}  dataset")
         for c in report.ranking() + [c for c in report.candidates if c.rank is None]:
             ci = f"[{c.ci[0]:.4g}, {c.ci[1]:.4g}]" if c.ci else "-"

@@ -23,10 +23,11 @@ _CITATION = """\
 _DESCRIPTION = """\
 BN similarity compares images with the statistics a model's BatchNorm layers kept from its training
 data (running mean and variance per channel), without access to that data. Per layer, the Gaussian
-KL divergence KL(N(running) || N(images)) is averaged over channels, then over layers
-(`divergence`, lower = closer). `similarity` puts it on the model's own scale: 1 at the model's BNS
-synthetic data, 0 at Gaussian noise (log(far / d) / log(far / near)), or 1 - d / far when only the
-noise reference is measured.
+KL divergence KL(N(running) || N(images)) is averaged over channels, then geometrically over layers
+(`divergence`, bias-corrected with a bootstrap over images; lower = closer). `similarity` puts it on
+the model's own scale: 1 at the model's BNS synthetic data, 0 at Gaussian noise
+(log(far / d) / log(far / near)), or log10(far / d) / 3 (1 = three decades closer than noise, about
+where clean real data lands) when only the noise reference is measured.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -37,12 +38,12 @@ Args:
     reference_points (`str`, default `"auto"`): `"auto"`, `"gaussian"` or `"none"`, the `references`
         argument of `hub_dfq.audit` (renamed: `references` is reserved by `evaluate`).
     batch_size (`int`, default 64): images per forward pass.
-    score_batch (`int`, default 64): images per batch-level score and bootstrap unit.
+    score_batch (`int`, default 64): images per batch-level score (the bootstrap resamples images).
     seed (`int`, default 0): seed of the references and the bootstrap.
 Returns:
     divergence (`float`): aggregate divergence, lower = closer.
     similarity (`float` or `None`): normalised similarity.
-    ci (`list`): 95% bootstrap interval of the divergence.
+    ci (`list`): 95% bootstrap interval of the divergence (basic bootstrap per layer, over images).
     n_images (`int`), n_skipped (`int`): images scored and unreadable images skipped.
     layers (`dict`): per-layer divergence.
 Examples:
