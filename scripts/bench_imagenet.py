@@ -68,7 +68,9 @@ def predictions(fn, inputs: torch.Tensor, batch: int = 50) -> torch.Tensor:
 class _Reader:
     """An ONNX Runtime ``CalibrationDataReader`` over normalised inputs."""
 
-    def __init__(self, inputs: torch.Tensor, batch: int = 25):
+    def __init__(self, inputs: torch.Tensor, batch: int = 32):
+        # equal batches: ORT's histogram collectors stack them and fail on a shorter last one
+        batch = max(b for b in range(1, batch + 1) if len(inputs) % b == 0)
         self.batches = [inputs[i:i + batch].numpy() for i in range(0, len(inputs), batch)]
         self.index = 0
 
