@@ -188,6 +188,11 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
 
 
+def _ms(latency: dict | None, batch: int) -> float:
+    latency = latency or {}
+    return latency.get(batch, latency.get(str(batch), float("nan")))  # int keys, or str after a JSON round trip
+
+
 def table(results: dict) -> str:
     lines = [f"EfficientNet-Lite0, {results['images']} shared ImageNet images, "
              f"float top-1 {results['float_top1']:.1f}%, {results['threads']} threads, preset {results['preset']}", "",
@@ -196,13 +201,13 @@ def table(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     float_latency = results.get("float_latency_ms") or {}
     lines.append(f"| float (PyTorch / ORT fp32) | {results['float_top1']:.1f} | - | 100 | - | - | 0 | "
-                 f"{float_latency.get(1, float('nan')):.1f} | {float_latency.get(32, float('nan')):.0f} | - |")
+                 f"{_ms(float_latency, 1):.1f} | {_ms(float_latency, 32):.0f} | - |")
     for name, r in results["rows"].items():
         lat = r.get("latency_ms") or {}
         synth = r.get("synthesis_s")
         lines.append(f"| {name} | {r['top1']:.1f} | {r['onnx_top1']:.1f} | {r['agreement']:.1f} | {r['seconds']:.0f} | "
                      f"{'-' if synth is None else f'{synth:.0f}'} | {r['integer_mac_share']:.2f} | "
-                     f"{lat.get(1, float('nan')):.1f} | {lat.get(32, float('nan')):.0f} | "
+                     f"{_ms(lat, 1):.1f} | {_ms(lat, 32):.0f} | "
                      f"{r.get('peak_rss_gib', float('nan')):.1f} |")
     return "\n".join(lines)
 
