@@ -3,7 +3,7 @@
 Run it on any machine with a CUDA GPU (the CPU path is what the test suite covers):
 
     python scripts/gpu_check.py [--device cuda:0] [--images 64] [--json scripts/results/gpu_check.json]
-    python scripts/gpu_check.py --device cpu --images 8 --iters 2 --json /tmp/g.json   # the script itself, on a CPU
+    python scripts/gpu_check.py --device cpu --images 8 --iters 2 --reconstruct-iters 2 --json /tmp/g.json  # on a CPU
 
 It prints, for each step, the wall time and the result (BN divergence, top-1 of float and W4A8 on the 500
 shared ImageNet images, the audit ranking), with the CPU's numbers for the same small budgets when
@@ -26,10 +26,11 @@ MODEL = SHARED / "models" / "imagenet-efficientnet-lite0"
 IMAGES = SHARED / "data" / "imagenet-sample" / "even-classes.parquet"
 
 
-def run(device: str, images: int, iters: int, out: Path) -> dict:
+def run(device: str, images: int, iters: int, out: Path, reconstruct_iters: int = 100) -> dict:
     import torch
 
     import hub_dfq
+    from hub_dfq.synth.api import synthesize_folder
 
     result: dict = {"device": device}
     if device.startswith("cuda"):
@@ -38,7 +39,7 @@ def run(device: str, images: int, iters: int, out: Path) -> dict:
     data = hub_dfq.load_images(str(IMAGES))
 
     start = time.perf_counter()
-    folder = hub_dfq.synth.api.synthesize_folder(model, "bns", images, iters=iters, batch_size=min(images, 64),
+    folder = synthesize_folder(model, "bns", images, iters=iters, batch_size=min(images, 64),
                                                  out_dir=out / f"synth-{device.replace(':', '-')}", device=device)
     manifest = json.loads((folder / "generation.json").read_text())
     result["synth"] = {"seconds": time.perf_counter() - start, "images": images, "iters": iters,
@@ -52,7 +53,7 @@ def run(device: str, images: int, iters: int, out: Path) -> dict:
     start = time.perf_counter()
     qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=hub_dfq.load_images(str(folder)),
                               calibration_images=images, algorithm="reconstruct",
-                              settings={"reconstruct": {"iters": 100, "batch_size": 16}}, device=device,
+                              settings={"reconstruct": {"iters": reconstruct_iters, "batch_size": 16}}, device=device,
                               progress=False)
     quant = qmodel.evaluate(data, progress=False)
     result["quantize_w4a8_reconstruct"] = {"seconds": time.perf_counter() - start, "top1": quant["top1"],
@@ -71,6 +72,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction steps per block")
     parser.add_argument("--compare-cpu", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "scripts" / "results" / "gpu_check.json"))
     args = parser.parse_args()
@@ -81,9 +83,9 @@ def main() -> int:
         return 3
     os.environ.setdefault("HUB_DFQ_CACHE", tempfile.mkdtemp(prefix="hub-dfq-gpu-check-"))
     out = Path(tempfile.mkdtemp(prefix="hub-dfq-gpu-check-out-"))
-    results = [run(args.device, args.images, args.iters, out)]
+    results = [run(args.device, args.images, args.iters, out, args.reconstruct_iters)]
     if args.compare_cpu:
-        results.append(run("cpu", args.images, args.iters, out))
+        results.append(run("cpu", args.images, args.iters, out, args.reconstruct_iters))
     for result in results:
         print(json.dumps(result, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
