@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
+from ..budget import shrink
 from ..cache import cache_root
 from ..distributed import current
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
@@ -27,7 +28,6 @@ from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
-from ..budget import shrink
 from ..runtime import place_model, resolve_device, resolve_precision
 from .card import write_card, write_preview
 from .config import Priors, SynthConfig
