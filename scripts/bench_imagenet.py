@@ -29,11 +29,10 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from bench_int8 import timed  # the same latency measure as the CIFAR table's
+from bench_int8 import export_float, timed  # the CIFAR table's float export and latency measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -82,15 +81,6 @@ class _Reader:
 
     def rewind(self):
         self.index = 0
-
-
-def export_float(model, path: Path) -> Path:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.module.eval(), (model.example_input(2),), str(path), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["logits"],
-                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
-    return path
 
 
 def integer_mac_share(path: Path, threads: int) -> float:

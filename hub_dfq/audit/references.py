@@ -97,25 +97,8 @@ def store_cached(key: str, value: dict[str, Any]) -> None:
 
 
 def macs_per_image(model) -> int:
-    """Multiply-accumulates of one forward pass at the model's input size (convolutions and linear layers)."""
-    total = [0]
-
-    def count(module, args, out):
-        if isinstance(module, torch.nn.Conv2d):
-            k = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
-            total[0] += out[0].numel() * k
-        elif isinstance(module, torch.nn.Linear):
-            total[0] += out[0].numel() * module.in_features
-
-    handles = [m.register_forward_hook(count) for m in model.module.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.inference_mode():
-            model.module(torch.zeros(1, *model.input_size, device=model.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total[0]
+    """Multiply-accumulates of one forward pass at the model's input size (:meth:`VisionModel.gflops` / 2)."""
+    return round(model.gflops() * 1e9 / 2)
 
 
 def near_cost_gmacs(model, *, n: int, iters: int) -> float:
