@@ -193,7 +193,17 @@ def per_image_cost(args: argparse.Namespace) -> dict[str, Any]:
     from hub_dfq.synth.generator import BatchGenerator
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = hub_dfq.load_model(args.model).to(args.device)
+    name = args.model
+    if args.random_weights:
+        # why: the cost of a step does not depend on the weights' values, and a machine without the Hub
+        # (a GPU node behind a firewall) can still build the architecture from timm's config
+        import timm
+        from timm.models import save_for_hf
+
+        folder = Path(tempfile.mkdtemp(prefix="hub-dfq-bench-scale-"))
+        save_for_hf(timm.create_model(args.model, pretrained=False), folder, safe_serialization=True)
+        name = f"local-dir:{folder}"
+    model = hub_dfq.load_model(name, device=args.device)
     config = SynthConfig(method="bns", num_images=args.batch_size, iters=args.cost_iters, batch_size=args.batch_size,
                          precision=args.precision)
     generator = BatchGenerator(model, config)
@@ -214,7 +224,7 @@ def per_image_cost(args: argparse.Namespace) -> dict[str, Any]:
     shards = math.ceil(args.estimate_images / args.shard_size)
     per_gpu_images = math.ceil(shards / args.gpus) * args.shard_size
     estimate = per_gpu_images * args.estimate_iters * cost
-    return {"model": args.model, "device": str(model.device), "precision": config.precision,
+    return {"model": args.model, "random_weights": args.random_weights, "device": str(model.device), "precision": config.precision,
             "batch_size": args.batch_size, "iters_timed": args.cost_iters, "repeats": args.repeats,
             "seconds_per_image_iteration": cost, "estimate": {
                 "images": args.estimate_images, "iters": args.estimate_iters, "gpus": args.gpus,
@@ -237,6 +247,8 @@ def main() -> None:
     cost = parser.add_argument_group("--per-image-cost: one device's cost of a BNS image-iteration, and the estimate")
     cost.add_argument("--per-image-cost", action="store_true")
     cost.add_argument("--model", default="timm/resnet50.a1_in1k")
+    cost.add_argument("--random-weights", action="store_true",
+                      help="build --model (a timm architecture name) from its config instead of downloading weights")
     cost.add_argument("--device", default="cuda")
     cost.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     cost.add_argument("--threads", type=int)

@@ -148,3 +148,53 @@ def test_bad_input(model, images, tmp_path, capsys):
     assert main(["export", "default", "--out", str(tmp_path / "taken.onnx")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "taken.onnx").read_bytes() == b"keep me"
+
+
+def _relu6_model():
+    from torch import nn
+
+    from hub_dfq.models.preprocess import Preprocess
+    from hub_dfq.models.vision_model import ModelSource, VisionModel
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                           nn.Conv2d(8, 8, 1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(8, 3)).eval()
+    with torch.no_grad():  # outputs well past 6, so that ReLU6 clips and reconstruction pushes the steps up
+        for m in module:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(8.0)
+    return VisionModel(module, Preprocess(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
+                       ["a", "b", "c"], ModelSource(spec="tiny-relu6", library="timm", architecture="tiny"))
+
+
+def _bounded_grids(qmodel) -> list[float]:
+    from hub_dfq.quant.quantizers import ActQuantizer
+
+    return [float(np.float32(m.scale.detach().abs()) * np.float32(m.qmax))
+            for m in qmodel.module.modules() if isinstance(m, ActQuantizer) and m.upper_bound is not None]
+
+
+def test_learned_steps_stay_inside_relu6_so_every_conv_stays_an_integer_kernel(tmp_path, monkeypatch):
+    """Reconstruction learns activation steps; one whose grid passes ReLU6's 6 keeps ONNX Runtime's Clip
+    between the conv and its QuantizeLinear, and that conv falls back to float (81% integer MACs on Lite0)."""
+    from hub_dfq.quant.quantizers import ActQuantizer
+
+    model = _relu6_model()
+    data = torch.randn(32, 3, 16, 16)
+    settings = {"reconstruct": {"iters": 30, "batch_size": 8, "lr_act": 0.05}}
+
+    def run(name):
+        qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=data, algorithm="reconstruct",
+                                  settings=settings, resume=False)
+        return qmodel, runtime_ops(export_onnx(qmodel, tmp_path / name))
+
+    qmodel, ops = run("projected.onnx")
+    grids = _bounded_grids(qmodel)
+    assert len(grids) == 4 and max(grids) <= 6.0  # float32 arithmetic, as ONNX Runtime checks it
+    assert ops.get("QLinearConv") == 3 and "Conv" not in ops and "Clip" not in ops
+    with monkeypatch.context() as patch:  # the same run without the projection: the test can fail
+        patch.setattr(ActQuantizer, "project_", lambda self: None)
+        unprojected, unprojected_ops = run("free.onnx")
+    assert max(_bounded_grids(unprojected)) > 6.0 and unprojected_ops.get("QLinearConv", 0) < 3

@@ -157,3 +157,28 @@ def test_simulation_equals_integer_arithmetic():
     scale = (aq.scale.double() * conv.weight_quantizer.scale.double()).view(1, -1, 1, 1)
     expected = (acc + conv.bias_int().double().view(1, -1, 1, 1)) * scale
     assert torch.allclose(captured["out"].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+class Bounded(nn.Module):
+    """ReLU6 as a module, F.relu6, F.hardtanh and a plain ReLU, each read by a conv (through a pool for one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(8, 8, 1) for _ in range(4))
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        x = F.relu6(self.c1(F.max_pool2d(x, 2)))
+        x = F.hardtanh(self.c2(x), 0.0, 2.5)
+        return self.c4(F.relu(self.c3(x)))
+
+
+def test_quantizers_know_the_bound_of_a_relu6_or_hardtanh_they_read():
+    prepared = prepare(Bounded().eval(), QuantConfig(), example_input=torch.randn(1, 3, 8, 8))
+    modules = dict(prepared.module.named_modules())
+    bounds = {p.consumers[0]: modules[f"act_quantizers.{p.name}"].upper_bound for p in prepared.report.act_points}
+    # the stem reads the image (no bound); c1 reads ReLU6 through a max pool and the quantizer before it
+    # (on the stem's output); c4 reads a plain ReLU; c2's output quantizer (read by hardtanh) has no bound
+    assert bounds == {"stem": None, "max_pool2d": 6.0, "c1": 6.0, "c2": 6.0, "hardtanh": None, "c3": 2.5,
+                      "c4": None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -128,3 +129,33 @@ def test_bn_folding_keeps_outputs():
     folded.load_state_dict(conv.state_dict())
     fold_bn(folded, bn)
     assert (folded(x) - expected).abs().max() <= 1e-4
+
+
+def test_largest_step_keeps_the_float32_grid_inside_the_bound():
+    from hub_dfq.quant.quantizers import largest_step
+
+    for bound, qmax in [(6.0, 255), (6.0, 15), (1.0, 255), (6.0, 127)]:
+        step = np.float32(largest_step(bound, qmax))
+        assert step * np.float32(qmax) <= np.float32(bound)  # what ONNX Runtime computes
+        above = np.nextafter(step, np.float32(np.inf))
+        assert above * np.float32(qmax) > np.float32(bound)  # and the largest such step
+
+
+def test_project_shrinks_only_unsigned_bounded_steps_past_the_bound():
+    from hub_dfq.quant.quantizers import ActQuantizer, largest_step
+
+    q = ActQuantizer(8, signed=False)
+    q.scale.data.fill_(0.1)
+    q.project_()  # no bound known: unchanged
+    assert float(q.scale) == pytest.approx(0.1)
+    q.upper_bound = 6.0
+    q.project_()
+    assert float(q.scale) == largest_step(6.0, 255)
+    q.scale.data.fill_(0.01)
+    q.project_()  # inside the bound: unchanged
+    assert float(q.scale) == pytest.approx(0.01)
+    signed = ActQuantizer(8, signed=True)
+    signed.upper_bound = 6.0
+    signed.scale.data.fill_(0.1)
+    signed.project_()
+    assert float(signed.scale) == pytest.approx(0.1)

@@ -163,6 +163,8 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
             with torch.no_grad():
                 for p in scale_params:
                     p.abs_().clamp_min_(1e-8)
+            for q in acts:
+                q.project_()
             if step % 50 == 0:
                 losses.append(float(value))
                 bar.set_postfix(kd=f"{losses[-1]:.4g}")

@@ -258,6 +258,36 @@ def _nonnegative(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> bo
     return False
 
 
+def _upper_bound(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> float | None:
+    """The largest value a node's output can take by construction (after a ReLU6 or a Hardtanh), if any."""
+    if not isinstance(node, fx.Node) or depth > 64:
+        return None
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    if node.op == "call_function":
+        if node.target is F.relu6:
+            return 6.0
+        if node.target is F.hardtanh:
+            return float(node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0))
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+        if node.target is F.pad and value not in (0, 0.0, None):
+            return None
+        if node.target in _KEEP_SIGN_FUNCTIONS and args:  # these select or average: no value grows
+            return _upper_bound(args[0], modules, depth + 1)
+        return None
+    if node.op == "call_method":
+        return _upper_bound(args[0], modules, depth + 1) if node.target in _KEEP_SIGN_METHODS and args else None
+    if node.op == "call_module":
+        if _is_quantizer(node):  # its grid is kept inside the bound (calibrated on, or projected to, it)
+            return _upper_bound(node.args[0], modules, depth + 1)
+        module = modules.get(node.target)
+        last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+        if isinstance(last, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
+            return float(last.max_val)
+        if isinstance(module, _KEEP_SIGN_MODULES) and args:
+            return _upper_bound(args[0], modules, depth + 1)
+    return None
+
+
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return True
@@ -472,6 +502,14 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if _is_quantizer(node):
+            modules[node.target].upper_bound = _upper_bound(node.args[0], modules)
+    # why: the quantizers made above start on the CPU, the traced layers sit where the model does (a GPU)
+    device = next((p.device for p in module.parameters()), None)
+    if device is not None:
+        gm.to(device)
     for node in gm.graph.nodes:
         block = _node_block(node, blocks)
         if block is not None:

@@ -159,6 +159,14 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, channels={self.scale.numel()}, {mode}"
 
 
+def largest_step(bound: float, qmax: int) -> float:
+    """The largest float32 step whose grid ``[0, qmax * step]``, computed in float32, stays within ``bound``."""
+    step = torch.tensor(bound / qmax, dtype=torch.float32)
+    while float(step * qmax) > bound:  # float32 rounding can land one ulp above the bound
+        step = torch.nextafter(step, torch.zeros_like(step))
+    return float(step)
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer with an integer zero point.
 
@@ -171,6 +179,9 @@ class ActQuantizer(nn.Module):
         bits: activation bit width.
         signed: ``True`` for tensors that can be negative (asymmetric range, zero point), ``False``
             after a ReLU (zero point fixed at 0).
+
+    ``upper_bound`` (set by :func:`~hub_dfq.quant.prepare.prepare` after a ReLU6 or a Hardtanh) is the largest
+    value the quantized tensor can hold; a learned step size is kept within it (:meth:`project_`).
     """
 
     def __init__(self, bits: int, *, signed: bool):
@@ -186,6 +197,19 @@ class ActQuantizer(nn.Module):
         self.percentile = 99.99
         self.drop_prob = 0.0
         self.calibrated = False
+        self.upper_bound: float | None = None
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Shrink a learned step size whose grid reaches past ``upper_bound`` (unsigned quantizers only).
+
+        Grid points above the bound can never be used, and ONNX Runtime drops the activation's ``Clip``
+        (so the layer runs as one integer kernel) only when the grid stays inside it.
+        """
+        if self.upper_bound is None or self.signed:
+            return
+        limit = largest_step(self.upper_bound, self.qmax)
+        self.scale.copy_(torch.where(self.scale.abs() > limit, torch.full_like(self.scale, limit), self.scale))
 
     @torch.no_grad()
     def set_range(self, low: float, high: float) -> None:

@@ -204,6 +204,8 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
             loss.backward()
             optimizer.step()
             scheduler.step()
+            for q in acts:
+                q.project_()
             if step % 50 == 0:
                 bar.set_postfix(rec=f"{rec.item():.4g}")
     finally:

@@ -139,12 +139,13 @@ register_algorithm(QuantAlgorithm(
     description="block-wise output reconstruction (learned AdaRound weight rounding and LSQ activation steps) "
                 "against the full-precision blocks",
     run="hub_dfq.quant.reconstruct:run_reconstruct", settings="hub_dfq.quant.reconstruct:ReconstructConfig",
-    resumable=True))
+    resumable=True, version=2))  # 2: learned steps kept inside a ReLU6's range
 register_algorithm(QuantAlgorithm(
     "distill", summary="knowledge distillation from the full-precision model on the calibration images",
     description="knowledge distillation from the full-precision model (straight-through estimator, learned step "
                 "sizes)",
-    run="hub_dfq.quant.distill:run_distill", settings="hub_dfq.quant.distill:DistillConfig", resumable=True))
+    run="hub_dfq.quant.distill:run_distill", settings="hub_dfq.quant.distill:DistillConfig", resumable=True,
+    version=2))
 
 register_observer(Observer("minmax", "weight", "max |w| per output channel",
                            fn="hub_dfq.quant.observers:minmax_weight_scale"))
