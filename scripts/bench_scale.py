@@ -1,5 +1,9 @@
 """Scale-out on accelerate (issue 14): 1 process x 2 threads vs 2 processes x 1 thread (gloo), same job, one run.
 
+A third configuration, 1 process x 1 thread, is the baseline of process scaling: the 2-process run does the
+same work thread for thread, so its folder must equal that one byte for byte, and 2x1 over 1x1 says how
+much a second process adds where one process cannot use the second core.
+
 Jobs, each run as a user would run it, through the CLI:
 
 1. BNS synthesis of --num-images (256) images for the shared CIFAR-10 ResNet-20 (200 steps, batches of 64,
@@ -47,7 +51,9 @@ SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "scripts" / "results"
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {"1x2": {"processes": 1, "threads": 2, "label": "1 process x 2 threads"},
+# 1x1 is the baseline of process scaling: 2x1 runs its kernels, thread for thread, so its bytes are 1x1's
+CONFIGS = {"1x1": {"processes": 1, "threads": 1, "label": "1 process x 1 thread"},
+           "1x2": {"processes": 1, "threads": 2, "label": "1 process x 2 threads"},
            "2x1": {"processes": 2, "threads": 1, "label": "2 processes x 1 thread (gloo)"}}
 
 
@@ -136,6 +142,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             results["synthesis"][name] = {"wall_s": seconds,
                                           "loop_s": _loop_seconds(work / f"synth-{name}", cfg["processes"])}
         results["synthesis"]["identity"] = compare_folders(work / "synth-1x2", work / "synth-2x1")
+        results["synthesis"]["identity_same_threads"] = compare_folders(work / "synth-1x1", work / "synth-2x1")
 
         audit = ["audit", model, f"parquet:{args.audit_data}", "--batch-size", "64", "--no-progress"]
         if args.audit_limit:
@@ -155,6 +162,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         results["audit"]["identity"] = compare_reports(reports["1x2"], reports["2x1"])
     for job in ("synthesis", "audit"):
         results[job]["speedup"] = results[job]["1x2"]["wall_s"] / results[job]["2x1"]["wall_s"]
+        results[job]["process_scaling"] = results[job]["1x1"]["wall_s"] / results[job]["2x1"]["wall_s"]
+        results[job]["thread_scaling"] = results[job]["1x1"]["wall_s"] / results[job]["1x2"]["wall_s"]
     synth_loop = results["synthesis"]
     synth_loop["loop_speedup"] = synth_loop["1x2"]["loop_s"] / synth_loop["2x1"]["loop_s"]
     synth_loop["target_speedup"] = 1.6
@@ -164,21 +173,25 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     s, a = results["synthesis"], results["audit"]
-    si, ai = s["identity"], a["identity"]
+    si, same, ai = s["identity"], s["identity_same_threads"], a["identity"]
+    yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
+    labels = " | ".join(CONFIGS[name]["label"] for name in CONFIGS)
+    walls = lambda job: " | ".join(f"{job[name]['wall_s']:.1f} s" for name in CONFIGS)  # noqa: E731
     lines = [
-        f"| job | {CONFIGS['1x2']['label']} | {CONFIGS['2x1']['label']} | speed-up | identity |",
-        "|---|---|---|---|---|",
-        f"| BNS synthesis, {args.num_images} images, {args.iters} steps (wall) | {s['1x2']['wall_s']:.1f} s | "
-        f"{s['2x1']['wall_s']:.1f} s | {s['speedup']:.2f}x (target 1.6x: {'met' if s['target_met'] else 'NOT met'}) | "
-        f"shards + preview byte-identical: {'yes' if si['shards_and_preview_identical'] else 'NO'}; generation.json "
-        f"equal but timings: {'yes' if si['manifest_identical_but_timings'] else 'NO'} |",
-        f"| ... synthesis loop only (slowest process) | {s['1x2']['loop_s']:.1f} s | {s['2x1']['loop_s']:.1f} s | "
-        f"{s['loop_speedup']:.2f}x | |",
-        f"| audit, {a['1x2']['images']:,} images (wall) | {a['1x2']['wall_s']:.1f} s | {a['2x1']['wall_s']:.1f} s | "
-        f"{a['speedup']:.2f}x | largest relative difference {ai['max_rel_diff']:.2g} "
-        f"({'<= 1e-9' if ai['within_1e-9'] else 'ABOVE 1e-9 or structure differs'}); batch scores identical: "
-        f"{'yes' if ai['batch_scores_identical'] else 'NO'}; counts identical: "
-        f"{'yes' if ai['counts_identical'] else 'NO'} |",
+        f"| job | {labels} | 2x1 over 1x2 | 2x1 over 1x1 | 1x2 over 1x1 | identity |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| BNS synthesis, {args.num_images} images, {args.iters} steps (wall) | {walls(s)} | {s['speedup']:.2f}x "
+        f"(target 1.6x: {'met' if s['target_met'] else 'NOT met'}) | {s['process_scaling']:.2f}x | "
+        f"{s['thread_scaling']:.2f}x | 2x1 = 1x1 byte for byte: {yes(same['shards_and_preview_identical'])} "
+        f"(generation.json but timings: {yes(same['manifest_identical_but_timings'])}); 2x1 = 1x2: "
+        f"{yes(si['shards_and_preview_identical'])} |",
+        f"| ... synthesis loop only (slowest process) | " + " | ".join(f"{s[n]['loop_s']:.1f} s" for n in CONFIGS)
+        + f" | {s['loop_speedup']:.2f}x | | | |",
+        f"| audit, {a['1x2']['images']:,} images (wall) | {walls(a)} | {a['speedup']:.2f}x | "
+        f"{a['process_scaling']:.2f}x | {a['thread_scaling']:.2f}x | 2x1 vs 1x2: largest relative difference "
+        f"{ai['max_rel_diff']:.2g} ({'<= 1e-9' if ai['within_1e-9'] else 'ABOVE 1e-9 or structure differs'}); "
+        f"batch scores identical: {yes(ai['batch_scores_identical'])}; counts identical: "
+        f"{yes(ai['counts_identical'])} |",
     ]
     return "\n".join(lines)
 
