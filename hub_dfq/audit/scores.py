@@ -105,8 +105,8 @@ def bootstrap_estimate(replicates: Sequence[tuple[torch.Tensor, torch.Tensor]] |
       log space around the estimate, never at or below 0.
 
     Coverage of the population value, measured by resampling a 250-image population of real ImageNet
-    images on Lite0 (``scripts/bench_audit_imagenet.py``): 0.90-0.93 for a 90% interval and 0.94-0.97 for
-    a 95% one at 50-200 images. The quantiles of the aggregated ``t`` themselves under-covered as the
+    images on Lite0 (``scripts/bench_audit_imagenet.py``): 0.895-0.93 for a 90% interval and 0.935-0.97
+    for a 95% one at 50-200 images. The quantiles of the aggregated ``t`` themselves under-covered as the
     sample grew (0.85 / 0.875 at 200 images): the geometric mean of noisy replicates sits below the
     estimate (Jensen), so those intervals were shifted down. (An interval on the aggregate alone, in log
     space, under-covered too: 0.72-0.86 at 90%, because the bias is additive per layer, not proportional to
