@@ -185,7 +185,7 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{s['thread_scaling']:.2f}x | 2x1 = 1x1 byte for byte: {yes(same['shards_and_preview_identical'])} "
         f"(generation.json but timings: {yes(same['manifest_identical_but_timings'])}); 2x1 = 1x2: "
         f"{yes(si['shards_and_preview_identical'])} |",
-        f"| ... synthesis loop only (slowest process) | " + " | ".join(f"{s[n]['loop_s']:.1f} s" for n in CONFIGS)
+        "| ... synthesis loop only (slowest process) | " + " | ".join(f"{s[n]['loop_s']:.1f} s" for n in CONFIGS)
         + f" | {s['loop_speedup']:.2f}x | | | |",
         f"| audit, {a['1x2']['images']:,} images (wall) | {walls(a)} | {a['speedup']:.2f}x | "
         f"{a['process_scaling']:.2f}x | {a['thread_scaling']:.2f}x | 2x1 vs 1x2: largest relative difference "
@@ -237,7 +237,8 @@ def per_image_cost(args: argparse.Namespace) -> dict[str, Any]:
     shards = math.ceil(args.estimate_images / args.shard_size)
     per_gpu_images = math.ceil(shards / args.gpus) * args.shard_size
     estimate = per_gpu_images * args.estimate_iters * cost
-    return {"model": args.model, "random_weights": args.random_weights, "device": str(model.device), "precision": config.precision,
+    return {"model": args.model, "random_weights": args.random_weights, "device": str(model.device),
+            "precision": config.precision,
             "batch_size": args.batch_size, "iters_timed": args.cost_iters, "repeats": args.repeats,
             "seconds_per_image_iteration": cost, "estimate": {
                 "images": args.estimate_images, "iters": args.estimate_iters, "gpus": args.gpus,
@@ -261,7 +262,7 @@ def main() -> None:
     cost.add_argument("--per-image-cost", action="store_true")
     cost.add_argument("--model", default="timm/resnet50.a1_in1k")
     cost.add_argument("--random-weights", action="store_true",
-                      help="build --model (a timm architecture name) from its config instead of downloading weights")
+                      help="build --model (a timm architecture name) from its config, without downloading weights")
     cost.add_argument("--device", default="cuda")
     cost.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     cost.add_argument("--threads", type=int)

@@ -86,10 +86,11 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction steps per block")
-    parser.add_argument("--depthwise-weights", type=int, help="weight bits of the depthwise convs (default: 4, as the rest)")
+    parser.add_argument("--depthwise-weights", type=int,
+                        help="weight bits of the depthwise convs (default: 4, as the rest)")
     parser.add_argument("--skip-audit", action="store_true")
-    parser.add_argument("--shared", default=str(SHARED),
-                        help="folder holding models/imagenet-efficientnet-lite0 and data/imagenet-sample (default ../shared)")
+    parser.add_argument("--shared", default=str(SHARED), help="folder holding models/imagenet-efficientnet-lite0 "
+                                                              "and data/imagenet-sample (default ../shared)")
     parser.add_argument("--compare-cpu", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "scripts" / "results" / "gpu_check.json"))
     args = parser.parse_args()
