@@ -113,6 +113,7 @@ def build_candidates(test: datasets.Dataset, n: int, seed: int) -> dict[str, dat
 # ---- throughput ----------------------------------------------------------------------------------
 
 @torch.inference_mode()
+@torch.inference_mode()  # why: the audit's forward runs without autograd too; a fair baseline does the same
 def _plain(model, data, batch_size: int) -> int:
     n = 0
     for batch in iter_batches(data, model.preprocess, batch_size=batch_size):

@@ -42,14 +42,16 @@ from pathlib import Path
 
 import datasets
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import ImageEnhance, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+from bench_audit import throughput  # noqa: E402  (the CIFAR audit bench's measure, the same here)
+
 import hub_dfq  # noqa: E402
-from hub_dfq.audit.core import _summarise, measure_data, measure_tensors  # noqa: E402
+from hub_dfq.audit.core import _summarise  # noqa: E402
 from hub_dfq.audit.moments import MomentAccumulator, per_image_sums  # noqa: E402
 from hub_dfq.audit.scores import aggregate, bootstrap_estimate, layer_divergences  # noqa: E402
 from hub_dfq.bnstats import bn_layers_with_stats, running_moments  # noqa: E402
@@ -101,41 +103,6 @@ def build_candidates(held: datasets.Dataset, cifar_path: str, model, n: int, see
         out[f"bns-{bns[0]}x{bns[1]}"] = hub_dfq.synthesize(model, "bns", bns[0], iters=bns[1], batch_size=bns[0],
                                                           seed=seed, progress=False)
     return out
-
-
-# ---- throughput ----------------------------------------------------------------------------------
-
-def throughput(model, data, *, batch_size: int, repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` images/s, plain and audit interleaved so load changes hit both alike."""
-    tensors = [b.pixel_values for b in iter_batches(data, model.preprocess, batch_size=batch_size)]
-    n = sum(len(t) for t in tensors)
-    best = {"plain_e2e": 0.0, "audit_e2e": 0.0, "plain_fwd": 0.0, "audit_fwd": 0.0}
-
-    @torch.inference_mode()
-    def plain_e2e():
-        for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
-            model.module(batch.pixel_values)
-
-    @torch.inference_mode()
-    def plain_fwd():
-        for t in tensors:
-            model.module(t)
-
-    def timed(key, fn):
-        start = time.perf_counter()
-        fn()
-        best[key] = max(best[key], n / (time.perf_counter() - start))
-
-    plain_fwd()  # warm-up
-    for _ in range(repeats):
-        timed("plain_e2e", plain_e2e)
-        timed("audit_e2e", lambda: measure_data(model, data, batch_size=batch_size))
-        timed("plain_fwd", plain_fwd)
-        timed("audit_fwd", lambda: measure_tensors(model, tensors, name="fwd"))
-    best["ratio_e2e"] = best["audit_e2e"] / best["plain_e2e"]
-    best["ratio_fwd"] = best["audit_fwd"] / best["plain_fwd"]
-    best["images"] = n
-    return best
 
 
 # ---- CI coverage ---------------------------------------------------------------------------------
@@ -298,7 +265,8 @@ def main(argv=None) -> int:
         print(f"| {row['rank']} | {row['dataset']} | {row['n_images']} | {row['divergence']:.4g} | {ci} | "
               f"{row['divergence_plugin']:.4g} | {row['similarity']:.3f} |")
     print(f"\nClean first: {targets['clean_ranks_first']}; monotone: {families}; similarity gap clean - blur-3 "
-          f"{targets['similarity_gap_clean_vs_blur3']:.3f}, clean - CIFAR-10 {targets['similarity_gap_clean_vs_cifar']:.3f}.\n")
+          f"{targets['similarity_gap_clean_vs_blur3']:.3f}, "
+          f"clean - CIFAR-10 {targets['similarity_gap_clean_vs_cifar']:.3f}.\n")
     print("| throughput (img/s) | plain | audit | audit / plain |\n|---|---:|---:|---:|")
     print(f"| end to end (decode + preprocess + forward) | {speed['plain_e2e']:.1f} | {speed['audit_e2e']:.1f} | "
           f"{speed['ratio_e2e']:.2f} |")
@@ -313,7 +281,7 @@ def main(argv=None) -> int:
     for row in cov["rows"]:
         print(f"| {row['n']} | {row['coverage_90']:.3f} | {row['coverage_95']:.3f} | {row['mean_estimate']:.4g} | "
               f"{row['mean_plugin']:.4g} | {row['median_ratio_hi_lo_95']:.2f} |")
-    print(f"\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    print("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     return 0
 
 

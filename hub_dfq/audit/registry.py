@@ -1,7 +1,8 @@
 """The divergences an audit can rank by: one descriptor each, read by the API checks, the CLI and the report.
 
 A divergence compares, per channel, the Gaussian the BN layer remembers (running mean and variance)
-with the Gaussian of the candidate's BN inputs; the report averages it over channels, then takes the geometric mean over layers.
+with the Gaussian of the candidate's BN inputs; the report averages it over channels, then takes the geometric
+mean over layers.
 """
 
 from __future__ import annotations

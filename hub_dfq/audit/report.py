@@ -22,7 +22,8 @@ HOW_TO_READ = """\
 - **divergence** (lower = closer): at the input of every BatchNorm layer, the candidate's per-channel
   mean and variance (accumulated over all its images) are compared with the running statistics the
   layer kept from the training data, as Gaussians: `{metric_doc}` per channel, averaged over channels,
-  then the geometric mean over layers (each layer weighs the same in log terms). 0 would mean the BN layers see exactly the statistics they were trained on.
+  then the geometric mean over layers (each layer weighs the same in log terms). 0 would mean the BN
+  layers see exactly the statistics they were trained on.
 - **similarity** puts the divergence `d` on the model's own scale: {normalisation_doc}
   The references are measured on the same model: *far* = Gaussian noise in the model's input space
   (it ignores everything the model learnt), *near* = the model's own BNS synthetic data (inputs
@@ -33,7 +34,8 @@ HOW_TO_READ = """\
   CIFAR-10 ResNet-20 on 2,000 images of its own test split: about 0.78).
 - **95% CI**: bootstrap interval (Poisson weights per image, {bootstrap} replicates, seed {seed}):
   per layer the basic bootstrap `2 d - d*` (a correction removes at most 75% of a layer's value),
-  aggregated over layers per replicate; always above 0 and holding the estimate.
+  aggregated over layers per replicate; the interval is `estimate * exp(+-1.96 sd)` of those
+  aggregates in log space, so it is always above 0 and centred on the estimate.
   Non-overlapping intervals mean the ranking is not a fluke of which images were drawn.
 - Sampling noise in the moments adds a positive bias that shrinks as images are added; the
   **divergence** shown is bias-corrected with the same bootstrap (per layer `2 d - mean d*`),
@@ -119,15 +121,12 @@ def to_markdown(report: "AuditReport") -> str:
     normalisation = s.get("normalisation")
     if normalisation and normalisation.startswith("two-point"):
         norm_doc = "`similarity = log(far / d) / log(far / near)` (1 at *near*, 0 at *far*, linear in log d)."
-    elif normalisation and (data["references"].get("near") or {}).get("error"):
-        near_state = "was skipped" if data["references"]["near"].get("skipped") else "failed"
-        norm_doc = (f"`similarity = log10(far / d) / {SPAN_DECADES:g}` (one-point scale, because the synthetic *near* "
-                    f"reference {near_state}: {data['references']['near'].get('error')}; 0 is noise, 1 is "
-                    f"{SPAN_DECADES:g} decades closer than noise, about where clean real data lands).")
     elif normalisation:
-        norm_doc = (f"`similarity = log10(far / d) / {SPAN_DECADES:g}` (one-point scale: no synthetic *near* reference "
-                    f"was measured; 0 is noise, 1 is {SPAN_DECADES:g} decades closer than noise, about where clean real "
-                    "data lands).")
+        near = data["references"].get("near") or {}
+        why = (f"because the synthetic *near* reference {'was skipped' if near.get('skipped') else 'failed'}: "
+               f"{near['error']}" if near.get("error") else "no synthetic *near* reference was measured")
+        norm_doc = (f"`similarity = log10(far / d) / {SPAN_DECADES:g}` (one-point scale, {why}; 0 is noise, 1 is "
+                    f"{SPAN_DECADES:g} decades closer than noise, about where clean real data lands).")
     else:
         norm_doc = "not computed (no reference points were measured)."
     metric_doc = DIVERGENCES.get(s["metric"]).formula if s["metric"] in DIVERGENCES else s["metric"]

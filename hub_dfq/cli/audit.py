@@ -65,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` (and a launching process) free of torch and datasets
     from ..audit.core import audit
     from ..audit.report import json_safe
+    from ..audit.scores import SPAN_DECADES
     from ..models.loader import load_model
 
     model = place(load_model(args.model, **model_kwargs(args)))
@@ -83,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
         near = report.references.get("near") or {}
         if near.get("failed") or near.get("skipped"):
             state = "was skipped" if near.get("skipped") else "failed"
-            print(f"note: the near reference {state} ({near['error']}); similarity is log10(far / d) / 3 (noise only)")
+            print(f"note: the near reference {state} ({near['error']}); similarity is log10(far / d) / "
+                  f"{SPAN_DECADES:g} (noise only)")
         print(f"{'rank':>4}  {'divergence':>11}  {'95% CI':>23}  {'similarity':>10}  {'images':>7}  dataset")
         for c in report.ranking() + [c for c in report.candidates if c.rank is None]:
             ci = f"[{c.ci[0]:.4g}, {c.ci[1]:.4g}]" if c.ci else "-"

@@ -228,54 +228,59 @@ def _strip_identity(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
             return node
 
 
+def _value_producer(node: Any, modules: dict[str, nn.Module]) -> Any:
+    """The node that computed ``node``'s values, found back through ops that only select, move or average
+    them (reshapes, pools, dropout, zero padding): the sign and the largest value are that node's."""
+    for _ in range(64):
+        if not isinstance(node, fx.Node):
+            return node
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        if node.op == "call_function":
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+            through = node.target in _KEEP_SIGN_FUNCTIONS and not (node.target is F.pad and value not in (0, 0.0, None))
+        elif node.op == "call_method":
+            through = node.target in _KEEP_SIGN_METHODS
+        elif node.op == "call_module":
+            through = isinstance(modules.get(node.target), _KEEP_SIGN_MODULES)
+        else:
+            through = False
+        if not (through and args):
+            return node
+        node = args[0]
+    return None
+
+
 def _nonnegative(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> bool:
     """Whether a node's output is >= 0 by construction (after a ReLU, through ops that keep the sign)."""
+    node = _value_producer(node, modules)
     if not isinstance(node, fx.Node) or depth > 64:
         return False
-    args = [a for a in node.args if isinstance(a, fx.Node)]
     if node.op == "call_function":
         if node.target in (F.relu, torch.relu, F.relu6):
             return True
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
-        if node.target is F.pad and value not in (0, 0.0, None):
-            return False
-        if node.target in _KEEP_SIGN_FUNCTIONS:
-            return bool(args) and _nonnegative(args[0], modules, depth + 1)
-        if node.target in _ADD_FUNCTIONS:
-            return len(args) == 2 and all(_nonnegative(a, modules, depth + 1) for a in args)
-        return False
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        return node.target in _ADD_FUNCTIONS and len(args) == 2 and all(
+            _nonnegative(a, modules, depth + 1) for a in args)
     if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
-            return True
-        return node.target in _KEEP_SIGN_METHODS and bool(args) and _nonnegative(args[0], modules, depth + 1)
+        return node.target in ("relu", "relu_")
     if node.op == "call_module":
         module = modules.get(node.target)
-        if isinstance(module, _RELU_MODULES):
-            return True
-        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], _RELU_MODULES):
-            return True
-        return isinstance(module, _KEEP_SIGN_MODULES) and bool(args) and _nonnegative(args[0], modules, depth + 1)
+        last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+        return isinstance(last, _RELU_MODULES)
     return False
 
 
 def _upper_bound(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> float | None:
     """The largest value a node's output can take by construction (after a ReLU6 or a Hardtanh), if any."""
+    node = _value_producer(node, modules)
     if not isinstance(node, fx.Node) or depth > 64:
         return None
-    args = [a for a in node.args if isinstance(a, fx.Node)]
     if node.op == "call_function":
         if node.target is F.relu6:
             return 6.0
         if node.target is F.hardtanh:
             return float(node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0))
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
-        if node.target is F.pad and value not in (0, 0.0, None):
-            return None
-        if node.target in _KEEP_SIGN_FUNCTIONS and args:  # these select or average: no value grows
-            return _upper_bound(args[0], modules, depth + 1)
         return None
-    if node.op == "call_method":
-        return _upper_bound(args[0], modules, depth + 1) if node.target in _KEEP_SIGN_METHODS and args else None
     if node.op == "call_module":
         if _is_quantizer(node):  # its grid is kept inside the bound (calibrated on, or projected to, it)
             return _upper_bound(node.args[0], modules, depth + 1)
@@ -283,8 +288,6 @@ def _upper_bound(node: Any, modules: dict[str, nn.Module], depth: int = 0) -> fl
         last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
         if isinstance(last, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
             return float(last.max_val)
-        if isinstance(module, _KEEP_SIGN_MODULES) and args:
-            return _upper_bound(args[0], modules, depth + 1)
     return None
 
 

@@ -13,6 +13,7 @@ learns whether each weight rounds up or down.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -159,6 +160,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, channels={self.scale.numel()}, {mode}"
 
 
+@functools.lru_cache(maxsize=None)  # why: called after every optimiser step, for a handful of (bound, qmax) pairs
 def largest_step(bound: float, qmax: int) -> float:
     """The largest float32 step whose grid ``[0, qmax * step]``, computed in float32, stays within ``bound``."""
     step = torch.tensor(bound / qmax, dtype=torch.float32)

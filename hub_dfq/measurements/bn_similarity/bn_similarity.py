@@ -43,7 +43,7 @@ Args:
 Returns:
     divergence (`float`): aggregate divergence, lower = closer.
     similarity (`float` or `None`): normalised similarity.
-    ci (`list`): 95% bootstrap interval of the divergence (basic bootstrap per layer, over images).
+    ci (`list`): 95% bootstrap interval of the divergence (over images, log-normal around it).
     n_images (`int`), n_skipped (`int`): images scored and unreadable images skipped.
     layers (`dict`): per-layer divergence.
 Examples:
