@@ -126,7 +126,7 @@ def test_bad_input(model):
         hub_dfq.quantize(model, weights=9, calibration="gaussian")
     with pytest.raises(ConfigError, match="2 to 8"):
         hub_dfq.quantize(model, activations=1, calibration="gaussian")
-    with pytest.raises(ConfigError, match="unknown algorithm 'qat': use one of calibrate, reconstruct, distill"):
+    with pytest.raises(ConfigError, match="unknown algorithm .qat.: use one of calibrate, gptq, reconstruct, distill"):
         hub_dfq.quantize(model, algorithm="qat", calibration="gaussian")
     with pytest.raises(ConfigError, match="unknown preset"):
         hub_dfq.quantize(model, preset="slow", calibration="gaussian")

@@ -15,7 +15,7 @@ def test_quantize_prints_summary_and_writes_json(tmp_path, capsys):
     out = tmp_path / "result.json"
     code = main(["quantize", "default", "--weights", "8", "--activations", "8", "--calibration", "gaussian",
                  "--calibration-size", "16", "--eval-limit", "200", "--json", str(out), "--out", str(tmp_path / "q"),
-                 "--override", "layer3.*:weights=6"])
+                 "--override", "layer3.*:weights=6", "--algorithm", "calibrate"])
     assert code == 0
     text = capsys.readouterr().out
     assert "W8A8" in text and "full precision" in text and "quantized" in text and "time:" in text
@@ -30,7 +30,7 @@ def test_quantize_prints_summary_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--weights", "9"], "2 to 8"),
     (["--activations", "1"], "2 to 8"),
-    (["--method", "qat"], "unknown algorithm 'qat': use one of calibrate, reconstruct, distill"),
+    (["--method", "qat"], "unknown algorithm 'qat': use one of auto, calibrate, gptq, reconstruct, distill"),
     (["--preset", "slow"], "unknown preset"),
     (["--calibration", "/no/such/folder/"], "does not exist"),
 ], ids=["weights", "activations", "method", "preset", "missing-data"])

@@ -60,9 +60,9 @@ def register(sub) -> None:
     parser.add_argument("--calibration-split", help="split of a calibration dataset")
     parser.add_argument("--calibration-images", "--calibration-size", dest="calibration_images", type=int,
                         help="calibration images (default: the preset's)")
-    parser.add_argument("--algorithm", "--method", dest="algorithm", choices=QUANT_ALGORITHMS.names(),
-                        default="calibrate", help="quantization algorithm: " + choices_help(QUANT_ALGORITHMS,
-                                                                                            "calibrate"))
+    parser.add_argument("--algorithm", "--method", dest="algorithm", choices=["auto", *QUANT_ALGORITHMS.names()],
+                        default="auto", help="quantization algorithm: 'auto' (default: calibrate at 8 bits, "
+                        "reconstruct below), " + choices_help(QUANT_ALGORITHMS))
     parser.add_argument("--preset", choices=PRESETS.names(), default="fast",
                         help="budget: " + choices_help(PRESETS, "fast"))
     parser.add_argument("--first-last-bits", type=_bits_or_none, default=8,
@@ -76,6 +76,10 @@ def register(sub) -> None:
     parser.add_argument("--override", dest="overrides", action="append", type=_override, default=[],
                         metavar="GLOB:FIELD=V,...",
                         help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
+    parser.add_argument("--size-budget", metavar="SIZE",
+                        help="mixed precision: the most bytes the checkpoint may take (3000000, 2.9MB) or a ratio of "
+                        "the float32 checkpoint (0.16x, 16%%); each layer gets 2, 4 or 8-bit weights by its sensitivity "
+                        "measured on the calibration images (first/last layer and --override layers stay as set)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
@@ -162,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
                       calibration_images=args.calibration_images, algorithm=args.algorithm, preset=args.preset,
                       first_last_bits=args.first_last_bits, residual_bits=args.residual_bits,
                       weight_observer=args.weight_observer, act_observer=args.act_observer,
-                      overrides=dict(args.overrides), exclude=args.exclude, seed=args.seed, progress=args.progress)
+                      overrides=dict(args.overrides), exclude=args.exclude, size_budget=args.size_budget,
+                      seed=args.seed, progress=args.progress)
     quant_seconds = time.perf_counter() - start
     summary = {
         "model": model.source.spec,
@@ -172,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         "residual_bits": args.residual_bits,
         "calibration": args.calibration,
         "calibration_provenance": qmodel.calibration,
-        "algorithm": args.algorithm,
+        "algorithm": qmodel.algorithm,
         "preset": args.preset,
         "seed": args.seed,
         "fingerprint": qmodel.history.get("fingerprint"),
@@ -181,6 +186,10 @@ def _run(args: argparse.Namespace) -> int:
         "quant_top1": None,
         "left_in_float": qmodel.left_in_float,
     }
+    allocation = qmodel.history.get("allocation")
+    if allocation:
+        summary["size_budget"] = {k: allocation[k] for k in ("budget", "bytes")}
+        summary["layer_bits"] = allocation["bits"]
     evaluation = None
     if eval_data is not None:
         fp = evaluate_accuracy(model, eval_data, progress=args.progress)
@@ -259,6 +268,11 @@ def _render(summary: dict, qmodel) -> str:
                      f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)"
                      + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%"
                         if summary.get("onnx_top1") is not None else ""))
+    if summary.get("size_budget"):
+        bits = list(summary["layer_bits"].values())
+        lines.append(f"size budget {summary['size_budget']['budget']:,} bytes: checkpoint tensors "
+                     f"{summary['size_budget']['bytes']:,} bytes; "
+                     + ", ".join(f"{bits.count(b)} layers at {b}-bit" for b in sorted(set(bits))))
     if summary.get("eval_note"):
         lines.append(summary["eval_note"])
     lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")

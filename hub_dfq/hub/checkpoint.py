@@ -53,7 +53,7 @@ FORMAT_VERSION = 2  # 2: the config records its quantized-graph version (QuantCo
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _layer_bits(qmodel: QuantizedModel) -> dict[str, dict[str, Any]]:
+def layer_bits(qmodel: QuantizedModel) -> dict[str, dict[str, Any]]:
     layers = {}
     for name, layer in quant_layers(qmodel.module):
         q = layer.input_quantizer
@@ -91,8 +91,10 @@ def quantization_config(qmodel: QuantizedModel, *, calibration_repo: str | None 
         "base_model_revision": source.commit or source.revision,
         "input_size": list(qmodel.model.input_size),
         "config": cfg.to_dict(),
-        "layers": _layer_bits(qmodel),
+        "layers": layer_bits(qmodel),
         "unquantized": qmodel.left_in_float,
+        **({"size_budget": {k: allocation[k] for k in ("budget", "bytes", "pinned")}}
+           if (allocation := qmodel.history.get("allocation")) else {}),
     }
 
 

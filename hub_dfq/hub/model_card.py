@@ -55,7 +55,32 @@ def reproduce_command(qmodel: QuantizedModel) -> str:
         parts.append(f"--seed {cal['seed']}")
     if cfg.first_last_bits is None:
         parts.append("--first-last-bits same")
+    allocation = qmodel.history.get("allocation")
+    if allocation:
+        parts.append(f"--size-budget {allocation['budget']}")
+    allocated = set(allocation["bits"]) if allocation else set()
+    for pattern, change in cfg.overrides:
+        if pattern not in allocated:
+            parts.append(f"--override '{pattern}:{','.join(f'{k}={v}' for k, v in change)}'")
+    parts += [f"--exclude '{pattern}'" for pattern in cfg.exclude]
     return " ".join(parts)
+
+
+def _mixed_precision(qmodel: QuantizedModel, layers: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The card's per-layer table when layers hold different bit widths (overrides or a size budget)."""
+    cfg = qmodel.config
+    first_last = {n for n, r in qmodel.report.quantized.items() if r.get("first") or r.get("last")}
+    uniform = all(v["weights"] == cfg.default.weights and v["activations"] in (None, cfg.default.activations)
+                  for n, v in layers.items() if n not in first_last or cfg.first_last_bits is None)
+    if uniform:
+        return None
+    counts: dict[int, int] = {}
+    for v in layers.values():
+        counts[v["weights"]] = counts.get(v["weights"], 0) + 1
+    allocation = qmodel.history.get("allocation")
+    return {"rows": [{"name": n, **v} for n, v in layers.items()],
+            "counts": ", ".join(f"{n} layers at {b}-bit" for b, n in sorted(counts.items())),
+            "budget": f"{allocation['budget']:,} bytes (used {allocation['bytes']:,})" if allocation else None}
 
 
 def _eval_results(evaluation: dict[str, Any] | None, qname: str) -> list[EvalResult]:
@@ -156,6 +181,9 @@ def render_model_card(
         size_line = f"{size['bytes'] / 1e6:.2f} MB" + (
             f" ({size['bytes'] / size['fp32_bytes']:.2f}x of float32)" if size.get("fp32_bytes") else "")
     unquantized = qmodel.left_in_float
+    from .checkpoint import layer_bits  # why: checkpoint imports this module
+
+    mixed = _mixed_precision(qmodel, layer_bits(qmodel))
     template = resources.files("hub_dfq") / "model_cards" / "model_card.md"
     return ModelCard.from_template(
         card_data,
@@ -184,6 +212,7 @@ def render_model_card(
         onnx=onnx,
         command=command or reproduce_command(qmodel),
         data_paragraph=data_paragraph,
+        mixed=mixed,
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -22,6 +24,7 @@ from .algorithms import (
     run_algorithm,
     settings_dict,
 )
+from .allocate import allocate_bits, check_budget, parse_size
 from .calibrate import calibrate_activations, calibrate_weights, freeze_weights
 from .config import QuantConfig, QuantScheme
 from .data import calibration_tensor, is_synthetic
@@ -32,7 +35,10 @@ from .resume import RunState, load_quantizer_state, quantizer_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["quantize", "quantization_fingerprint"]
+__all__ = ["quantize", "quantization_fingerprint", "AUTO", "default_algorithm"]
+
+AUTO = "auto"  # the algorithm that fits the bit widths asked for (see default_algorithm)
+SENSITIVITY_IMAGES = 32  # calibration images a layer's sensitivity is measured on (size budgets)
 
 # Of the calibration pipeline around the algorithms (prepare, observers, freezing); bump whenever it
 # changes the bytes of a quantized model. Part of the fingerprint and of the resume-cache key.
@@ -49,6 +55,28 @@ def _resolve_config(config: QuantConfig | None, *, weights: int, activations: in
                          act_observer=act_observer)
     return QuantConfig(default=scheme, first_last_bits=first_last_bits, residual_bits=residual_bits,
                        overrides=dict(overrides or {}), include=tuple(include or ("*",)), exclude=tuple(exclude or ()))
+
+
+def default_algorithm(report) -> str:
+    """What ``"auto"`` runs on a prepared model (its :class:`~hub_dfq.quant.prepare.PrepareReport`): ``"calibrate"``
+    when every quantized layer keeps 8-bit weights and inputs (ranges are enough there), ``"reconstruct"``
+    (second-order rounding, then block reconstruction) below that, where nearest rounding loses too much."""
+    bits = [b for layer in report.quantized.values() for b in (layer["weights"], layer["activations"])]
+    return "calibrate" if min(bits, default=8) >= 8 else "reconstruct"
+
+
+def _size_plan(prepared, cfg: QuantConfig, model: VisionModel, size_budget: Any) -> tuple[int, dict[str, int]]:
+    """``(budget in bytes, pinned layers' bits)``, checked against what 2-8 bits can reach (before any work)."""
+    float_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
+    budget = parse_size(size_budget, float_bytes=float_bytes)
+    pinned = {}
+    for name, info in prepared.report.quantized.items():
+        explicit = any(fnmatch.fnmatchcase(name, pattern) and "weights" in dict(change)
+                       for pattern, change in cfg.overrides)
+        if explicit or ((info["first"] or info["last"]) and cfg.first_last_bits is not None):
+            pinned[name] = info["weights"]
+    check_budget(prepared.module, budget, pinned=pinned, float_bytes=float_bytes)
+    return budget, pinned
 
 
 def quantization_fingerprint(*, weights: str, config: QuantConfig, algorithm: str, settings: dict[str, Any],
@@ -71,7 +99,7 @@ def quantize(
     activations: int = 4,
     calibration: Any = "bns",
     calibration_images: int | None = None,
-    algorithm: str = "calibrate",
+    algorithm: str = AUTO,
     preset: str = "fast",
     quant_config: QuantConfig | None = None,
     first_last_bits: int | None = 8,
@@ -83,6 +111,7 @@ def quantize(
     exclude: Iterable[str] | None = None,
     settings: Mapping[str, Any] | None = None,
     synth_options: Mapping[str, Any] | None = None,
+    size_budget: int | float | str | None = None,
     seed: int = 0,
     resume: bool = True,
     progress: bool | None = None,
@@ -108,9 +137,10 @@ def quantize(
             ``"gaussian"``, generated on the fly and cached), a dataset spec, an
             :class:`~hub_dfq.ImageData`, a ``datasets.Dataset`` or a tensor of normalised inputs.
         calibration_images: images to calibrate with (default: the preset's; all rows of a tensor).
-        algorithm: a registered quantization algorithm: ``"calibrate"`` (ranges only),
-            ``"reconstruct"`` (block-wise AdaRound + LSQ) or ``"distill"`` (knowledge distillation
-            from the full-precision model); see :mod:`hub_dfq.quant.registry`.
+        algorithm: a registered quantization algorithm: ``"calibrate"`` (ranges only), ``"gptq"``
+            (second-order rounding), ``"reconstruct"`` (GPTQ, then block-wise AdaRound + LSQ) or ``"distill"``
+            (knowledge distillation from the full-precision model); see :mod:`hub_dfq.quant.registry`.
+            ``"auto"`` (default): ``calibrate`` at 8 bits, ``reconstruct`` below (:func:`default_algorithm`).
         preset: a registered preset, ``"fast"`` or ``"best"``.
         quant_config: a full :class:`QuantConfig` (then the bit and observer arguments are ignored).
         first_last_bits: bits of the first and last layers; ``None`` quantizes them like the rest.
@@ -122,6 +152,10 @@ def quantize(
         exclude: globs of module names to keep in float.
         settings: ``{algorithm name: settings dataclass or {field: value}}``, over the preset's.
         synth_options: overrides the preset's synthesis options.
+        size_budget: the most bytes the checkpoint's tensors may take (``3_000_000``, ``"2.9MB"``) or a ratio of
+            the float32 checkpoint (``"0.16x"``, ``"16%"``): every layer not pinned (first/last layer, layers
+            with a ``weights`` override) gets 2, 4 or 8-bit weights, chosen on the calibration images by measured
+            sensitivity (:mod:`hub_dfq.quant.allocate`); ``weights`` is then only the card's nominal width.
         seed: seed of synthesis, observers and the algorithm (same seed, same bytes).
         resume: save the progress of resumable algorithms (``reconstruct``, ``distill``) in the cache
             and continue an interrupted run of the same inputs where it stopped (same result as one run).
@@ -158,11 +192,15 @@ def quantize(
             settings[name] = deprecated.pop(f"{name}_config")
     if deprecated:
         raise TypeError(f"quantize() got unexpected keyword argument(s) {sorted(deprecated)}")
-    spec = QUANT_ALGORITHMS.get(algorithm)
     chosen = PRESETS.get(preset)
     cfg = _resolve_config(quant_config, weights=weights, activations=activations, first_last_bits=first_last_bits,
                           residual_bits=residual_bits, weight_observer=weight_observer, act_observer=act_observer,
                           overrides=overrides, include=include, exclude=exclude)
+    auto = algorithm == AUTO
+    if auto:  # resolved on the prepared model below; both candidates' settings are checked now
+        algorithm = "reconstruct"
+        QUANT_ALGORITHMS.get("calibrate")
+    spec = QUANT_ALGORITHMS.get(algorithm)
     for name in settings:
         QUANT_ALGORITHMS.get(name)
     settings_of = {}
@@ -189,6 +227,8 @@ def quantize(
     start = time.perf_counter()
     timings: dict[str, float] = {}
     prepared = prepare(model.module, cfg, example_input=model.example_input(1))
+    if size_budget is not None:
+        budget, pinned = _size_plan(prepared, cfg, model, size_budget)
     synth = {**chosen.synth, **dict(synth_options or {}), "progress": progress}
     # a tensor is data the caller prepared: all of it calibrates unless they say otherwise
     default_size = None if isinstance(calibration, torch.Tensor) else chosen.calibration_images
@@ -196,13 +236,26 @@ def quantize(
                                           seed=seed, synth_options=synth)
     data = data.to(model.device)
     timings["data"] = time.perf_counter() - start
+    allocation = None
+    if size_budget is not None:
+        allocation = allocate_bits(prepared.module, prepared.node_blocks, data[:SENSITIVITY_IMAGES], budget=budget,
+                                   pinned=pinned, progress=progress)
+        cfg = replace(cfg, overrides=(*cfg.overrides, *allocation.overrides().items()))
+        prepared = prepare(model.module, cfg, example_input=model.example_input(1))
+        timings["allocate"] = time.perf_counter() - start - timings["data"]
+    if auto and default_algorithm(prepared.report) != algorithm:
+        algorithm = default_algorithm(prepared.report)
+        spec, run_settings = QUANT_ALGORITHMS.get(algorithm), settings_for(algorithm)
     gm = prepared.module
     calibrate_weights(gm)
     calibrate_activations(gm, data, seed=seed, progress=progress)
-    timings["calibrate"] = time.perf_counter() - start - timings["data"]
+    timings["calibrate"] = time.perf_counter() - start - timings["data"] - timings.get("allocate", 0.0)
     algorithm_config = settings_dict(run_settings)
-    if algorithm == "distill" and getattr(run_settings, "init", None) == "reconstruct":
-        algorithm_config["reconstruct"] = settings_dict(settings_for("reconstruct"))
+    # an algorithm that starts from another one's result (distill <- reconstruct <- gptq) records its settings too
+    init = getattr(run_settings, "init", None)
+    while init in QUANT_ALGORITHMS and init not in algorithm_config and init != "calibrate":
+        algorithm_config[init] = settings_dict(settings_for(init))
+        init = getattr(settings_for(init), "init", None)
     run_fingerprint = quantization_fingerprint(
         weights=weights_sha256(model.module), config=cfg, algorithm=algorithm, settings=algorithm_config,
         data=data, seed=seed, device_type=model.device.type)
@@ -223,6 +276,8 @@ def quantize(
     timings["total"] = time.perf_counter() - start
     history["seconds"] = timings
     history["fingerprint"] = run_fingerprint
+    if allocation is not None:
+        history["allocation"] = allocation.to_dict()
     provenance = {**provenance, "preset": preset}
     if is_synthetic(calibration):
         provenance["synth_options"] = {k: v for k, v in synth.items() if k != "progress"}

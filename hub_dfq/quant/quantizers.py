@@ -62,6 +62,48 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return (torch.clamp(rounded + zero_point, qmin, qmax) - zero_point) * scale
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor in its own memory order (contiguous or channels-last), else a flat copy."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+class _LearnedStepFakeQuant(torch.autograd.Function):
+    """:func:`fake_quant` with the STE/LSQ gradients, in a handful of passes over the tensor.
+
+    Autograd through the plain formula records a dozen element-wise ops and keeps their results; on a CPU
+    that cost more than the convolutions of a reconstructed block. The values are :func:`fake_quant`'s
+    (``clamp(r + zp, qmin, qmax) - zp`` is ``clamp(r, qmin - zp, qmax - zp)`` exactly). Gradients: to ``x``
+    where ``round(x / s)`` lies in the grid (STE); to the step, LSQ's ``round(v) - v`` there and the clipped
+    end outside, i.e. ``sum(grad * (out - x * passed)) / s``. ``keep`` (QDrop) marks values passed through
+    unquantized: their gradient goes to ``x`` and none to the step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point: int, qmin: int, qmax: int, keep):  # noqa: D102
+        low, high = qmin - zero_point, qmax - zero_point
+        out = torch.round(x / scale)
+        blocked = (out < low).logical_or_(out > high)  # clipped: no gradient to x
+        out.clamp_(low, high).mul_(scale)
+        if keep is not None:
+            out = torch.where(keep, x, out)
+            blocked.logical_and_(keep.logical_not())
+        ctx.save_for_backward(x, scale, out, blocked)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, scale, out, blocked = ctx.saved_tensors
+        grad_x = grad.masked_fill(blocked, 0.0)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            term = x.masked_fill(blocked, 0.0)
+            torch.sub(out, term, out=term)
+            grad_scale = (torch.dot(_flat(grad), _flat(term)) / scale).reshape(scale.shape)
+        return grad_x, grad_scale, None, None, None, None
+
+
 def _rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(alpha) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
 
@@ -87,6 +129,9 @@ class WeightQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("weight_int", None)
         self.alpha: nn.Parameter | None = None
+        # Where rounding starts, in steps (None: weight / scale). GPTQ sets it to its error-compensated
+        # weights; a plain attribute, not state: it exists only between an algorithm and :meth:`freeze`.
+        self.start: torch.Tensor | None = None
         self.soft = False
         self.enabled = True
 
@@ -104,9 +149,20 @@ class WeightQuantizer(nn.Module):
         with torch.no_grad():
             self.scale.copy_(scale.detach().clamp_min(1e-8))
 
+    def set_start(self, start: torch.Tensor) -> None:
+        """Round from ``start`` (in steps, the weight's shape) instead of ``weight / scale`` from now on."""
+        self.start = start.detach().to(self.scale.device, torch.float32).clone()
+        self.weight_int = None
+
+    def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in steps, before rounding (the start point, if one is set)."""
+        if self.start is not None:
+            return self.start.to(weight.dtype)
+        return weight.detach() / self._view(self.scale.detach(), weight)
+
     def init_adaround(self, weight: torch.Tensor) -> None:
-        """Start learned rounding at the fractional part of ``weight / scale`` (the nearest-rounding point)."""
-        scaled = weight.detach() / self._view(self.scale.detach(), weight)
+        """Start learned rounding at the fractional part of the weight in steps (the nearest-rounding point)."""
+        scaled = self._scaled(weight)
         rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
         alpha = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1.0)
         self.alpha = nn.Parameter(alpha)
@@ -122,12 +178,13 @@ class WeightQuantizer(nn.Module):
         """The integers (as float) the weight maps to; differentiable when soft or training."""
         if self.frozen:
             return self.weight_int.to(weight.dtype)
-        scale = self._view(self.scale, weight)
         if self.alpha is not None:
-            floor = torch.floor(weight.detach() / scale.detach())
+            floor = torch.floor(self._scaled(weight))
             up = _rectified_sigmoid(self.alpha) if self.soft else (self.alpha >= 0).to(weight.dtype)
             return torch.clamp(floor + up, self.qmin, self.qmax)
-        return torch.clamp(round_ste(weight / scale), self.qmin, self.qmax)
+        if self.start is not None:
+            return torch.clamp(torch.round(self.start.to(weight.dtype)), self.qmin, self.qmax)
+        return torch.clamp(round_ste(weight / self._view(self.scale, weight)), self.qmin, self.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -136,10 +193,12 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def thaw(self, weight: nn.Parameter) -> None:
-        """Undo :meth:`freeze`: set ``weight`` to the dequantized integers, so nearest rounding gives them back."""
-        if self.frozen:
-            weight.copy_(self.weight_int.to(weight.dtype) * self._view(self.scale, weight))
+        """Undo :meth:`freeze` (or drop a rounding start point): set ``weight`` to the dequantized integers, so
+        nearest rounding gives them back."""
+        if self.frozen or self.start is not None:
+            weight.copy_(self.integer_weight(weight) * self._view(self.scale, weight))
             self.weight_int = None
+            self.start = None
 
     @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> None:
@@ -154,6 +213,7 @@ class WeightQuantizer(nn.Module):
         self.weight_int = self.integer_weight(weight).round().to(torch.int8)
         self.soft = soft
         self.alpha = None
+        self.start = None
 
     def extra_repr(self) -> str:
         mode = "frozen" if self.frozen else "adaround" if self.alpha is not None else "nearest"
@@ -246,11 +306,24 @@ class ActQuantizer(nn.Module):
                 self.observer.update(x.detach())
             return x
         scale = self.scale.abs().clamp_min(1e-8)
-        q = fake_quant(x, scale, self.zero_point, self.qmin, self.qmax, ste=self.training or torch.is_grad_enabled())
-        if self.training and self.drop_prob > 0:
-            keep = torch.rand_like(x) < self.drop_prob
-            q = torch.where(keep, x, q)
-        return q
+        keep = self._kept(x) if self.training and self.drop_prob > 0 else None
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+            return _LearnedStepFakeQuant.apply(x, scale, int(self.zero_point), self.qmin, self.qmax, keep)
+        q = fake_quant(x, scale, self.zero_point, self.qmin, self.qmax, ste=False)
+        return q if keep is None else torch.where(keep, x, q)
+
+    def _kept(self, x: torch.Tensor) -> torch.Tensor:
+        """QDrop's mask: each value kept unquantized with probability ``drop_prob`` (in 1/256 steps).
+
+        Random bytes from 64-bit draws: a fifth of the cost of one float draw per value on a CPU.
+        """
+        words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64, device=x.device)
+        threshold = round(self.drop_prob * 256)
+        keep = words.view(torch.uint8)[:x.numel()] < threshold
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = x.shape  # the same layout as x, so the element-wise ops after stay fast
+            return keep.view(n, h, w, c).permute(0, 3, 1, 2)
+        return keep.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'asymmetric' if self.signed else 'unsigned'}, mode={self.mode}"

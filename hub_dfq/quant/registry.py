@@ -135,11 +135,16 @@ register_algorithm(QuantAlgorithm(
     description="ranges set on the calibration data, nearest rounding",
     run="hub_dfq.quant.calibrate:run_calibrate"))
 register_algorithm(QuantAlgorithm(
+    "gptq", summary="second-order rounding (GPTQ): each layer's rounding error compensated on its other weights",
+    description="second-order weight rounding (GPTQ / Optimal Brain Quantization) against each layer's input "
+                "Hessian on the calibration images",
+    run="hub_dfq.quant.gptq:run_gptq", settings="hub_dfq.quant.gptq:GPTQConfig"))
+register_algorithm(QuantAlgorithm(
     "reconstruct", summary="block-wise reconstruction: learned rounding (AdaRound) and step sizes (LSQ), QDrop",
     description="block-wise output reconstruction (learned AdaRound weight rounding and LSQ activation steps) "
                 "against the full-precision blocks",
     run="hub_dfq.quant.reconstruct:run_reconstruct", settings="hub_dfq.quant.reconstruct:ReconstructConfig",
-    resumable=True, version=2))  # 2: learned steps kept inside a ReLU6's range
+    resumable=True, version=3))  # 2: learned steps kept inside a ReLU6's range; 3: GPTQ start, QDrop mask bytes
 register_algorithm(QuantAlgorithm(
     "distill", summary="knowledge distillation from the full-precision model on the calibration images",
     description="knowledge distillation from the full-precision model (straight-through estimator, learned step "
