@@ -1,10 +1,11 @@
 """Where hub-dfq caches what it can recompute, and how to see and free it (``hub-dfq cache list|clear``).
 
-Three kinds of entries, each keyed on :func:`hub_dfq.fingerprint.fingerprint` of what made it:
+Four kinds of entries, each keyed on :func:`hub_dfq.fingerprint.fingerprint` of what made it:
 
 - ``synth/<method>-<key>/``: synthetic calibration datasets (a Hub dataset folder with ``generation.json``);
 - ``audit/<key>.json``: audit reference points;
-- ``quantize/<key>/``: saved progress of an interrupted ``reconstruct``/``distill`` run (``*.pt``).
+- ``quantize/<key>/``: saved progress of an interrupted ``reconstruct``/``distill`` run (``*.pt``);
+- ``speed/<key>.json``: a device's measured speed for one model shape (:func:`hub_dfq.budget.device_speed`).
 
 Listing and clearing only ever touch entries of those shapes: a file hub-dfq did not write is left alone,
 also when ``$HUB_DFQ_CACHE`` points at a folder that holds other things. Every entry is locked while it is
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_KINDS", "CacheEntry", "cache_root", "list_cache", "clear_cache"]
 
-CACHE_KINDS = ("synth", "audit", "quantize")
+CACHE_KINDS = ("synth", "audit", "quantize", "speed")
 
 
 def cache_base() -> Path:
@@ -90,6 +91,12 @@ def _describe(kind: str, path: Path) -> str | None:
         settings = entry.get("settings") or {}
         return (f"audit reference {settings.get('kind', '?')} ({entry.get('method', '?')}, "
                 f"{settings.get('n', '?')} images)")
+    if kind == "speed" and path.is_file() and path.suffix == ".json":
+        entry = _read_json(path)
+        if entry.get("kind") == "device speed":
+            return (f"speed of {entry.get('architecture', '?')} on {entry.get('device', '?')}: "
+                    f"{1e3 * float(entry.get('seconds_per_image', 0)):.1f} ms per image")
+        return None
     if kind == "quantize" and path.is_dir() and any(path.glob("*.pt")):
         return "saved progress of " + ", ".join(sorted(p.stem for p in path.glob("*.pt")))
     return None

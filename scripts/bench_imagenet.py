@@ -43,17 +43,22 @@ MODEL = SHARED / "models" / "imagenet-efficientnet-lite0"
 IMAGES = SHARED / "data" / "imagenet-sample" / "even-classes.parquet"
 RESULTS = ROOT / "scripts" / "results" / "bench_imagenet.json"
 
-HUB_ROWS = {f"hub-{cal}-{cfg}": (cal, cfg) for cal in ("bns", "gaussian") for cfg in ("W8A8", "W4A8", "W4A4")}
-# a control, not a data-free row: the algorithm on as many real images (the evaluation images themselves)
-HUB_ROWS.update({f"hub-real-{cfg}": ("real", cfg) for cfg in ("W8A8", "W4A8")})
+# name -> (weights, activations, algorithm, size budget as a ratio of the uniform 4-bit checkpoint)
+CONFIGS = {"W8A8": (8, 8, "auto", None), "W4A8": (4, 8, "auto", None), "W4A4": (4, 4, "auto", None),
+           "W4A8-gptq": (4, 8, "gptq", None), "W4A8-calibrate": (4, 8, "calibrate", None),
+           "W4A8-size1.05": (4, 8, "auto", 1.05), "W4A8-size1.25": (4, 8, "auto", 1.25)}
+HUB_ROWS = {f"hub-{cal}-{cfg}": (cal, cfg) for cal in ("bns", "gaussian", "real") for cfg in CONFIGS}
+DEFAULT_ROWS = [f"hub-{cal}-{cfg}" for cal in ("bns", "real") for cfg in CONFIGS] + \
+    [f"hub-gaussian-{cfg}" for cfg in ("W8A8", "W4A8")]
 ORT_ROWS = {"ort-minmax": "MinMax", "ort-entropy": "Entropy", "ort-percentile": "Percentile"}
-CONFIGS = {"W8A8": (8, 8, "calibrate"), "W4A8": (4, 8, "reconstruct"), "W4A4": (4, 4, "reconstruct")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", choices=[*HUB_ROWS, *ORT_ROWS],
-                   default=[*(r for r in HUB_ROWS if not r.startswith("hub-real")), *ORT_ROWS])
+    p.add_argument("--rows", nargs="+", choices=[*HUB_ROWS, *ORT_ROWS], default=[*DEFAULT_ROWS, *ORT_ROWS])
+    p.add_argument("--real-images", type=int, default=256,
+                   help="evaluation images the real-data control rows calibrate on (default 256)")
+    p.add_argument("--time-budget", help="each hub-dfq row's --time-budget (default: the preset's target)")
     p.add_argument("--preset", default="fast")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20, help="timed runs per latency (median)")
@@ -142,24 +147,30 @@ def main() -> None:
         start = time.perf_counter()
         if row in HUB_ROWS:
             calibration, config = HUB_ROWS[row]
-            weights, activations, algorithm = CONFIGS[config]
+            weights, activations, algorithm, size_ratio = CONFIGS[config]
             before = set(cache.glob("synth/*"))
-            if calibration == "real":  # the preset's number of images, sized for the model
-                from hub_dfq.quant.registry import PRESETS
+            source = inputs[:args.real_images] if calibration == "real" else calibration
+            size_budget = None
+            if size_ratio is not None:  # bytes of the uniform 4-bit checkpoint (first/last layer 8-bit) x ratio
+                from hub_dfq.quant.allocate import checkpoint_bytes
+                from hub_dfq.quant.config import QuantConfig, QuantScheme
+                from hub_dfq.quant.prepare import prepare
 
-                size = PRESETS.get(args.preset).sized_for(model.gflops()).calibration_images
-                source = inputs[:size]
-            else:
-                source = calibration
+                uniform = prepare(model.module, QuantConfig(default=QuantScheme(4, 8)), example_input=inputs[:1])
+                size_budget = int(checkpoint_bytes(uniform.module) * size_ratio)
             qmodel = hub_dfq.quantize(model, weights=weights, activations=activations, calibration=source,
-                                      algorithm=algorithm, preset=args.preset, progress=False)
+                                      algorithm=algorithm, preset=args.preset, size_budget=size_budget,
+                                      time_budget=args.time_budget, progress=False)
             seconds = time.perf_counter() - start
             if set(cache.glob("synth/*")) - before:  # this row paid for the synthesis
                 synth_seconds[calibration] = qmodel.history["seconds"]["data"]
             path = export_onnx(qmodel, tmp / f"{row}.onnx")
             pred = predictions(qmodel, inputs)
             extra = {"synthesis_s": synth_seconds.get(calibration), "left_in_float": qmodel.left_in_float,
-                     "end_to_end_s": seconds if calibration in synth_seconds else None}
+                     "end_to_end_s": seconds if calibration in synth_seconds else None,
+                     "algorithm": qmodel.algorithm, "budget": qmodel.history.get("budget"),
+                     "checkpoint_bytes": (qmodel.history.get("allocation") or {}).get("bytes"),
+                     "calibration_images": len(source) if calibration == "real" else qmodel.calibration.get("n")}
         else:
             from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -198,17 +209,21 @@ def _ms(latency: dict | None, batch: int) -> float:
 
 def table(results: dict) -> str:
     lines = [f"EfficientNet-Lite0, {results['images']} shared ImageNet images, "
-             f"float top-1 {results['float_top1']:.1f}%, {results['threads']} threads, preset {results['preset']}", "",
-             "| row | top-1 (simulated) | top-1 (ORT int8) | agreement with float | wall time (s) | synthesis (s) "
-             "| int8 MAC share | latency b=1 (ms) | latency b=32 (ms) | peak RSS (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"float top-1 {results['float_top1']:.1f}%, {results['threads']} threads, preset {results['preset']}",
+             "",
+             "| row | algorithm | images | top-1 (simulated) | drop | top-1 (ORT int8) | agreement with float "
+             "| wall time (s) | synthesis (s) | int8 MAC share | latency b=1 (ms) | latency b=32 (ms) "
+             "| peak RSS (GiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     float_latency = results.get("float_latency_ms") or {}
-    lines.append(f"| float (PyTorch / ORT fp32) | {results['float_top1']:.1f} | - | 100 | - | - | 0 | "
+    lines.append(f"| float (PyTorch / ORT fp32) | - | - | {results['float_top1']:.1f} | - | - | 100 | - | - | 0 | "
                  f"{_ms(float_latency, 1):.1f} | {_ms(float_latency, 32):.0f} | - |")
     for name, r in results["rows"].items():
         lat = r.get("latency_ms") or {}
         synth = r.get("synthesis_s")
-        lines.append(f"| {name} | {r['top1']:.1f} | {r['onnx_top1']:.1f} | {r['agreement']:.1f} | {r['seconds']:.0f} | "
+        lines.append(f"| {name} | {r.get('algorithm', 'ort')} | {r.get('calibration_images', '-')} | {r['top1']:.1f} | "
+                     f"{r['top1'] - results['float_top1']:+.1f} | {r['onnx_top1']:.1f} | {r['agreement']:.1f} | "
+                     f"{r['seconds']:.0f} | "
                      f"{'-' if synth is None else f'{synth:.0f}'} | {r['integer_mac_share']:.2f} | "
                      f"{_ms(lat, 1):.1f} | {_ms(lat, 32):.0f} | "
                      f"{r.get('peak_rss_gib', float('nan')):.1f} |")

@@ -186,7 +186,8 @@ def test_transformers_loads_a_checkpoint_after_a_plain_import_hub_dfq(tmp_path):
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
     ResNetForImageClassification(config).eval().save_pretrained(folder)
     ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(folder)
-    qmodel = hub_dfq.quantize(hub_dfq.load_model(folder), weights=4, activations=8, calibration=torch.randn(8, 3, 32, 32))
+    qmodel = hub_dfq.quantize(hub_dfq.load_model(folder), weights=4, activations=8,
+                              calibration=torch.randn(8, 3, 32, 32), algorithm="calibrate")
     hub_dfq.save_pretrained(qmodel, tmp_path / "q")
     code = ("import sys, torch, hub_dfq\n"
             "assert 'transformers' not in sys.modules\n"

@@ -37,6 +37,7 @@ def calibration():
 
 
 def quantized(model, w: int, a: int, calibration, **kwargs):
+    kwargs.setdefault("algorithm", "calibrate")  # what is exported matters here, not how it was fitted
     return quantize(model, weights=w, activations=a, calibration=calibration, calibration_images=32, **kwargs)
 
 
@@ -152,7 +153,8 @@ def hf_resnet(tmp_path_factory):
 def test_transformers_plugin_loads_bit_identical(tmp_path, hf_resnet):
     from transformers import AutoModelForImageClassification
 
-    qmodel = quantize(hf_resnet, weights=4, activations=8, calibration="gaussian", calibration_images=16)
+    qmodel = quantize(hf_resnet, weights=4, activations=8, calibration="gaussian", calibration_images=16,
+                      algorithm="calibrate")
     assert "model.resnet.embedder.embedder.convolution" in qmodel.report.quantized
     folder = save_pretrained(qmodel, tmp_path / "q")
     assert (folder / "preprocessor_config.json").is_file()
@@ -173,7 +175,8 @@ def test_checkpoints_are_byte_identical_across_processes(tmp_path):
 
     code = ("import sys, torch, hub_dfq\n"
             "torch.manual_seed(0)\n"
-            "q = hub_dfq.quantize('default', weights=4, activations=8, calibration=torch.randn(8, 3, 32, 32))\n"
+            "q = hub_dfq.quantize('default', weights=4, activations=8, calibration=torch.randn(8, 3, 32, 32),\n"
+            "                     algorithm='calibrate')\n"
             "hub_dfq.save_pretrained(q, sys.argv[1])\n")
     digests = []
     for i, seed in enumerate(("1", "2")):

@@ -28,7 +28,8 @@ def images(model):
 
 def _quantize(model, weights, activations, images):
     # real images calibrate in a second; what is tested is the export, not the calibration data
-    return hub_dfq.quantize(model, weights=weights, activations=activations, calibration=images[:64])
+    return hub_dfq.quantize(model, weights=weights, activations=activations, calibration=images[:64],
+                            algorithm="calibrate")
 
 
 @pytest.mark.parametrize("weights, activations", [(8, 8), (4, 8), (4, 4)])
@@ -108,7 +109,8 @@ def test_reflect_padded_and_depthwise_convs_export(tmp_path):
                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
     model = VisionModel(module, Preprocess(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
                         ["a", "b", "c"], ModelSource(spec="tiny", library="timm", architecture="tiny"))
-    qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=torch.randn(32, 3, 16, 16))
+    qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=torch.randn(32, 3, 16, 16),
+                              algorithm="calibrate")
     x = torch.randn(16, 3, 16, 16)
     session = load_onnx(export_onnx(qmodel, tmp_path / "t.onnx"), threads=1)
     assert compare_onnx(qmodel, session, x)["max_abs_logit_diff"] < 0.05
@@ -121,7 +123,8 @@ def test_reflect_padded_and_depthwise_convs_export(tmp_path):
 def test_cli_quantize_onnx_and_export(tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", "default", "--weights", "4", "--activations", "8", "--calibration", "gaussian",
-            "--calibration-size", "16", "--eval-limit", "200", "--out", str(out), "--onnx", "--json",
+            "--calibration-size", "16", "--algorithm", "calibrate", "--eval-limit", "200", "--out", str(out), "--onnx",
+            "--json",
             str(tmp_path / "q.json")]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "q.json").read_text())
@@ -183,7 +186,7 @@ def test_learned_steps_stay_inside_relu6_so_every_conv_stays_an_integer_kernel(t
 
     model = _relu6_model()
     data = torch.randn(32, 3, 16, 16)
-    settings = {"reconstruct": {"iters": 30, "batch_size": 8, "lr_act": 0.05}}
+    settings = {"reconstruct": {"iters": 30, "batch_size": 8, "lr_act": 0.05, "keep_start": False}}
 
     def run(name):
         qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=data, algorithm="reconstruct",

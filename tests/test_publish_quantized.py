@@ -21,7 +21,7 @@ from hub_dfq.cli import main
 from hub_dfq.errors import PublishError
 from hub_dfq.models.loader import default_model_dir
 
-FAST = {"weights": 4, "activations": 8, "calibration": "gaussian", "calibration_images": 16}
+FAST = {"weights": 4, "activations": 8, "calibration": "gaussian", "calibration_images": 16, "algorithm": "calibrate"}
 
 
 @pytest.fixture
@@ -68,7 +68,8 @@ def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, ca
     model_repo, data_repo = hub.new_repo_id("cli-q"), hub.new_repo_id("cli-cal")
     out = tmp_path / "q"
     argv = ["quantize", base_repo, "--weights", "4", "--activations", "4", "--calibration", "gaussian",
-            "--calibration-size", "16", "--eval-limit", "64", "--out", str(out), "--push-to-hub", model_repo,
+            "--calibration-size", "16", "--algorithm", "calibrate", "--eval-limit", "64", "--out", str(out),
+            "--push-to-hub", model_repo,
             "--push-dataset", data_repo, "--onnx", "--json", str(tmp_path / "q.json")]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "q.json").read_text())
@@ -87,7 +88,7 @@ def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, ca
 def test_push_without_token_keeps_the_folder(hub, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", "default", "--calibration", "gaussian", "--calibration-size", "16", "--eval", "none",
-            "--out", str(out), "--push-to-hub", "tester/no-token"]
+            "--algorithm", "calibrate", "--out", str(out), "--push-to-hub", "tester/no-token"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "token" in err and str(out) in err

@@ -9,7 +9,7 @@ from torch import nn
 
 import hub_dfq
 from hub_dfq.quant.config import QuantScheme
-from hub_dfq.quant.gptq import GPTQConfig, HessianStats, gptq_rounding, layer_columns, search_scales
+from hub_dfq.quant.gptq import GPTQConfig, HessianStats, float_target, gptq_rounding, layer_columns, search_scales
 from hub_dfq.quant.modules import QuantConv1d, QuantConv2d, QuantLinear
 from hub_dfq.quant.quantizers import weight_qrange
 
@@ -105,6 +105,25 @@ def test_gptq_matches_a_plain_implementation_per_group():
     for g in range(w.shape[0]):
         ref = _reference_gptq(w[g], h[g], scale[g], qmin, qmax, 0.01)
         torch.testing.assert_close(start[g].double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_float_target_maps_quantized_inputs_to_the_float_output_and_survives_dead_inputs():
+    w, x, _ = _correlated_problem(groups=3, rows=8, k=9)
+    x = x.double()
+    x[1] = 0.0  # a depthwise channel whose quantized input is always zero (a whole dead group)
+    x[2, 4] = 0.0  # one dead column
+    # inputs off by a linear map of themselves: some weights reach the float output exactly
+    x_float = x + 0.1 * torch.bmm(torch.randn(3, 9, 9, dtype=x.dtype, generator=torch.Generator().manual_seed(1)), x)
+    n = x.shape[2]
+    h = torch.bmm(x, x.transpose(1, 2)) / n
+    drift = torch.bmm(x_float - x, x.transpose(1, 2)) / n
+    target = float_target(w.double(), h, drift, damp=1e-6)
+    assert torch.isfinite(target).all()
+    torch.testing.assert_close(target[1], w[1].double())  # nothing to fit: the weights stay
+    # a live group: the least-squares weights reach the float output from the quantized inputs
+    reached = torch.bmm(target[:1], x[:1]).sub(torch.bmm(w[:1].double(), x_float[:1])).square().sum()
+    plain = torch.bmm(w[:1].double(), x[:1]).sub(torch.bmm(w[:1].double(), x_float[:1])).square().sum()
+    assert reached < 1e-6 * plain
 
 
 def test_hessian_is_the_running_mean_of_column_products():

@@ -182,24 +182,30 @@ def test_the_docs_tables_are_generated_from_the_registries():
         register_algorithm(toys[1])
 
 
-def test_presets_shrink_for_models_that_cost_more_than_the_cifar_resnets():
+def test_presets_scale_along_the_ladder_with_floors():
     fast = PRESETS.get("fast")
-    assert fast.sized_for(0.08) is fast and fast.sized_for(0.19) is fast  # ResNet-20 and ResNet-44: as written
-    lite0 = fast.sized_for(0.77)  # EfficientNet-Lite0 at 224 px
-    assert lite0.calibration_images == 64 and lite0.synth["iters"] == 64
-    assert lite0.algorithms["reconstruct"]["iters"] == 97 and lite0.algorithms["reconstruct"]["batch_size"] == 32
-    huge = fast.sized_for(100.0)
-    assert huge.calibration_images == 64 and huge.synth["iters"] == 50 and huge.algorithms["reconstruct"]["iters"] == 50
-    best = PRESETS.get("best").sized_for(0.77)
-    assert best.calibration_images == 320 and best.algorithms["distill"]["init"] == "reconstruct"
+    assert fast.scaled(1.0) is fast
+    half = fast.scaled(0.5)
+    assert half.calibration_images == 128 and half.synth["iters"] == 100
+    assert half.algorithms["reconstruct"] == {"iters": 150, "batch_size": 32}
+    tiny = fast.scaled(0.01)
+    assert tiny.calibration_images == 64 and tiny.synth["iters"] == 50 and tiny.algorithms["reconstruct"]["iters"] == 50
+    assert PRESETS.get("best").scaled(0.3).algorithms["distill"]["init"] == "reconstruct"
+    assert PRESETS.get("best").seconds > fast.seconds
 
 
-def test_quantize_sizes_the_preset_by_the_models_cost(monkeypatch):
+def test_quantize_plans_costly_models_for_the_device(monkeypatch):
+    from hub_dfq.budget import DeviceSpeed
     from hub_dfq.models.vision_model import VisionModel
+    from hub_dfq.quant import api
 
     monkeypatch.setattr(VisionModel, "gflops", lambda self: 2.0)  # as if the model were 8x the reference cost
+    monkeypatch.setattr(api, "device_speed", lambda model: DeviceSpeed("slow device", 2.0))
     qmodel = hub_dfq.quantize("default", weights=8, activations=8, calibration="gaussian", progress=False)
-    assert qmodel.calibration["n"] == 64
+    # 2 passes per observed image at 2 s each: 256 images need 1024 s; the largest rung under 600 s has 128
+    assert qmodel.calibration["n"] == 128
+    assert qmodel.history["budget"]["expected_seconds"] <= 600
+    assert qmodel.history["budget"]["counts"] == {"images": qmodel.calibration["n"]}
 
 
 def test_synthesis_default_steps_shrink_for_costly_models_and_explicit_steps_are_kept(monkeypatch, tmp_path):

@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_budgets() -> None:
+    """Print the budget a run plans (and the time it expects) before it starts, as a plain line."""
+    budget_logger = logging.getLogger("hub_dfq.budget")
+    if budget_logger.level == logging.NOTSET or budget_logger.level > logging.INFO:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(lambda record: record.levelno == logging.INFO)  # warnings reach the root handler
+        budget_logger.addHandler(handler)
+        budget_logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -79,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     args.argv = argv  # for the "reproduce" line of published cards
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.verbose:  # verbose runs print it with every other INFO line
+        _show_budgets()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -77,9 +77,14 @@ def register(sub) -> None:
                         metavar="GLOB:FIELD=V,...",
                         help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
     parser.add_argument("--size-budget", metavar="SIZE",
-                        help="mixed precision: the most bytes the checkpoint may take (3000000, 2.9MB) or a ratio of "
-                        "the float32 checkpoint (0.16x, 16%%); each layer gets 2, 4 or 8-bit weights by its sensitivity "
-                        "measured on the calibration images (first/last layer and --override layers stay as set)")
+                        help="mixed precision: the most bytes the checkpoint may take (3000000, 2.9MB) or a ratio "
+                        "of the float32 checkpoint (0.16x, 16%%); each layer gets 2, 4 or 8-bit weights by its "
+                        "sensitivity measured on the calibration images (first/last layer and --override layers "
+                        "stay as set)")
+    parser.add_argument("--time-budget", metavar="DURATION",
+                        help="how long the run may take on this device (900, 15m, 1h): the preset's image and "
+                        "step counts shrink until the expected time fits (default: the preset's target, for models "
+                        "larger than the CIFAR ResNets); the budget chosen and the time expected are printed first")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
@@ -167,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
                       first_last_bits=args.first_last_bits, residual_bits=args.residual_bits,
                       weight_observer=args.weight_observer, act_observer=args.act_observer,
                       overrides=dict(args.overrides), exclude=args.exclude, size_budget=args.size_budget,
-                      seed=args.seed, progress=args.progress)
+                      time_budget=args.time_budget, seed=args.seed, progress=args.progress)
     quant_seconds = time.perf_counter() - start
     summary = {
         "model": model.source.spec,
@@ -187,6 +192,8 @@ def _run(args: argparse.Namespace) -> int:
         "left_in_float": qmodel.left_in_float,
     }
     allocation = qmodel.history.get("allocation")
+    if qmodel.history.get("budget"):
+        summary["budget"] = qmodel.history["budget"]
     if allocation:
         summary["size_budget"] = {k: allocation[k] for k in ("budget", "bytes")}
         summary["layer_bits"] = allocation["bits"]
@@ -275,7 +282,9 @@ def _render(summary: dict, qmodel) -> str:
                      + ", ".join(f"{bits.count(b)} layers at {b}-bit" for b in sorted(set(bits))))
     if summary.get("eval_note"):
         lines.append(summary["eval_note"])
-    lines.append(f"time: {summary['seconds']:.1f} s to quantize, {summary['total_seconds']:.1f} s in all")
+    expected = (summary.get("budget") or {}).get("expected_seconds")
+    planned = f" (expected about {expected:.0f} s)" if expected else ""
+    lines.append(f"time: {summary['seconds']:.1f} s to quantize{planned}, {summary['total_seconds']:.1f} s in all")
     if summary["left_in_float"]:
         lines.append("left in full precision: " + "; ".join(summary["left_in_float"]))
     if summary.get("out"):

@@ -155,7 +155,7 @@ class VisionModel:
 
     def gflops(self) -> float:
         """Floating-point operations (GFLOP, 2 per multiply-accumulate) of one image's forward pass; what sizes
-        the presets' budgets (:meth:`hub_dfq.quant.registry.Preset.sized_for`). Measured once, then cached."""
+        whether a preset's budget is planned for the device (:mod:`hub_dfq.budget`). Measured once, then cached."""
         if self._gflops is None:
             from torch.utils.flop_counter import FlopCounterMode  # why: only needed here, imports sympy
 

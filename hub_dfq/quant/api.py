@@ -12,12 +12,15 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..budget import REFERENCE_GFLOPS, BudgetPlan, device_speed, parse_duration, plan_budget
 from ..distributed import current
 from ..errors import UnsupportedModelError
 from ..fingerprint import fingerprint, weights_sha256
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
+from ..registry import resolve
 from ..runtime import place_model
+from ..synth.registry import SYNTH_METHODS
 from .algorithms import (
     AlgorithmContext,
     algorithm_settings,
@@ -39,6 +42,8 @@ __all__ = ["quantize", "quantization_fingerprint", "AUTO", "default_algorithm"]
 
 AUTO = "auto"  # the algorithm that fits the bit widths asked for (see default_algorithm)
 SENSITIVITY_IMAGES = 32  # calibration images a layer's sensitivity is measured on (size budgets)
+# what observing one calibration image costs, in float forward+backward passes of it (MSE range searches)
+CALIBRATE_PASSES = 2.0
 
 # Of the calibration pipeline around the algorithms (prepare, observers, freezing); bump whenever it
 # changes the bytes of a quantized model. Part of the fingerprint and of the resume-cache key.
@@ -79,6 +84,38 @@ def _size_plan(prepared, cfg: QuantConfig, model: VisionModel, size_budget: Any)
     return budget, pinned
 
 
+def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, calibration_images: int | None,
+               settings: Mapping[str, Any], synth_options: Mapping[str, Any] | None, time_budget: Any,
+               seed: int) -> BudgetPlan:
+    """The ladder scale of ``preset`` whose expected time on the model's device fits the time budget."""
+    target = parse_duration(time_budget) if time_budget is not None else preset.seconds
+    dist = current()
+    # every process plans from rank 0's measurement: the same counts everywhere
+    speed = device_speed(model) if dist.is_main else None
+    speed = dist.broadcast(speed) if dist.enabled else speed
+    spec = QUANT_ALGORITHMS.get(algorithm)
+    fixed_images = len(calibration) if isinstance(calibration, torch.Tensor) else None
+    synthetic = is_synthetic(calibration) and SYNTH_METHODS.get(calibration.lower()).loss is not None
+
+    def cost(scale: float) -> tuple[float, dict[str, int]]:
+        sized = preset.scaled(scale)
+        images = calibration_images or fixed_images or sized.calibration_images
+        counts = {"images": images}
+        passes = CALIBRATE_PASSES * images
+        if synthetic:
+            counts["synthesis steps"] = int({**sized.synth, **dict(synth_options or {})}.get("iters", 0))
+            passes += counts["synthesis steps"] * images
+        of = lambda name: algorithm_settings(QUANT_ALGORITHMS.get(name), sized, settings.get(name), seed=seed)  # noqa: E731
+        if spec.cost is not None:
+            run = of(algorithm)
+            if getattr(run, "iters", None):
+                counts[f"{algorithm} steps"] = run.iters
+            passes += resolve(spec.cost)(run, images, of)
+        return passes, counts
+
+    return plan_budget(cost, speed=speed, target_seconds=target, strict=time_budget is not None)
+
+
 def quantization_fingerprint(*, weights: str, config: QuantConfig, algorithm: str, settings: dict[str, Any],
                              data: torch.Tensor, seed: int, device_type: str) -> str:
     """The fingerprint of a quantization run: what made the model (recorded in its card, keys its resume state)."""
@@ -112,6 +149,7 @@ def quantize(
     settings: Mapping[str, Any] | None = None,
     synth_options: Mapping[str, Any] | None = None,
     size_budget: int | float | str | None = None,
+    time_budget: float | str | None = None,
     seed: int = 0,
     resume: bool = True,
     progress: bool | None = None,
@@ -156,6 +194,10 @@ def quantize(
             the float32 checkpoint (``"0.16x"``, ``"16%"``): every layer not pinned (first/last layer, layers
             with a ``weights`` override) gets 2, 4 or 8-bit weights, chosen on the calibration images by measured
             sensitivity (:mod:`hub_dfq.quant.allocate`); ``weights`` is then only the card's nominal width.
+        time_budget: seconds (or ``"15m"``, ``"1h"``) the run should take on its device. The preset's counts are
+            ceilings, shrunk together until the run's expected time (from the device's measured speed,
+            :mod:`hub_dfq.budget`) fits; counts given explicitly are kept. Default: the preset's target for models
+            larger than the CIFAR ResNets it was written for (those keep its counts on any device).
         seed: seed of synthesis, observers and the algorithm (same seed, same bytes).
         resume: save the progress of resumable algorithms (``reconstruct``, ``distill``) in the cache
             and continue an interrupted run of the same inputs where it stopped (same result as one run).
@@ -169,7 +211,8 @@ def quantize(
         A :class:`QuantizedModel`.
 
     Raises:
-        ConfigError: bits outside 2-8, unknown algorithm, preset or observer.
+        ConfigError: bits outside 2-8, unknown algorithm, preset or observer; an explicit ``time_budget`` that
+            even the smallest counts cannot meet.
         DatasetError: an empty or unreadable calibration set.
         UnsupportedModelError: a model without conv/linear layers, one that cannot be traced, or one
             that is already quantized.
@@ -217,16 +260,19 @@ def quantize(
     if model.quantization_config is not None:
         raise UnsupportedModelError(f"{model.source.spec} is already quantized: quantize its base model "
                                     f"({model.quantization_config.get('base_model', 'see its card')}) instead")
-    sized = chosen.sized_for(model.gflops())
-    if sized is not chosen:  # a model larger than the presets are written for: smaller budgets, same shape
-        logger.info("preset %r sized for %.2f GFLOP per image: %d images, synthesis %s", preset, model.gflops(),
-                    sized.calibration_images, dict(sized.synth))
-        chosen = sized
-        settings_of.clear()
-        run_settings = settings_for(algorithm)
     start = time.perf_counter()
-    timings: dict[str, float] = {}
     prepared = prepare(model.module, cfg, example_input=model.example_input(1))
+    if auto:
+        algorithm = default_algorithm(prepared.report)
+        spec = QUANT_ALGORITHMS.get(algorithm)
+    budget_plan = None
+    if time_budget is not None or model.gflops() > REFERENCE_GFLOPS:
+        budget_plan = _time_plan(model, chosen, algorithm, calibration, calibration_images, settings,
+                                 synth_options, time_budget, seed)
+        chosen = chosen.scaled(budget_plan.scale)
+    settings_of.clear()
+    run_settings = settings_for(algorithm)
+    timings: dict[str, float] = {}
     if size_budget is not None:
         budget, pinned = _size_plan(prepared, cfg, model, size_budget)
     synth = {**chosen.synth, **dict(synth_options or {}), "progress": progress}
@@ -243,7 +289,7 @@ def quantize(
         cfg = replace(cfg, overrides=(*cfg.overrides, *allocation.overrides().items()))
         prepared = prepare(model.module, cfg, example_input=model.example_input(1))
         timings["allocate"] = time.perf_counter() - start - timings["data"]
-    if auto and default_algorithm(prepared.report) != algorithm:
+    if auto and default_algorithm(prepared.report) != algorithm:  # the allocation may leave every layer at 8 bits
         algorithm = default_algorithm(prepared.report)
         spec, run_settings = QUANT_ALGORITHMS.get(algorithm), settings_for(algorithm)
     gm = prepared.module
@@ -278,6 +324,8 @@ def quantize(
     history["fingerprint"] = run_fingerprint
     if allocation is not None:
         history["allocation"] = allocation.to_dict()
+    if budget_plan is not None:
+        history["budget"] = budget_plan.to_dict()
     provenance = {**provenance, "preset": preset}
     if is_synthetic(calibration):
         provenance["synth_options"] = {k: v for k, v in synth.items() if k != "progress"}

@@ -160,10 +160,15 @@ class WeightQuantizer(nn.Module):
             return self.start.to(weight.dtype)
         return weight.detach() / self._view(self.scale.detach(), weight)
 
-    def init_adaround(self, weight: torch.Tensor) -> None:
-        """Start learned rounding at the fractional part of the weight in steps (the nearest-rounding point)."""
+    def init_adaround(self, weight: torch.Tensor, margin: float | None = None) -> None:
+        """Start learned rounding at the fractional part of the weight in steps (the nearest-rounding point), or
+        with ``margin``, ``margin`` away from nearest rounding's choice of the start (soft values already near the
+        integers chosen, so a short fit only changes the roundings it must)."""
         scaled = self._scaled(weight)
-        rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
+        rest = scaled - torch.floor(scaled)
+        if margin is not None:
+            rest = torch.where(rest >= 0.5, 1.0 - margin, margin)
+        rest = rest.clamp(1e-4, 1 - 1e-4)
         alpha = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1.0)
         self.alpha = nn.Parameter(alpha)
         self.weight_int = None

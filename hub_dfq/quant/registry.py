@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
-from ..budget import cost_ratio, shrink
+from ..budget import scaled_count
 from ..registry import Registry
 
 __all__ = [
@@ -42,6 +42,8 @@ class QuantAlgorithm:
             and callers give values for its fields.
         resumable: it saves progress in the cache (``ctx.state``), so an interrupted run continues.
         version: bump whenever its output bytes change; part of the resume-cache key.
+        cost: ``(settings, images, settings_of) -> passes``: what it costs, in float forward+backward passes of
+            one image (or its path); sizes budgets to the device (:mod:`hub_dfq.budget`). ``None``: negligible.
     """
 
     name: str
@@ -51,6 +53,7 @@ class QuantAlgorithm:
     settings: type | str | None = None
     resumable: bool = False
     version: int = 1
+    cost: Callable[..., float] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class Preset:
         calibration_images: calibration images when the caller does not say.
         synth: options of on-the-fly synthesis (:func:`hub_dfq.synth.api.synthesize_folder`).
         algorithms: ``{algorithm name: {setting: value}}``; algorithms not named use their defaults.
+        seconds: the time a run should fit on the device it runs on (:mod:`hub_dfq.budget`): the counts above
+            are ceilings, shrunk together where the measured device would need longer.
     """
 
     name: str
@@ -88,21 +93,20 @@ class Preset:
     calibration_images: int
     synth: Mapping[str, Any] = field(default_factory=dict)
     algorithms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    seconds: float = 600.0
 
-    def sized_for(self, gflops: float) -> "Preset":
-        """This budget for a model costing ``gflops`` per image (:meth:`VisionModel.gflops`): as written up to
-        :data:`hub_dfq.budget.REFERENCE_GFLOPS` (the CIFAR ResNets); above it, images, synthesis steps and fitting
-        steps each shrink by the cost ratio (:func:`hub_dfq.budget.shrink`; images stay a multiple of 32 and at
-        least 64, steps at least 50)."""
-        if cost_ratio(gflops) == 1.0:
+    def scaled(self, scale: float) -> "Preset":
+        """This budget with every count multiplied by ``scale`` (:data:`hub_dfq.budget.LADDER`): images stay a
+        multiple of 32 and at least 64, steps at least 50; nothing grows past what is written."""
+        if scale >= 1.0:
             return self
         synth = dict(self.synth)
         if "iters" in synth:
-            synth["iters"] = shrink(synth["iters"], gflops, floor=50)
-        algorithms = {name: {**values, **({"iters": shrink(values["iters"], gflops, floor=50)}
+            synth["iters"] = scaled_count(synth["iters"], scale, floor=50)
+        algorithms = {name: {**values, **({"iters": scaled_count(values["iters"], scale, floor=50)}
                                           if "iters" in values else {})}
                       for name, values in self.algorithms.items()}
-        return replace(self, calibration_images=shrink(self.calibration_images, gflops, floor=64, multiple=32),
+        return replace(self, calibration_images=scaled_count(self.calibration_images, scale, floor=64, multiple=32),
                        synth=synth, algorithms=algorithms)
 
 
@@ -138,18 +142,20 @@ register_algorithm(QuantAlgorithm(
     "gptq", summary="second-order rounding (GPTQ): each layer's rounding error compensated on its other weights",
     description="second-order weight rounding (GPTQ / Optimal Brain Quantization) against each layer's input "
                 "Hessian on the calibration images",
-    run="hub_dfq.quant.gptq:run_gptq", settings="hub_dfq.quant.gptq:GPTQConfig"))
+    run="hub_dfq.quant.gptq:run_gptq", settings="hub_dfq.quant.gptq:GPTQConfig", cost="hub_dfq.quant.gptq:cost"))
 register_algorithm(QuantAlgorithm(
     "reconstruct", summary="block-wise reconstruction: learned rounding (AdaRound) and step sizes (LSQ), QDrop",
     description="block-wise output reconstruction (learned AdaRound weight rounding and LSQ activation steps) "
                 "against the full-precision blocks",
     run="hub_dfq.quant.reconstruct:run_reconstruct", settings="hub_dfq.quant.reconstruct:ReconstructConfig",
+    cost="hub_dfq.quant.reconstruct:cost",
     resumable=True, version=3))  # 2: learned steps kept inside a ReLU6's range; 3: GPTQ start, QDrop mask bytes
 register_algorithm(QuantAlgorithm(
     "distill", summary="knowledge distillation from the full-precision model on the calibration images",
     description="knowledge distillation from the full-precision model (straight-through estimator, learned step "
                 "sizes)",
     run="hub_dfq.quant.distill:run_distill", settings="hub_dfq.quant.distill:DistillConfig", resumable=True,
+    cost="hub_dfq.quant.distill:cost",
     version=2))
 
 register_observer(Observer("minmax", "weight", "max |w| per output channel",
@@ -165,14 +171,14 @@ register_observer(Observer("mse", "activation", "the clipping that minimises the
 
 # ResNet-20 W4A4 in about 5 minutes on 2 CPU cores, synthesis included.
 register_preset(Preset(
-    "fast", summary="256 synthetic images, 300 reconstruction steps per block (minutes on a CPU)",
-    calibration_images=256, synth={"iters": 200, "batch_size": 128},
+    "fast", summary="up to 256 synthetic images and 300 reconstruction steps per block, fitted to 10 min on the device",
+    calibration_images=256, synth={"iters": 200, "batch_size": 128}, seconds=600,
     algorithms={"reconstruct": {"iters": 300, "batch_size": 32}, "distill": {"iters": 300, "batch_size": 64}}))
 # 4x the images (the lever that pays: ResNet-20 W4A4 -0.61 -> -0.33), 3x the fitting steps;
 # distillation starts from a reconstructed model. Synthesis keeps the fast preset's 200 steps:
 # images matched for 500 steps reached a 5x lower BN divergence yet calibrated worse (-0.59).
 register_preset(Preset(
-    "best", summary="1,024 synthetic images, 1,000 reconstruction steps per block (4x fast's images)",
-    calibration_images=1024, synth={"iters": 200, "batch_size": 128},
+    "best", summary="up to 1,024 synthetic images and 1,000 reconstruction steps per block, fitted to 50 min",
+    calibration_images=1024, synth={"iters": 200, "batch_size": 128}, seconds=3000,
     algorithms={"reconstruct": {"iters": 1000, "batch_size": 32},
                 "distill": {"iters": 1000, "batch_size": 64, "init": "reconstruct"}}))

@@ -1,0 +1,94 @@
+"""Budgets sized by the device: the measured speed, the ladder of counts, explicit time budgets, the CLI line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import hub_dfq
+import hub_dfq.cache
+from hub_dfq import budget
+from hub_dfq.budget import DeviceSpeed, parse_duration
+from hub_dfq.cli import main
+from hub_dfq.errors import ConfigError
+from hub_dfq.quant import api
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("value, seconds", [(900, 900.0), ("900", 900.0), ("90s", 90.0), ("15m", 900.0),
+                                            ("15min", 900.0), ("1.5h", 5400.0), ("1h30m", 5400.0), (2.5, 2.5)])
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "", "-5", 0, "0m", "1d", True, float("nan")])
+def test_parse_duration_rejects(value):
+    with pytest.raises(ConfigError, match="time budget"):
+        parse_duration(value)
+
+
+@pytest.fixture
+def slow_device(monkeypatch):
+    """A device where one image's forward+backward pass takes 10 ms (a fixed speed: plans do not depend on load)."""
+    monkeypatch.setattr(api, "device_speed", lambda model: DeviceSpeed("test device", 0.01))
+
+
+def test_time_budget_shrinks_the_preset_to_fit(model, slow_device):
+    # gptq on gaussian images: (2 observing + 1.5 GPTQ) passes per image; 256 images need ~9 s at 10 ms
+    q = hub_dfq.quantize(model, weights=4, activations=8, calibration="gaussian", algorithm="gptq", time_budget="5s",
+                         progress=False)
+    plan = q.history["budget"]
+    assert plan["scale"] == pytest.approx(2 ** -0.75) and plan["counts"] == {"images": 128}
+    assert plan["expected_seconds"] == pytest.approx(128 * 3.5 * 0.01, abs=0.05) and plan["expected_seconds"] <= 5
+    assert q.calibration["n"] == 128  # the run used what it planned
+    assert plan["speed"] == {"device": "test device", "seconds_per_image": 0.01}
+
+
+def test_time_budget_keeps_explicit_counts_and_refuses_what_cannot_fit(model, slow_device):
+    with pytest.raises(ConfigError, match=r"needs about \d+ s on test device, more than the 1 s given: give a time "
+                                          r"budget of at least \d+ s"):
+        hub_dfq.quantize(model, weights=4, activations=8, calibration="gaussian", algorithm="gptq",
+                         calibration_images=256, time_budget=1, progress=False)
+    with pytest.raises(ConfigError, match="not a duration"):
+        hub_dfq.quantize(model, calibration="gaussian", time_budget="whenever")
+
+
+def test_cifar_models_keep_the_written_counts_without_a_time_budget(model, slow_device):
+    q = hub_dfq.quantize(model, weights=8, activations=8, calibration="gaussian", progress=False)
+    assert "budget" not in q.history and q.calibration["n"] == 256
+
+
+def test_reconstruct_cost_counts_its_steps_and_synthesis(model, slow_device):
+    """Where synthesis and fitting steps are what costs, both shrink along the ladder (floors: 64 images, 50 steps)."""
+    with pytest.raises(ConfigError, match=r"smallest budget \(images 64, synthesis steps 50, reconstruct steps 50\)"):
+        hub_dfq.quantize(model, weights=4, activations=4, calibration="bns", time_budget="10s", progress=False)
+
+
+def test_device_speed_is_measured_once_and_listed_in_the_cache(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HUB_DFQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(budget, "_SPEEDS", {})
+    first = budget.device_speed(model)
+    assert first.seconds_per_image > 0 and first.device.startswith("cpu (1 threads)")
+    monkeypatch.setattr(budget, "_SPEEDS", {})  # a new process reads the saved measurement
+    calls = []
+    monkeypatch.setattr(model.module, "forward", lambda *a: calls.append(a))
+    assert budget.device_speed(model) == first and not calls
+    entries = hub_dfq.cache.list_cache(["speed"])
+    assert len(entries) == 1 and "ms per image" in entries[0].description
+    assert len(hub_dfq.cache.clear_cache(["speed"])) == 1 and not (tmp_path / "cache" / "speed").exists() or \
+        not any((tmp_path / "cache" / "speed").iterdir())
+
+
+def test_cli_prints_the_budget_before_it_starts(slow_device, tmp_path, capsys):
+    argv = ["quantize", "default", "--weights", "4", "--activations", "8", "--calibration", "gaussian",
+            "--algorithm", "gptq", "--time-budget", "5s", "--eval", "none", "--json", str(tmp_path / "q.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "budget: images 128 (x0.59 of the written counts to fit 5 s); expected about 4 s on test device" \
+        in captured.err
+    assert "(expected about 4 s)" in captured.out
+    assert json.loads((tmp_path / "q.json").read_text())["budget"]["counts"] == {"images": 128}
+    assert main([*argv[:-4], "--time-budget", "1", "--calibration-images", "256", "--eval", "none"]) == 2
+    assert "give a time budget of at least" in capsys.readouterr().err
