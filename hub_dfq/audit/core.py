@@ -54,17 +54,24 @@ def _check_model(model: VisionModel) -> list:
 
 
 def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tuple[torch.Tensor, list[int]]], *,
-                score_batch: int, metric: str, bootstrap: int, seed: int) -> MomentAccumulator:
-    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments."""
+                score_batch: int, metric: str, bootstrap: int, seed: int, per_image: bool = False,
+                outputs: list | None = None) -> MomentAccumulator:
+    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments.
+
+    ``per_image`` keeps every image's own scores too; ``outputs``, when given, collects each batch's logits
+    (on the CPU) for detectors that read them.
+    """
     acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
-                            bootstrap=bootstrap, seed=seed)
+                            bootstrap=bootstrap, seed=seed, per_image=per_image)
     with torch.inference_mode(), acc:
         for item in batches:
             x, rows = item if isinstance(item, tuple) else (item, None)
             if x.shape[0] == 0:
                 continue
-            model.module(x.to(model.device, non_blocking=True))
+            logits = model.module(x.to(model.device, non_blocking=True))
             acc.step(rows)
+            if outputs is not None:
+                outputs.append(logits.float().cpu())
     acc.finish()
     return acc
 
@@ -269,7 +276,7 @@ def audit(
         limit: audit only the first ``limit`` images of each candidate.
         batch_size: images per forward pass.
         score_batch: images per batch-level score (the bootstrap resamples single images).
-        metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"`` or ``"w2"``; all
+        metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"``, ``"reverse_kl"`` or ``"w2"``; all
             three are reported per layer.
         references: ``"auto"`` (Gaussian noise as "far", BNS synthetic data as "near"),
             ``"gaussian"`` (noise only: one-point scale ``log10(far / d) / 3``), ``"none"``, or a mapping
