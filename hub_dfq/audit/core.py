@@ -25,7 +25,7 @@ from ..partition import block_size, rank_part
 from ..progress import progress_enabled
 from ..runtime import place_model
 from . import references as refs
-from .moments import MomentAccumulator
+from .moments import IMAGE_METRIC, MomentAccumulator
 from .registry import DIVERGENCES
 from .results import AuditReport, CandidateResult
 from .scores import SPAN_DECADES, aggregate, bootstrap_estimate, layer_divergences, similarity
@@ -36,6 +36,9 @@ __all__ = ["audit", "AuditReport", "CandidateResult", "MAX_LISTED_SKIPPED"]
 
 # A broken dataset could skip millions of rows; the report lists the first ones and counts all.
 MAX_LISTED_SKIPPED = 1000
+# The per-image view of a candidate: these quantiles of its images' scores and its most atypical rows.
+IMAGE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+MOST_ATYPICAL = 10
 REFERENCE_MODES = ("auto", "gaussian", "none")
 
 DataLike = Any  # str | PathLike | datasets.Dataset | IterableDataset | DatasetDict | ImageData
@@ -55,14 +58,14 @@ def _check_model(model: VisionModel) -> list:
 
 def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tuple[torch.Tensor, list[int]]], *,
                 score_batch: int, metric: str, bootstrap: int, seed: int, per_image: bool = False,
-                outputs: list | None = None) -> MomentAccumulator:
+                image_metric: str | None = None, outputs: list | None = None) -> MomentAccumulator:
     """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments.
 
     ``per_image`` keeps every image's own scores too; ``outputs``, when given, collects each batch's logits
     (on the CPU) for detectors that read them.
     """
     acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
-                            bootstrap=bootstrap, seed=seed, per_image=per_image)
+                            bootstrap=bootstrap, seed=seed, per_image=per_image, image_metric=image_metric)
     with torch.inference_mode(), acc:
         for item in batches:
             x, rows = item if isinstance(item, tuple) else (item, None)
@@ -93,7 +96,21 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
         dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=divergence, divergence_plugin=plugin,
         divergences={m: aggregate(v) for m, v in per_metric.items()}, ci=ci,
         layers=dict(zip(names, per_metric[metric])), layers_detail=detail, batch_scores=acc.batch_scores(),
-        skipped=skipped[:MAX_LISTED_SKIPPED], split=split)
+        skipped=skipped[:MAX_LISTED_SKIPPED], split=split, image_scores=_image_view(acc))
+
+
+def _image_view(acc: MomentAccumulator) -> dict[str, Any] | None:
+    """Quantiles of the candidate's per-image scores and its most atypical rows (``None`` without them)."""
+    if not acc.per_image:
+        return None
+    rows, scores = acc.image_scores()
+    if not rows:
+        return None
+    q = torch.quantile(scores, torch.tensor(IMAGE_QUANTILES, dtype=torch.float64)).tolist()
+    top = torch.argsort(scores, descending=True, stable=True)[:MOST_ATYPICAL].tolist()
+    return {"metric": IMAGE_METRIC, "n": len(rows), "quantiles": {f"p{round(p * 100):02d}": v
+                                                                  for p, v in zip(IMAGE_QUANTILES, q)},
+            "most_atypical": [{"index": rows[i], "score": float(scores[i])} for i in top]}
 
 
 def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
@@ -132,7 +149,8 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
     counter = [0]
     part = rank_part(data, dist, block=block_size(batch_size, score_batch))
     batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
-    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
+                      per_image=True, image_metric=IMAGE_METRIC)
     acc.merge(dist)
     if dist.enabled:
         everyone = dist.all_gather((counter[0], skipped))

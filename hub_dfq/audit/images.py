@@ -37,13 +37,14 @@ from ..partition import block_size, rank_part
 from ..runtime import place_model
 from . import references as refs
 from .core import MAX_LISTED_SKIPPED, _accumulate, _check_model, _image_batches
+from .moments import IMAGE_METRIC
 from .registry import DIVERGENCES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageScores", "score_images", "calibrate_threshold", "DEFAULT_METRIC", "CALIBRATIONS"]
 
-DEFAULT_METRIC = "reverse_kl"
+DEFAULT_METRIC = IMAGE_METRIC
 CALIBRATIONS = ("bns", "none")
 SCORE_DEFINITION = ("per BN layer, the channel mean of `{formula}` between the image's own per-channel spatial "
                     "mean and variance at the layer's input and the layer's running statistics; the image's "
