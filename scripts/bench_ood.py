@@ -31,6 +31,7 @@ Usage (from the repository root)::
 
     OMP_NUM_THREADS=1 python scripts/bench_ood.py --threads 1                         # see scripts/README.md
     OMP_NUM_THREADS=1 python scripts/bench_ood.py --threads 1 --lite0-n 8 --cifar-n 32 --lite0-bns 4 8  # smoke
+    OMP_NUM_THREADS=2 python scripts/bench_ood.py --threads 2 --scale 1000 --out scripts/results/bench_ood_scale.json
 
 Prints markdown tables and writes scripts/results/bench_ood.json.
 """
@@ -281,6 +282,25 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def scale(n: int, batch_size: int, seed: int) -> dict:
+    """``score_images`` on ``n`` Lite0 images at 224 px (the 500 shared images repeated): wall time, images/s,
+    and the process's peak resident memory after a quarter of the images and after all of them."""
+    import resource
+
+    model = hub_dfq.load_model(f"local-dir:{SHARED / 'models/imagenet-efficientnet-lite0'}")
+    real = hub_dfq.load_images(str(SHARED / "data/imagenet-sample/even-classes.parquet")).dataset
+    many = datasets.concatenate_datasets([real] * ((n + len(real) - 1) // len(real))).select(range(n))
+    out = {"images": n}
+    for part, rows in (("quarter", n // 4), ("all", n)):
+        start = time.perf_counter()
+        result = score_images(model, many.select(range(rows)), batch_size=batch_size, progress=False)
+        wall = time.perf_counter() - start
+        out[part] = {"images": result.n_images, "wall_s": wall, "img_s": result.n_images / wall,
+                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out["minutes_per_10k"] = 10_000 / out["all"]["img_s"] / 60
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -292,10 +312,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=int, metavar="N",
+                        help="only time score_images on N Lite0 images at 224 px (and its peak memory at N/4 and N)")
     parser.add_argument("--out", default=str(ROOT / "scripts/results/bench_ood.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.scale:
+        result = scale(args.scale, args.batch_size, args.seed)
+        print(f"score_images, Lite0 224 px, {args.threads} thread(s): {result['all']['img_s']:.1f} img/s on "
+              f"{args.scale} images ({result['minutes_per_10k']:.1f} min per 10,000); peak RSS "
+              f"{result['quarter']['peak_rss_mib']:.0f} MiB after {args.scale // 4}, "
+              f"{result['all']['peak_rss_mib']:.0f} MiB after {args.scale}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": {"threads": args.threads, "torch": torch.__version__},
+                                              "scale": result}, indent=2) + "\n")
+        return 0
     configs = {
         "lite0": (f"local-dir:{SHARED / 'models/imagenet-efficientnet-lite0'}", imagenet_sets, args.lite0_n,
                   tuple(args.lite0_bns), 64),

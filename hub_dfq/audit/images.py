@@ -37,6 +37,7 @@ from ..partition import block_size, rank_part
 from ..runtime import place_model
 from . import references as refs
 from .core import MAX_LISTED_SKIPPED, _accumulate, _check_model, _image_batches
+from .image_folder import push_scored_folder, write_scored_folder
 from .moments import IMAGE_METRIC
 from .registry import DIVERGENCES
 
@@ -262,7 +263,6 @@ def score_images(
     DIVERGENCES.get(metric)
     if private and not push_to_hub:
         raise ConfigError("`private` only applies with `push_to_hub`")
-    from .image_folder import write_scored_folder  # why: jinja2/matplotlib only when a folder is written
 
     dist = current()
     temporary = tempfile.TemporaryDirectory(prefix="hub-dfq-score-") if push_to_hub and out_dir is None else None
@@ -304,8 +304,8 @@ def score_images(
             threshold = None
             if fpr is not None and not (isinstance(calibration, str) and calibration == "none"):
                 threshold = dist.run_on_main(lambda: calibrate_threshold(
-                    model, fpr, calibration=calibration, metric=metric, images=calibration_images, iters=calibration_iters, seed=seed,
-                    batch_size=batch_size, progress=progress))
+                    model, fpr, calibration=calibration, metric=metric, images=calibration_images,
+                    iters=calibration_iters, seed=seed, batch_size=batch_size, progress=progress))
                 threshold["flagged"] = int((scores > threshold["value"]).sum())
             result = ImageScores(
                 model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
@@ -319,8 +319,6 @@ def score_images(
                 write_scored_folder(result, images, target, overwrite=overwrite, shard_size=shard_size,
                                     repo_id=push_to_hub)
         if push_to_hub and dist.is_main:
-            from .image_folder import push_scored_folder
-
             result.timing["pushed_to"] = push_scored_folder(target, push_to_hub, private=private, token=token)
         return result
     finally:

@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{', ...' if result.n_skipped > 10 else ''})")
         if result.threshold:
             t = result.threshold
-            print(f"threshold for fpr {t['fpr']:g}: {t['value']:.4g} (from {t['images']} images of {t['calibration']}); "
-                  f"{t['flagged']} images score above it")
+            print(f"threshold for fpr {t['fpr']:g}: {t['value']:.4g} (from {t['images']} images of "
+                  f"{t['calibration']}); {t['flagged']} images score above it")
         if result.selection:
             s = result.selection
             print(f"filter {s['rule']} {s['value']:g}: kept {s['kept']} (score <= {s['max_score']:.4g}), "
