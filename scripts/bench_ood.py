@@ -39,7 +39,6 @@ Prints markdown tables and writes scripts/results/bench_ood.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import sys
@@ -55,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+from bench_audit_imagenet import _encode, split_real  # noqa: E402  (the audit bench's sets, the same split)
+
 import hub_dfq  # noqa: E402
 from hub_dfq.audit.images import calibrate_threshold, score_images  # noqa: E402
 from hub_dfq.audit.moments import image_layer_divergences, per_image_sums  # noqa: E402
@@ -63,7 +64,6 @@ from hub_dfq.audit.scores import aggregate_layers, auroc  # noqa: E402
 from hub_dfq.bnstats import bn_layers_with_stats, running_moments  # noqa: E402
 from hub_dfq.data import decode_image, iter_batches  # noqa: E402
 
-FEATURES = datasets.Features({"image": datasets.Image()})
 BN_METRICS = ("reverse_kl", "kl", "w2")
 DETECTORS = ("bn", "msp", "energy")
 JPEG_QUALITY = [40, 20, 10, 5]
@@ -74,18 +74,6 @@ PIXEL_NOISE = [0.04, 0.08, 0.12, 0.2]
 
 
 # ---- sets ---------------------------------------------------------------------------------------
-
-def _encode(images, fmt: str = "PNG", quality: int | None = None) -> datasets.Dataset:
-    cells = []
-    for image in images:
-        buf = io.BytesIO()
-        if fmt == "JPEG":
-            image.save(buf, format="JPEG", quality=quality)
-        else:
-            image.save(buf, format="PNG", compress_level=1)
-        cells.append({"bytes": buf.getvalue(), "path": None})
-    return datasets.Dataset.from_dict({"image": cells}, features=FEATURES)
-
 
 def _pil(ds: datasets.Dataset, column: str) -> list[Image.Image]:
     return [decode_image(c).convert("RGB") for c in ds.cast_column(column, datasets.Image(decode=False))[column]]
@@ -117,10 +105,7 @@ def pixel_noise(pil: list[Image.Image], seed: int) -> dict[str, datasets.Dataset
 
 def imagenet_sets(model, n: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, dict]:
     """(in-distribution held-back images, reference half for calibration, shifted sets)."""
-    real = hub_dfq.load_images(str(SHARED / "data/imagenet-sample/even-classes.parquet")).dataset
-    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed)).tolist()
-    half = len(order) // 2
-    reference, held = real.select(order[:half]), real.select(order[half:])
+    reference, held = split_real(str(SHARED / "data/imagenet-sample/even-classes.parquet"), seed)
     clean = held.select(range(min(n, len(held))))
     sets = corruptions(_pil(clean, "image"), BLUR_IMAGENET, seed)
     cifar = datasets.load_dataset("parquet", data_files={"test": str(SHARED / "data/cifar10/test.parquet")})["test"]

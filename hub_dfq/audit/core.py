@@ -130,6 +130,38 @@ def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skip
         bar.close()
 
 
+def stream_data(model: VisionModel, layers, data: ImageData, *, name: str | None, what: str, batch_size: int,
+                score_batch: int, metric: str, bootstrap: int, seed: int, image_metric: str | None,
+                progress: bool | None) -> tuple[MomentAccumulator, list[dict[str, Any]], int]:
+    """Stream ``data`` (this process's whole score batches of it) into an accumulator that keeps per-image scores.
+
+    Returns the accumulator merged over the processes, the unreadable rows (first ones, every process's) and
+    their count.
+
+    Raises:
+        DatasetError: the dataset has no rows at all, or none of its images can be read.
+    """
+    dist = current()
+    skipped: list = []
+    counter = [0]
+    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
+    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
+    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
+                      per_image=True, image_metric=image_metric)
+    acc.merge(dist)
+    if dist.enabled:
+        everyone = dist.all_gather((counter[0], skipped))
+        counter[0] = sum(n for n, _ in everyone)
+        skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
+    if acc.n_images == 0 and counter[0] == 0:
+        raise DatasetError(f"{name or data.spec} is empty: there are no images to {what}")
+    if acc.n_images == 0:  # as evaluation does: a dataset of unreadable files is an error, not a score
+        first = f" (row {skipped[0]['index']}: {skipped[0]['error']})" if skipped else ""
+        raise DatasetError(f"{name or data.spec}: none of its {counter[0]} images could be read{first}; check the "
+                           "files, or leave this dataset out")
+    return acc, skipped, counter[0]
+
+
 def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None, batch_size: int = 64,
                  score_batch: int = 64, metric: str = "kl", bootstrap: int = 200, seed: int = 0,
                  progress: bool = False) -> CandidateResult:
@@ -144,26 +176,11 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
         DatasetError: the dataset has no rows at all, or none of its images can be read.
     """
     layers = _check_model(model)
-    dist = current()
-    skipped: list = []
-    counter = [0]
-    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
-    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
-    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
-                      per_image=True, image_metric=IMAGE_METRIC)
-    acc.merge(dist)
-    if dist.enabled:
-        everyone = dist.all_gather((counter[0], skipped))
-        counter[0] = sum(n for n, _ in everyone)
-        skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
-    if acc.n_images == 0 and counter[0] == 0:
-        raise DatasetError(f"{name or data.spec} is empty: there are no images to audit")
-    if acc.n_images == 0:  # as evaluation does: a dataset of unreadable files is an error, not a score
-        first = f" (row {skipped[0]['index']}: {skipped[0]['error']})" if skipped else ""
-        raise DatasetError(f"{name or data.spec}: none of its {counter[0]} images could be read{first}; check the "
-                           "files, or leave this dataset out")
+    acc, skipped, n_skipped = stream_data(model, layers, data, name=name, what="audit", batch_size=batch_size,
+                                          score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
+                                          image_metric=IMAGE_METRIC, progress=progress)
     return _summarise(name or data.spec, acc, running_moments(layers), metric=metric, skipped=skipped,
-                      n_skipped=counter[0], split=data.split)
+                      n_skipped=n_skipped, split=data.split)
 
 
 def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name: str, score_batch: int = 64,

@@ -33,10 +33,9 @@ from ..errors import ConfigError, DatasetError
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
-from ..partition import block_size, rank_part
 from ..runtime import place_model
 from . import references as refs
-from .core import MAX_LISTED_SKIPPED, _accumulate, _check_model, _image_batches
+from .core import MAX_LISTED_SKIPPED, _accumulate, _check_model, _image_batches, stream_data
 from .image_folder import push_scored_folder, write_scored_folder
 from .moments import IMAGE_METRIC
 from .registry import DIVERGENCES
@@ -279,27 +278,12 @@ def score_images(
             else:
                 images = load_images(data, split=split, limit=limit, image_column=image_column, streaming=streaming,
                                      token=token)
-            skipped: list = []
-            counter = [0]
             start = time.perf_counter()
-            part = rank_part(images, dist, block=block_size(batch_size, 64))
-            batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter,
-                                     progress=progress)
-            acc = _accumulate(model, layers, batches, score_batch=64, metric=metric, bootstrap=0, seed=0,
-                              per_image=True)
-            acc.merge(dist)
-            if dist.enabled:
-                everyone = dist.all_gather((counter[0], skipped))
-                counter[0] = sum(n for n, _ in everyone)
-                skipped = sorted((s for _, mine in everyone for s in mine), key=lambda s: s["index"])
+            acc, skipped, n_skipped = stream_data(model, layers, images, name=None, what="score", batch_size=batch_size,
+                                                  score_batch=64, metric=metric, bootstrap=0, seed=0,
+                                                  image_metric=None, progress=progress)
             wall = time.perf_counter() - start
             rows, layer_scores = acc.image_layer_scores()
-            name = images.spec
-            if not rows and counter[0] == 0:
-                raise DatasetError(f"{name} is empty: there are no images to score")
-            if not rows:
-                first = f" (row {skipped[0]['index']}: {skipped[0]['error']})" if skipped else ""
-                raise DatasetError(f"{name}: none of its {counter[0]} images could be read{first}; check the files")
             scores = acc.image_scores()[1].numpy()
             threshold = None
             if fpr is not None and not (isinstance(calibration, str) and calibration == "none"):
@@ -310,11 +294,11 @@ def score_images(
             result = ImageScores(
                 model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
                        "input_size": list(model.input_size)},
-                dataset=name, split=images.split, metric=metric, indices=rows, scores=scores,
-                layer_scores=layer_scores.numpy().astype(np.float32), n_skipped=counter[0],
+                dataset=images.spec, split=images.split, metric=metric, indices=rows, scores=scores,
+                layer_scores=layer_scores.numpy().astype(np.float32), n_skipped=n_skipped,
                 skipped=skipped[:MAX_LISTED_SKIPPED], threshold=threshold,
                 selection=_select(scores, keep_fraction=keep_fraction, max_score=max_score, threshold=threshold),
-                timing={"wall_time_s": wall, "images_per_s": (len(rows) + counter[0]) / max(wall, 1e-9)})
+                timing={"wall_time_s": wall, "images_per_s": (len(rows) + n_skipped) / max(wall, 1e-9)})
             if target is not None and dist.is_main:
                 write_scored_folder(result, images, target, overwrite=overwrite, shard_size=shard_size,
                                     repo_id=push_to_hub)
