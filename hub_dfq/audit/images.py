@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..budget import shrink
 from ..data import ImageData, load_images
 from ..distributed import current
 from ..errors import ConfigError, DatasetError
@@ -141,14 +142,16 @@ def _score_tensors(model: VisionModel, layers, batches, *, metric: str) -> np.nd
 
 
 def calibrate_threshold(model: VisionModel, fpr: float, *, calibration: Any = "bns", metric: str = DEFAULT_METRIC,
-                        images: int = 64, iters: int = 200, seed: int = 0, batch_size: int = 64,
-                        progress: bool | None = None) -> dict[str, Any]:
+                        images: int | None = None, iters: int | None = None, seed: int = 0,
+                        batch_size: int = 64, progress: bool | None = None) -> dict[str, Any]:
     """A score threshold meant to flag about ``fpr`` of in-distribution images.
 
     ``calibration="bns"`` needs no real data: ``images`` BNS synthetic images (:func:`hub_dfq.synthesize`,
-    ``iters`` steps, cached by it) are scored. Any other value is a dataset of trusted in-distribution
-    images (anything :func:`hub_dfq.load_images` takes; its first ``images`` rows are used). The threshold
-    is the ``1 - fpr`` quantile (linear interpolation) of the calibration scores.
+    ``iters`` steps, cached by it) are scored; by default 64 images x 200 steps, both divided by the model's
+    cost over the CIFAR ResNets' (:func:`hub_dfq.budget.shrink`: 20 x 64 on EfficientNet-Lite0 at 224 px,
+    minutes on a CPU). Any other value is a dataset of trusted in-distribution images (anything
+    :func:`hub_dfq.load_images` takes; its first ``images`` rows, all by default). The threshold is the
+    ``1 - fpr`` quantile (linear interpolation) of the calibration scores.
 
     BNS images are optimised towards the running statistics, so each one scores lower than a typical
     real image: on the CIFAR-10 ResNet-20 the threshold of ``fpr=0.05`` flagged about half of the real
@@ -159,11 +162,15 @@ def calibrate_threshold(model: VisionModel, fpr: float, *, calibration: Any = "b
     """
     if not 0.0 < fpr < 1.0:
         raise ConfigError(f"`fpr` must be in (0, 1), got {fpr!r}")
-    if images < 2:
+    if images is not None and images < 2:
         raise ConfigError(f"`calibration_images` must be at least 2, got {images}")
     layers = _check_model(model)
     start = time.perf_counter()
     if isinstance(calibration, str) and calibration == "bns":
+        gflops = model.gflops()
+        images = shrink(64, gflops, floor=16) if images is None else images
+        iters = shrink(200, gflops, floor=50) if iters is None else iters
+        logger.info("calibrating the threshold on %d BNS synthetic images x %d steps", images, iters)
         synthetic = refs.synth_near_dataset(model, n=images, seed=seed, steps=iters, progress=progress)
         data = synthetic if isinstance(synthetic, ImageData) else load_images(synthetic)
         facts: dict[str, Any] = {"calibration": "bns", "iters": iters, "seed": seed}
@@ -193,8 +200,8 @@ def score_images(
     streaming: bool = False,
     fpr: float | None = None,
     calibration: Any = "bns",
-    calibration_images: int = 64,
-    calibration_iters: int = 200,
+    calibration_images: int | None = None,
+    calibration_iters: int | None = None,
     keep_fraction: float | None = None,
     max_score: float | None = None,
     seed: int = 0,
@@ -221,7 +228,8 @@ def score_images(
         calibration: ``"bns"`` (the model's BNS synthetic images: no real data, but see
             :func:`calibrate_threshold` for how far its rate is off), ``"none"`` (no threshold), or a dataset of
             trusted in-distribution images.
-        calibration_images, calibration_iters: size and BNS steps of the synthetic calibration set.
+        calibration_images, calibration_iters: size (and BNS steps) of the calibration set (``None``: see
+            :func:`calibrate_threshold`).
         keep_fraction: keep the lowest-scoring ``ceil(f N)`` images, ``f`` in (0, 1].
         max_score: keep images scoring at most this. Without ``keep_fraction`` and ``max_score``, a
             calibrated ``fpr`` threshold is the filter.

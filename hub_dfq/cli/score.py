@@ -31,10 +31,12 @@ def register(sub) -> None:
                         help="what --fpr is calibrated on: bns (the model's own synthetic images, no real data; "
                         "they score lower than real images, so the rate comes out high) or a dataset of trusted "
                         "in-distribution images (default bns)")
-    parser.add_argument("--calibration-images", type=int, default=64,
-                        help="calibration images for --fpr (default 64)")
-    parser.add_argument("--calibration-iters", type=int, default=200,
-                        help="BNS steps for the calibration images (default 200)")
+    parser.add_argument("--calibration-images", type=int,
+                        help="calibration images for --fpr (default: 64 BNS images, fewer for models that cost more "
+                        "than the CIFAR ResNets, 20 for EfficientNet-Lite0; all rows of a --calibration dataset)")
+    parser.add_argument("--calibration-iters", type=int,
+                        help="BNS steps for the calibration images (default 200, fewer for costly models: 64 for "
+                        "EfficientNet-Lite0 at 224 px)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--keep-fraction", type=float, help="keep the lowest-scoring share of images, in (0, 1]")
     group.add_argument("--max-score", type=float, help="keep images scoring at most this")
