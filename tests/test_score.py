@@ -199,3 +199,25 @@ def test_cli_score_writes_the_folder_and_exit_codes(tmp_path, capsys):
         assert rc == 2 and "--keep-fraction must be in (0, 1]" in err and len(err.strip().splitlines()) == 1
     rc = main(["score", "default", "default", "--keep-fraction", "0.5", "--max-score", "1"])
     assert rc == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+# ---- the audit's per-image view -------------------------------------------------------------------
+
+def test_audit_report_shows_each_candidates_per_image_scores(model, clean_rows, tmp_path):
+    clean = clean_rows.select(range(40))
+    report = hub_dfq.audit(model, {"clean": clean, "noise": _noise(20)}, references="none", bootstrap=0,
+                           out_dir=tmp_path / "a", progress=False)
+    views = {c.dataset: c.image_scores for c in report.candidates}
+    assert views["clean"]["n"] == 40 and views["noise"]["n"] == 20
+    assert views["noise"]["quantiles"]["p50"] > 3 * views["clean"]["quantiles"]["p50"]
+    # the audit's per-image scores are score_images' scores (one machinery)
+    scores = hub_dfq.score_images(model, clean, progress=False)
+    top = scores.order()[::-1][:3]
+    assert [item["index"] for item in views["clean"]["most_atypical"][:3]] == [scores.indices[i] for i in top]
+    assert views["clean"]["most_atypical"][0]["score"] == pytest.approx(float(scores.scores[top[0]]), rel=1e-9)
+    text = (tmp_path / "a" / "audit.md").read_text()
+    section = text[text.index("## Per-image scores"):]
+    assert "| `noise` | 20 |" in section and f"{views['clean']['most_atypical'][0]['index']} (" in section
+    assert Image.open(tmp_path / "a" / "audit_images.png").size[0] > 100
+    payload = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert payload["candidates"][0]["image_scores"]["metric"] == "reverse_kl"
