@@ -173,6 +173,9 @@ def test_push_to_hub_uploads_the_folder(model, clean_rows, hub, tmp_path):
     files = hub.list_files(repo_id, "dataset")
     assert {"README.md", "scores.json", "histogram.png"} <= set(files) and ".hub-dfq.json" not in files
     assert files["data/train-00000-of-00001.parquet"] == (tmp_path / "s/data/train-00000-of-00001.parquet").read_bytes()
+    other = hub.new_repo_id()  # without out_dir: written to a temporary folder, pushed, removed
+    hub_dfq.score_images(model, clean_rows.select(range(8)), push_to_hub=other, token=WRITE_TOKEN, progress=False)
+    assert "data/train-00000-of-00001.parquet" in hub.list_files(other, "dataset")
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

@@ -58,12 +58,9 @@ def _check_model(model: VisionModel) -> list:
 
 def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tuple[torch.Tensor, list[int]]], *,
                 score_batch: int, metric: str, bootstrap: int, seed: int, per_image: bool = False,
-                image_metric: str | None = None, outputs: list | None = None) -> MomentAccumulator:
-    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments.
-
-    ``per_image`` keeps every image's own scores too; ``outputs``, when given, collects each batch's logits
-    (on the CPU) for detectors that read them.
-    """
+                image_metric: str | None = None) -> MomentAccumulator:
+    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments
+    (``per_image``: every image's own scores too, with ``image_metric``)."""
     acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
                             bootstrap=bootstrap, seed=seed, per_image=per_image, image_metric=image_metric)
     with torch.inference_mode(), acc:
@@ -71,10 +68,8 @@ def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tup
             x, rows = item if isinstance(item, tuple) else (item, None)
             if x.shape[0] == 0:
                 continue
-            logits = model.module(x.to(model.device, non_blocking=True))
+            model.module(x.to(model.device, non_blocking=True))
             acc.step(rows)
-            if outputs is not None:
-                outputs.append(logits.float().cpu())
     acc.finish()
     return acc
 
