@@ -11,6 +11,7 @@ Public API, one entry point per job::
     hub_dfq.push_to_hub(qmodel, "me/model-w4a4-dfq")
     hub_dfq.export_onnx(qmodel, "model.onnx")      # integer kernels in ONNX Runtime: hub_dfq.load_onnx
     report = hub_dfq.audit(model, ["default", synthetic])
+    scores = hub_dfq.score_images(model, "default", keep_fraction=0.95, out_dir="scored")  # per image
 
 Importing ``hub_dfq`` is cheap (no torch, timm, transformers or datasets): every name below is
 imported on first use. It also arranges that timm learns the CIFAR ResNets and transformers learns
@@ -51,12 +52,15 @@ _API = {
     "QuantizedModel": ".quant.model",
     "quantize": ".quant.api",
     "synthesize": ".synth.api",
+    "score_images": ".audit.images",
+    "ImageScores": ".audit.images",
 }
 
 __all__ = sorted(_API) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from .audit.core import AuditReport, audit  # noqa: F401
+    from .audit.images import ImageScores, score_images  # noqa: F401
     from .backends.onnx import export_onnx, load_onnx  # noqa: F401
     from .data import ImageData, iter_batches, load_images  # noqa: F401
     from .errors import HubDfqError  # noqa: F401

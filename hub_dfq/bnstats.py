@@ -22,6 +22,7 @@ __all__ = [
     "running_moments",
     "gaussian_kl",
     "symmetric_kl",
+    "reverse_kl",
     "wasserstein2",
     "zeroq_l2",
 ]
@@ -190,6 +191,16 @@ def gaussian_kl(mu_p: torch.Tensor, var_p: torch.Tensor, mu_q: torch.Tensor, var
     var_p = var_p + eps
     var_q = var_q + eps
     return 0.5 * (torch.log(var_q / var_p) + (var_p + (mu_p - mu_q).square()) / var_q - 1.0)
+
+
+def reverse_kl(mu_p, var_p, mu_q, var_q, eps: float = 1e-5) -> torch.Tensor:
+    """KL(N(mu_q, var_q) || N(mu_p, var_p)): how unlikely the data's Gaussian is under the remembered one.
+
+    Per image (one image's spatial moments, :mod:`hub_dfq.audit.images`) it separates noise, blur and
+    contrast changes from clean images better than ``gaussian_kl``, which a single image's narrow spatial
+    variance inflates at every layer.
+    """
+    return gaussian_kl(mu_q, var_q, mu_p, var_p, eps)
 
 
 def symmetric_kl(mu_p, var_p, mu_q, var_q, eps: float = 1e-5) -> torch.Tensor:

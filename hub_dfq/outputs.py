@@ -49,7 +49,8 @@ __all__ = ["MARKER", "TMP_SUFFIX", "UPLOAD_IGNORE", "KINDS", "OutputFolder", "ch
 MARKER = ".hub-dfq.json"
 TMP_SUFFIX = ".hub-dfq.tmp"
 UPLOAD_IGNORE = [MARKER, f"*{TMP_SUFFIX}"]  # never part of a published repository
-KINDS = {"checkpoint": "a quantized checkpoint", "dataset": "a synthetic dataset", "audit": "an audit report"}
+KINDS = {"checkpoint": "a quantized checkpoint", "dataset": "a synthetic dataset", "audit": "an audit report",
+         "scores": "a scored dataset"}
 _NEW, _OLD = "hub-dfq-new", "hub-dfq-old"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

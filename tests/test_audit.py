@@ -204,7 +204,7 @@ def test_clean_data_scores_closer_than_noise_and_corruption(model, clean_rows, t
     assert len(clean.batch_scores) == 4
     assert max(clean.batch_scores) < min(noisy.batch_scores)
     assert set(clean.layers) == {n for n, _ in model.bn_layers}
-    assert set(clean.layers_detail["bn1"]) == {"kl", "symmetric_kl", "w2"}
+    assert set(clean.layers_detail["bn1"]) == {"kl", "symmetric_kl", "reverse_kl", "w2"}
 
 
 def test_report_files_exist_and_parse(model, clean_rows, tmp_path):

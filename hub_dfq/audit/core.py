@@ -25,7 +25,7 @@ from ..partition import block_size, rank_part
 from ..progress import progress_enabled
 from ..runtime import place_model
 from . import references as refs
-from .moments import MomentAccumulator
+from .moments import IMAGE_METRIC, MomentAccumulator
 from .registry import DIVERGENCES
 from .results import AuditReport, CandidateResult
 from .scores import SPAN_DECADES, aggregate, bootstrap_estimate, layer_divergences, similarity
@@ -36,6 +36,9 @@ __all__ = ["audit", "AuditReport", "CandidateResult", "MAX_LISTED_SKIPPED"]
 
 # A broken dataset could skip millions of rows; the report lists the first ones and counts all.
 MAX_LISTED_SKIPPED = 1000
+# The per-image view of a candidate: these quantiles of its images' scores and its most atypical rows.
+IMAGE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+MOST_ATYPICAL = 10
 REFERENCE_MODES = ("auto", "gaussian", "none")
 
 DataLike = Any  # str | PathLike | datasets.Dataset | IterableDataset | DatasetDict | ImageData
@@ -54,10 +57,12 @@ def _check_model(model: VisionModel) -> list:
 
 
 def _accumulate(model: VisionModel, layers, batches: Iterable[torch.Tensor | tuple[torch.Tensor, list[int]]], *,
-                score_batch: int, metric: str, bootstrap: int, seed: int) -> MomentAccumulator:
-    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments."""
+                score_batch: int, metric: str, bootstrap: int, seed: int, per_image: bool = False,
+                image_metric: str | None = None) -> MomentAccumulator:
+    """Forward every batch (a tensor, or ``(tensor, dataset row of each image)``) and accumulate its moments
+    (``per_image``: every image's own scores too, with ``image_metric``)."""
     acc = MomentAccumulator(layers, device=model.device, score_batch=score_batch, metric=metric,
-                            bootstrap=bootstrap, seed=seed)
+                            bootstrap=bootstrap, seed=seed, per_image=per_image, image_metric=image_metric)
     with torch.inference_mode(), acc:
         for item in batches:
             x, rows = item if isinstance(item, tuple) else (item, None)
@@ -86,7 +91,21 @@ def _summarise(name: str, acc: MomentAccumulator, running, *, metric: str, skipp
         dataset=name, n_images=acc.n_images, n_skipped=n_skipped, divergence=divergence, divergence_plugin=plugin,
         divergences={m: aggregate(v) for m, v in per_metric.items()}, ci=ci,
         layers=dict(zip(names, per_metric[metric])), layers_detail=detail, batch_scores=acc.batch_scores(),
-        skipped=skipped[:MAX_LISTED_SKIPPED], split=split)
+        skipped=skipped[:MAX_LISTED_SKIPPED], split=split, image_scores=_image_view(acc))
+
+
+def _image_view(acc: MomentAccumulator) -> dict[str, Any] | None:
+    """Quantiles of the candidate's per-image scores and its most atypical rows (``None`` without them)."""
+    if not acc.per_image:
+        return None
+    rows, scores = acc.image_scores()
+    if not rows:
+        return None
+    q = torch.quantile(scores, torch.tensor(IMAGE_QUANTILES, dtype=torch.float64)).tolist()
+    top = torch.argsort(scores, descending=True, stable=True)[:MOST_ATYPICAL].tolist()
+    return {"metric": IMAGE_METRIC, "n": len(rows), "quantiles": {f"p{round(p * 100):02d}": v
+                                                                  for p, v in zip(IMAGE_QUANTILES, q)},
+            "most_atypical": [{"index": rows[i], "score": float(scores[i])} for i in top]}
 
 
 def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
@@ -106,6 +125,38 @@ def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skip
         bar.close()
 
 
+def stream_data(model: VisionModel, layers, data: ImageData, *, name: str | None, what: str, batch_size: int,
+                score_batch: int, metric: str, bootstrap: int, seed: int, image_metric: str | None,
+                progress: bool | None) -> tuple[MomentAccumulator, list[dict[str, Any]], int]:
+    """Stream ``data`` (this process's whole score batches of it) into an accumulator that keeps per-image scores.
+
+    Returns the accumulator merged over the processes, the unreadable rows (first ones, every process's) and
+    their count.
+
+    Raises:
+        DatasetError: the dataset has no rows at all, or none of its images can be read.
+    """
+    dist = current()
+    skipped: list = []
+    counter = [0]
+    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
+    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
+    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
+                      per_image=True, image_metric=image_metric)
+    acc.merge(dist)
+    if dist.enabled:
+        everyone = dist.all_gather((counter[0], skipped))
+        counter[0] = sum(n for n, _ in everyone)
+        skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
+    if acc.n_images == 0 and counter[0] == 0:
+        raise DatasetError(f"{name or data.spec} is empty: there are no images to {what}")
+    if acc.n_images == 0:  # as evaluation does: a dataset of unreadable files is an error, not a score
+        first = f" (row {skipped[0]['index']}: {skipped[0]['error']})" if skipped else ""
+        raise DatasetError(f"{name or data.spec}: none of its {counter[0]} images could be read{first}; check the "
+                           "files, or leave this dataset out")
+    return acc, skipped, counter[0]
+
+
 def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None, batch_size: int = 64,
                  score_batch: int = 64, metric: str = "kl", bootstrap: int = 200, seed: int = 0,
                  progress: bool = False) -> CandidateResult:
@@ -120,25 +171,11 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
         DatasetError: the dataset has no rows at all, or none of its images can be read.
     """
     layers = _check_model(model)
-    dist = current()
-    skipped: list = []
-    counter = [0]
-    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
-    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
-    acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
-    acc.merge(dist)
-    if dist.enabled:
-        everyone = dist.all_gather((counter[0], skipped))
-        counter[0] = sum(n for n, _ in everyone)
-        skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
-    if acc.n_images == 0 and counter[0] == 0:
-        raise DatasetError(f"{name or data.spec} is empty: there are no images to audit")
-    if acc.n_images == 0:  # as evaluation does: a dataset of unreadable files is an error, not a score
-        first = f" (row {skipped[0]['index']}: {skipped[0]['error']})" if skipped else ""
-        raise DatasetError(f"{name or data.spec}: none of its {counter[0]} images could be read{first}; check the "
-                           "files, or leave this dataset out")
+    acc, skipped, n_skipped = stream_data(model, layers, data, name=name, what="audit", batch_size=batch_size,
+                                          score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
+                                          image_metric=IMAGE_METRIC, progress=progress)
     return _summarise(name or data.spec, acc, running_moments(layers), metric=metric, skipped=skipped,
-                      n_skipped=counter[0], split=data.split)
+                      n_skipped=n_skipped, split=data.split)
 
 
 def measure_tensors(model: VisionModel, batches: Iterable[torch.Tensor], *, name: str, score_batch: int = 64,
@@ -269,7 +306,7 @@ def audit(
         limit: audit only the first ``limit`` images of each candidate.
         batch_size: images per forward pass.
         score_batch: images per batch-level score (the bootstrap resamples single images).
-        metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"`` or ``"w2"``; all
+        metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"``, ``"reverse_kl"`` or ``"w2"``; all
             three are reported per layer.
         references: ``"auto"`` (Gaussian noise as "far", BNS synthetic data as "near"),
             ``"gaussian"`` (noise only: one-point scale ``log10(far / d) / 3``), ``"none"``, or a mapping

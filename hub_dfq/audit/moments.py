@@ -16,6 +16,10 @@ Because a score batch and its weights depend only on row indices, processes that
 score batches of a dataset (:mod:`hub_dfq.partition`) compute exactly the single-process batches;
 :meth:`MomentAccumulator.merge` then sums the float64 accumulators over the processes and collects
 the batch scores in data order.
+
+With ``per_image=True`` the same captured sums also give every image its own score
+(:func:`image_layer_divergences`: the image's per-channel spatial mean and variance against the running
+statistics), which :func:`hub_dfq.audit.images.score_images` writes per row and the audit summarises.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from ..distributed import Distributed
 from .registry import divergence_fn
 from .scores import aggregate_layers
 
-__all__ = ["LayerMoments", "MomentAccumulator", "bootstrap_seed", "per_image_sums"]
+__all__ = ["LayerMoments", "MomentAccumulator", "bootstrap_seed", "per_image_sums", "image_layer_divergences",
+           "IMAGE_METRIC"]
+
+# The per-image divergence by default: one image's spatial variance is narrow, and KL(running || image) inflates it
+# at every layer; KL(image || running) separated noise, blur and contrast from clean images best (issue 21).
+IMAGE_METRIC = "reverse_kl"
 
 
 BNLayers = Sequence[tuple[str, nn.Module]]
@@ -67,6 +76,23 @@ def per_image_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.sum(-1), torch.linalg.vector_norm(flat, dim=-1).square()
 
 
+def image_layer_divergences(sums: Sequence[tuple[torch.Tensor, torch.Tensor]], values_per_image: Sequence[int],
+                            running: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                            metric: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``(N, layers)`` float64: per image and BN layer, the channel mean of ``metric(running, image moments)``.
+
+    An image's moments at a layer are the per-channel mean and (biased) variance of its own activation
+    over the spatial positions (``sums`` from :func:`per_image_sums`, ``values_per_image`` positions each).
+    """
+    out = []
+    for (s, q), count, (mu_p, var_p) in zip(sums, values_per_image, running):
+        s, q = s.to(torch.float64), q.to(torch.float64)
+        mean = s / max(count, 1)
+        var = (q / max(count, 1) - mean.square()).clamp_min(0.0)
+        out.append(metric(mu_p.to(s.device)[None], var_p.to(s.device)[None], mean, var).mean(-1))
+    return torch.stack(out, dim=1)
+
+
 def bootstrap_seed(seed: int, batch: int) -> int:
     """Seed of the bootstrap weights of score batch ``batch``: a function of the run seed and the index only."""
     return int.from_bytes(hashlib.sha256(f"hub-dfq/audit/bootstrap/{seed}/{batch}".encode()).digest()[:8],
@@ -83,13 +109,16 @@ class MomentAccumulator:
         metric: divergence of the batch-level scores (see :mod:`hub_dfq.audit.registry`).
         bootstrap: number of Poisson-bootstrap replicates over images (0 disables the interval).
         seed: seed of the bootstrap weights.
+        per_image: also keep every image's own per-layer divergence (:meth:`image_scores`).
+        image_metric: the divergence of the per-image scores (default: ``metric``).
 
     Call :meth:`step` after every forward pass (it consumes what the hooks captured), then
     :meth:`finish`, then (in a multi-process run) :meth:`merge`.
     """
 
     def __init__(self, layers: BNLayers, *, device: torch.device, score_batch: int = 64, metric: str = "kl",
-                 bootstrap: int = 200, seed: int = 0) -> None:
+                 bootstrap: int = 200, seed: int = 0, per_image: bool = False,
+                 image_metric: str | None = None) -> None:
         self.layers = list(layers)
         self.device = device
         self.score_batch = int(score_batch)
@@ -116,6 +145,10 @@ class MomentAccumulator:
         self._boot_sumsq = [torch.zeros(self.bootstrap, c, **f64) for c in widths]
         self._boot_images = torch.zeros(self.bootstrap, **f64)
         self._handles: list = []
+        self.per_image = bool(per_image)
+        self.image_metric = divergence_fn(image_metric) if image_metric else self.metric
+        self._image_rows: list[int] = []
+        self._image_layers: list[torch.Tensor] = []  # (n, layers) float64 on the CPU, per forward pass
 
     # ---- hooks ----------------------------------------------------------------------------------
     def _hook(self, i: int) -> Callable:
@@ -175,6 +208,10 @@ class MomentAccumulator:
             captured.append((s, q))
         self._captured = [None] * len(self.layers)
         self.n_images += n
+        if self.per_image:
+            self._image_rows += rows
+            self._image_layers.append(
+                image_layer_divergences(captured, self.values_per_image, self.running, self.image_metric).cpu())
         first = 0
         while first < n:  # runs of images of one score batch
             batch = rows[first] // self.score_batch
@@ -247,6 +284,10 @@ class MomentAccumulator:
         self.sum, self.sumsq = reduced[:k], reduced[k:2 * k]
         self._boot_sum, self._boot_sumsq = reduced[2 * k:3 * k], reduced[3 * k:4 * k]
         self._boot_images, self.n_images = reduced[4 * k], int(reduced[4 * k + 1].item())
+        if self.per_image:  # every process ends with every image's scores, in row order
+            parts = dist.all_gather(self.image_layer_scores())
+            self._image_rows = [r for rows, _ in parts for r in rows]
+            self._image_layers = [layers for _, layers in parts]
         mine = [(batch, float(score)) for batch, score in self._batch_scores]
         everyone = dist.all_gather((self.values_per_image, mine))
         # a process that saw no image never learnt the layers' spatial sizes
@@ -258,6 +299,21 @@ class MomentAccumulator:
         """Pooled moments per layer (float64, on the CPU)."""
         return [LayerMoments(name, self.n_images * self.values_per_image[i], self.sum[i].cpu(), self.sumsq[i].cpu())
                 for i, (name, _) in enumerate(self.layers)]
+
+    def image_layer_scores(self) -> tuple[list[int], torch.Tensor]:
+        """``(rows, (N, layers) float64)``: each scored image's row and per-layer divergence, in row order."""
+        if not self.per_image:
+            raise RuntimeError("per-image scores were not kept: create the accumulator with per_image=True")
+        layers = (torch.cat(self._image_layers) if self._image_layers
+                  else torch.zeros(0, len(self.layers), dtype=torch.float64))
+        order = sorted(range(len(self._image_rows)), key=self._image_rows.__getitem__)
+        return [self._image_rows[i] for i in order], layers[order]
+
+    def image_scores(self) -> tuple[list[int], torch.Tensor]:
+        """``(rows, (N,) float64)``: each image's score, the geometric mean of its layer divergences (as the
+        dataset-level divergence aggregates layers)."""
+        rows, layers = self.image_layer_scores()
+        return rows, aggregate_layers(layers.T) if len(rows) else torch.zeros(0, dtype=torch.float64)
 
     def batch_scores(self) -> list[float]:
         """Divergence of each full score batch alone, in data order."""

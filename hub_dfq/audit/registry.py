@@ -46,5 +46,7 @@ def divergence_fn(name: str) -> Callable[..., Any]:
 register_divergence(Divergence("kl", "KL(N(running_mean, running_var) || N(mean, var))", "hub_dfq.bnstats:gaussian_kl"))
 register_divergence(Divergence("symmetric_kl", "(KL(p||q) + KL(q||p)) / 2 with p = N(running), q = N(data)",
                                "hub_dfq.bnstats:symmetric_kl"))
+register_divergence(Divergence("reverse_kl", "KL(N(mean, var) || N(running_mean, running_var))",
+                               "hub_dfq.bnstats:reverse_kl"))
 register_divergence(Divergence("w2", "(mu_p - mu_q)^2 + (sigma_p - sigma_q)^2 (squared 2-Wasserstein)",
                                "hub_dfq.bnstats:wasserstein2"))

@@ -14,7 +14,7 @@ from .scores import SPAN_DECADES
 if TYPE_CHECKING:
     from .results import AuditReport
 
-__all__ = ["write_report", "json_safe", "to_json", "to_markdown", "plot_layers"]
+__all__ = ["write_report", "json_safe", "to_json", "to_markdown", "plot_layers", "plot_images"]
 
 HOW_TO_READ = """\
 ## How to read it
@@ -145,8 +145,57 @@ def to_markdown(report: "AuditReport") -> str:
         lines.append(f"- `{c['dataset']}`: {c['n_skipped']} unreadable image(s) skipped"
                      + (f" (first {len(listed)} listed)" if len(listed) < c["n_skipped"] else "") + ":")
         lines += [f"  - row {item['index']}: {item['error']}" for item in listed]
+    lines += _image_section(data)
     lines += ["", "Per-layer divergences: `audit_layers.png` and `layers` in `audit.json`.", ""]
     return "\n".join(lines)
+
+
+def _image_section(data: dict[str, Any]) -> list[str]:
+    """Each candidate's per-image score distribution and its most atypical rows."""
+    views = [(c["dataset"], c["image_scores"]) for c in data["candidates"] if c.get("image_scores")]
+    if not views:
+        return []
+    metric = views[0][1]["metric"]
+    formula = DIVERGENCES.get(metric).formula if metric in DIVERGENCES else metric
+    lines = ["", "## Per-image scores", "",
+             f"Each image's own score (`hub-dfq score`): per BN layer the channel mean of `{formula}` between the "
+             "image's per-channel spatial moments and the running statistics, geometric mean over layers; higher = "
+             "less like the training data. Compare candidates' distributions (`audit_images.png`); the rows are "
+             "those of each dataset.", "",
+             "| dataset | images | p1 | p5 | median | p95 | p99 | most atypical rows (score) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, view in views:
+        q = view["quantiles"]
+        top = ", ".join(f"{item['index']} ({_fmt(item['score'], 3)})" for item in view["most_atypical"][:5])
+        lines.append(f"| `{name}` | {view['n']} | {_fmt(q['p01'])} | {_fmt(q['p05'])} | {_fmt(q['p50'])} | "
+                     f"{_fmt(q['p95'])} | {_fmt(q['p99'])} | {top} |")
+    return lines
+
+
+def plot_images(report: "AuditReport", path: str | os.PathLike[str]) -> bool:
+    """Box plot (from stored quantiles: box p25-p75, whiskers p5-p95) of each candidate's per-image scores.
+
+    Returns ``False`` (and writes nothing) when no candidate has per-image scores.
+    """
+    from matplotlib.figure import Figure  # why: half a second to import, and only the plot needs it
+
+    views = [(c.dataset, c.image_scores) for c in report.ranking() if c.image_scores]
+    if not views:
+        return False
+    stats = [{"label": name[:40], "med": v["quantiles"]["p50"], "q1": v["quantiles"]["p25"],
+              "q3": v["quantiles"]["p75"], "whislo": v["quantiles"]["p05"], "whishi": v["quantiles"]["p95"],
+              "fliers": []} for name, v in views]
+    fig = Figure(figsize=(max(5.0, 0.5 * len(views) + 3), 4.2), dpi=110)
+    ax = fig.subplots()
+    ax.bxp(stats, showfliers=False)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"per-image score ({views[0][1]['metric']})")
+    ax.set_title(f"Per-image scores (closest dataset first): {report.model['spec']}", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.grid(True, which="both", axis="y", alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
@@ -189,7 +238,8 @@ def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
 
 def write_report(report: "AuditReport", out_dir: str | os.PathLike[str], *, plot: bool = True,
                  overwrite: bool = False) -> dict[str, str]:
-    """Write ``audit.json``, ``audit.md`` and (with ``plot``) ``audit_layers.png`` as the folder ``out_dir``.
+    """Write ``audit.json``, ``audit.md`` and (with ``plot``) ``audit_layers.png`` and ``audit_images.png`` (the
+    per-image scores) as the folder ``out_dir``.
 
     The folder is new or empty, or (with ``overwrite``) an earlier audit report hub-dfq wrote; it is
     written beside its target and swapped in whole (:mod:`hub_dfq.outputs`), and files hub-dfq did
@@ -207,4 +257,6 @@ def write_report(report: "AuditReport", out_dir: str | os.PathLike[str], *, plot
             (folder / names["markdown"]).write_text(to_markdown(report))
             if plot:
                 plot_layers(report, folder / names["plot"])
+                if plot_images(report, folder / "audit_images.png"):
+                    names["images_plot"] = "audit_images.png"
         return {kind: str(out.path / name) for kind, name in names.items()}

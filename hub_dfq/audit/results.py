@@ -38,6 +38,8 @@ class CandidateResult:
     split: str | None = None
     # the pooled-moment divergence before the bootstrap's bias correction (``divergence`` without a bootstrap)
     divergence_plugin: float | None = None
+    # the per-image view: quantiles of the images' own scores and the most atypical rows (hub_dfq.score_images)
+    image_scores: dict[str, Any] | None = None
 
     @property
     def batch_summary(self) -> dict[str, float | int] | None:

@@ -24,13 +24,14 @@ from . import export as export_cmd
 from . import info as info_cmd
 from . import quantize as quantize_cmd
 from . import registries as list_cmd
+from . import score as score_cmd
 from . import synth as synth_cmd
 from .launch import world_rank
 from .options import check_json_path, cli_message
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = [info_cmd, eval_cmd, synth_cmd, quantize_cmd, export_cmd, audit_cmd, list_cmd, cache_cmd]
+COMMANDS = [info_cmd, eval_cmd, synth_cmd, quantize_cmd, export_cmd, audit_cmd, score_cmd, list_cmd, cache_cmd]
 
 
 _INVALID_CHOICE = re.compile(r"argument (\S+): invalid choice: '(.*)' \(choose from (.*)\)")

@@ -34,7 +34,7 @@ _KWARGS_DESCRIPTION = """
 Args:
     images (`list` of PIL images, paths or image bytes): the data to score; labels are not needed.
     model (`str` or `hub_dfq.VisionModel`, default `"default"`): the model whose BN statistics are used.
-    metric (`str`, default `"kl"`): `"kl"`, `"symmetric_kl"` or `"w2"`.
+    metric (`str`, default `"kl"`): `"kl"`, `"symmetric_kl"`, `"reverse_kl"` or `"w2"`.
     reference_points (`str`, default `"auto"`): `"auto"`, `"gaussian"` or `"none"`, the `references`
         argument of `hub_dfq.audit` (renamed: `references` is reserved by `evaluate`).
     batch_size (`int`, default 64): images per forward pass.
