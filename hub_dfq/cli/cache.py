@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cache import CACHE_KINDS, cache_base, clear_cache, list_cache
+from .numbers import number
 from .options import add_common_options, write_json
 
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
         action.add_argument("--kind", action="append", choices=CACHE_KINDS,
                             help="only entries of this kind (repeatable; default: all)")
         if name == "clear":
-            action.add_argument("--older-than", type=float, metavar="DAYS", dest="older_than_days",
+            action.add_argument("--older-than", type=number(0.0), metavar="DAYS", dest="older_than_days",
                                 help="only entries not used for this many days")
         add_common_options(action)
         action.set_defaults(func=run, parser=action)

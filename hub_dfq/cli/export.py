@@ -8,6 +8,7 @@ from pathlib import Path
 from ..backends.registry import BACKENDS
 from ..outputs import check_file
 from ..registry import resolve
+from .numbers import count
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -31,8 +32,8 @@ def register(sub) -> None:
     parser.add_argument("--out", dest="path", default=None,
                         help="the file to write (default: the backend's file name, e.g. model.onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--batch-size", type=int, help="fix the batch dimension (default: dynamic)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 or newer (default 17)")
+    parser.add_argument("--batch-size", type=count(1), help="fix the batch dimension (default: dynamic)")
+    parser.add_argument("--opset", type=count(13, 99), default=17, help="ONNX opset, 13 or newer (default 17)")
     add_dataset_options(parser)
     add_common_options(parser, json_help="also write the summary to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..outputs import check_file, write_text
 from .launch import world_rank
+from .numbers import count
 
 __all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
            "write_json", "cli_message", "choices_help"]
@@ -75,7 +76,7 @@ def add_dataset_options(parser: argparse.ArgumentParser, *, flag: str | None = "
                             + (f" (default: {default})" if default else ""))
     parser.add_argument("--split", help="dataset split (default: test, then validation, then train)")
     parser.add_argument("--dataset-config", dest="dataset_config", help="dataset configuration name on the Hub")
-    parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--limit", type=count(1), help="use only the first N images")
     parser.add_argument("--image-column", help="column holding the images (auto-detected)")
     parser.add_argument("--label-column", help="column holding the labels (auto-detected)")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")

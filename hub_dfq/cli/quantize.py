@@ -13,6 +13,7 @@ from ..outputs import check_folder, reserve_folder
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
+from .numbers import SEED_MAX, count
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -82,7 +83,7 @@ def register(sub) -> None:
                         "measured on the calibration images (first/last layer and --override layers stay as set)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
+    parser.add_argument("--seed", type=count(0, SEED_MAX), default=0, help="seed of synthesis and fitting (default 0)")
     parser.add_argument("--eval", dest="eval_data", default="auto",
                         help="labelled images to compare FP and quantized top-1 on; default 'auto': the embedded "
                         "1,000 CIFAR-10 test images for a model with CIFAR-10's classes, otherwise none; 'none' skips")
