@@ -874,13 +874,15 @@ def _(s):
     s.check(s.cli(*AUDIT, "--out", "a", "--overwrite"), code=2, message="No space left on device", before=before)
 
 
-@fault("disk-full-json", area="disk full", what="`info default --json r.json` (r.json exists) with the disk full",
+@fault("disk-full-json", area="disk full", what="`info default --json r.json --overwrite` (r.json exists) with the disk "
+       "full",
        expected="exit 2 'No space left on device'; the old r.json intact, no temporary left")
 def _(s):
     s.path("r.json").write_text('{"old": true}\n')
     full_disk_on_open(s.mp, match=lambda name: name.endswith(".hub-dfq.tmp"), budget=10)
     before = s.snapshot()
-    s.check(s.cli("info", "default", "--json", "r.json"), code=2, message="No space left on device", before=before)
+    s.check(s.cli("info", "default", "--json", "r.json", "--overwrite"), code=2, message="No space left on device",
+            before=before)
 
 
 @fault("disk-full-onnx", area="disk full", what="`export q --out m.onnx --overwrite` (m.onnx exists) with the disk "

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # In a multi-process run an error every rank raises is printed once, by rank 0; others name their rank.
     where = f"[rank {rank}] " if rank else ""
     try:
-        check_json_path(getattr(args, "json", None))  # every command writes it last: refuse a bad path first
+        check_json_path(args)  # every command writes it last: refuse a bad path first
         return int(args.func(args) or 0)
     except HubDfqError as err:
         if os.environ.get("HUB_DFQ_DEBUG"):

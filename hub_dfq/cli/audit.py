@@ -97,5 +97,5 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{c.rank or '-':>4}  {div:>11}  {ci:>23}  {sim:>10}  {c.n_images:>7}  {c.dataset}{skipped}")
         if args.out_dir:
             print(f"report written to {args.out_dir}/audit.md")
-    write_json(args.json, json_safe(report.to_dict()))
+    write_json(args, json_safe(report.to_dict()))
     return 0

@@ -43,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
             for e in entries:
                 print(f"  {e.kind:<9} {e.key[:24]:<24}  {_size(e.bytes):>9}  {e.to_dict()['modified']}  "
                       f"{e.description}")
-        write_json(args.json, {"root": str(cache_base()), "entries": [e.to_dict() for e in entries]})
+        write_json(args, {"root": str(cache_base()), "entries": [e.to_dict() for e in entries]})
         return 0
     removed = clear_cache(kinds, older_than_days=args.older_than_days)
     if args.json != "-":
         print(f"removed {len(removed)} entries ({_size(sum(e.bytes for e in removed))}) from {cache_base()}")
-    write_json(args.json, {"root": str(cache_base()), "removed": [e.to_dict() for e in removed]})
+    write_json(args, {"root": str(cache_base()), "removed": [e.to_dict() for e in removed]})
     return 0

@@ -44,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{model.source.spec} on {data.spec} ({data.split or 'all'}): top-1 {result['top1']:.2f}%  "
           f"top-5 {result['top5']:.2f}%  ({result['n']} images"
           + (f", {result['skipped']} unreadable skipped" if result["skipped"] else "") + ")")
-    write_json(args.json, {"model": model.source.spec, "dataset": data.spec, "split": data.split, **result})
+    write_json(args, {"model": model.source.spec, "dataset": data.spec, "split": data.split, **result})
     return 0

@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.data import images_to_tensor
 
     out = Path(args.path or BACKENDS.get(args.backend).file_name)
-    check_file(out, overwrite=args.overwrite, argument="path")  # before the checkpoint is even read
+    # before the checkpoint is even read; never over the checkpoint or the images it reads
+    check_file(out, overwrite=args.overwrite, argument="path",
+               inputs=[a.removeprefix("local-dir:").removeprefix("parquet:") for a in (args.checkpoint, args.dataset)
+                       if a])
     data = load_images(args.dataset, **dataset_kwargs(args)) if args.dataset else None
     qmodel = from_pretrained(args.checkpoint, revision=args.revision, token=args.token)
     backend = BACKENDS.get(args.backend)
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                   f"ONNX Runtime {onnx_acc['top1']:.2f}%  (same prediction on "
                   f"{100 * agreement['top1_agreement']:.2f}%, max logit difference "
                   f"{agreement['max_abs_logit_diff']:.3g})")
-    write_json(args.json, summary)
+    write_json(args, summary)
     return 0
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import sys
+from importlib import resources
 from typing import Any
 
 from ..outputs import check_file, write_text
@@ -34,6 +35,8 @@ def add_common_options(parser: argparse.ArgumentParser, *, json_help: str = "als
                        "file ('-' for stdout)") -> None:
     """``--json PATH`` and ``--progress/--no-progress``, which every command takes."""
     parser.add_argument("--json", metavar="PATH", nargs="?", const="-", help=json_help)
+    if "--overwrite" not in parser._option_string_actions:  # commands with an --out have their own
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show progress bars (default: only on a terminal)")
 
@@ -94,22 +97,48 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def check_json_path(path: str | None) -> None:
-    """Refuse a ``--json`` target that cannot be written (a folder, an unwritable place), before any work starts."""
+_INPUT_OPTIONS = ("model", "checkpoint", "dataset", "data", "calibration", "eval_data")
+_OUTPUT_OPTIONS = ("out_dir", "path")
+_PREFIXES = ("local-dir:", "parquet:")
+
+
+def _paths(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    found = []
+    for name in names:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and value:
+                found.append(next((value[len(p):] for p in _PREFIXES if value.startswith(p)), value))
+    if "default" in found and names is _INPUT_OPTIONS:  # the embedded model and data
+        found.append(str(resources.files("hub_dfq") / "assets"))
+    return found
+
+
+def check_json_path(args: argparse.Namespace | str | None) -> None:
+    """Refuse a ``--json`` target that hub-dfq may not write, before any work starts (see
+    :func:`hub_dfq.outputs.check_file`): an existing file without ``--overwrite``; a link, a FIFO, a folder;
+    what the command reads (the model, the datasets) or writes (``--out``); a file of a hub-dfq result."""
+    path = args if not isinstance(args, argparse.Namespace) else getattr(args, "json", None)
     if not path or path == "-":
         return
-    check_file(path, overwrite=True, argument="json")
+    if not isinstance(args, argparse.Namespace):
+        check_file(path, overwrite=False, argument="json")
+        return
+    check_file(path, overwrite=bool(getattr(args, "overwrite", False)), argument="json",
+               inputs=_paths(args, _INPUT_OPTIONS), outputs=_paths(args, _OUTPUT_OPTIONS))
 
 
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to stdout (``-``) or, atomically, to the file ``path`` (which it replaces)."""
+def write_json(args: argparse.Namespace | str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to stdout (``--json -``) or, atomically, to the ``--json`` file, checked again first
+    (:func:`check_json_path`: the run may have created what it names)."""
+    path = args if not isinstance(args, argparse.Namespace) else getattr(args, "json", None)
     if not path:
         return
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
     if path == "-":
         sys.stdout.write(text)
         return
-    check_json_path(path)
+    check_json_path(args)
     write_text(path, text)
 
 

@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.json != "-":
         print(_render(summary, qmodel))
-    write_json(args.json, summary)
+    write_json(args, summary)
     return 0
 
 

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         print(text)
         if args.push_to_hub:
             print(f"pushed to dataset repo {args.push_to_hub}")
-    write_json(args.json, {"out": args.out_dir, "method": args.method, "num_rows": manifest.get("num_rows"),
+    write_json(args, {"out": args.out_dir, "method": args.method, "num_rows": manifest.get("num_rows"),
                            "fingerprint": manifest.get("fingerprint"),
                            "bn_divergence": {"start": start, "end": end, "metric": div.get("metric")},
                            "wall_time_s": manifest.get("wall_time_s"), "push_to_hub": args.push_to_hub})
