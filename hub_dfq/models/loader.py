@@ -28,6 +28,7 @@ from ..errors import ModelNotFoundError, ModelSpecError, UnsupportedModelError
 from ..registry import resolve
 from ..runtime import place_model, resolve_device
 from .adapters import ADAPTERS, ModelAdapter
+from .checks import check_model_numbers
 from .download import commit_of, download_model_repo
 from .timm_adapter import load_timm_name
 from .vision_model import ModelSource, VisionModel
@@ -107,8 +108,11 @@ def load_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = 
     config = _read_config(folder)
     adapter = _adapter_for(config, architecture_only=not pretrained)
     library = detect_library(config)
-    return resolve(adapter.load)(folder, _with_library(folder, source, config, library),
-                                 trust_remote_code=trust_remote_code, pretrained=pretrained)
+    model = resolve(adapter.load)(folder, _with_library(folder, source, config, library),
+                                  trust_remote_code=trust_remote_code, pretrained=pretrained)
+    if pretrained:  # loaded numbers, checked once here (random ones are finite by construction)
+        check_model_numbers(model.module, spec=source.spec)
+    return model
 
 
 def build_architecture(folder: Path, source: ModelSource, *, trust_remote_code: bool = False) -> VisionModel:
@@ -234,7 +238,9 @@ def _load_timm_registry(spec: str, name: str, token, *, trust_remote_code: bool,
     # timm orders an architecture's tags with the default first.
     cfg = cfgs[f"{arch}.{tag}"] if tag else next(iter(cfgs.values()), None)
     if cfg is not None and cfg.file:
-        return load_timm_name(name, source, pretrained=True)
+        model = load_timm_name(name, source, pretrained=True)
+        check_model_numbers(model.module, spec=spec)
+        return model
     if cfg is not None and cfg.hf_hub_id:
         folder, hub_source = _download(spec, cfg.hf_hub_id, None, token)
         return load_folder(folder, hub_source, trust_remote_code=trust_remote_code, pretrained=True)
