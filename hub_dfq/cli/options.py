@@ -14,12 +14,13 @@ import sys
 from importlib import resources
 from typing import Any
 
+from ..errors import ConfigError
 from ..outputs import check_file, write_text
 from .launch import world_rank
 from .numbers import count
 
 __all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
-           "write_json", "cli_message", "choices_help"]
+           "write_json", "cli_message", "choices_help", "check_repo_ids"]
 
 
 def choices_help(registry, default: str | None = None) -> str:
@@ -140,6 +141,23 @@ def write_json(args: argparse.Namespace | str | None, payload: dict[str, Any]) -
         return
     check_json_path(args)
     write_text(path, text)
+
+
+def check_repo_ids(args: argparse.Namespace) -> None:
+    """Refuse a malformed Hub repository name (``--push-to-hub``, ``--push-dataset``) before any work: found only
+    at the upload, it would throw the run's minutes away."""
+    from huggingface_hub.errors import HFValidationError  # why: only commands that push pay for the import
+    from huggingface_hub.utils import validate_repo_id
+
+    for name in ("push_to_hub", "dataset_repo"):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            validate_repo_id(value)
+        except HFValidationError as err:
+            raise ConfigError(f"`{name}` {value!r} is not a Hub repository name ({err}): use ORG/NAME or NAME, "
+                              "with letters, digits, '-', '_' and '.'") from err
 
 
 _ARGUMENT = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")

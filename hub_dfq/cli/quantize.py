@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` (and a launching process) free of torch, timm and datasets
     from ..data import load_images
     from ..distributed import current
-    from ..evaluation import evaluate_accuracy
+    from ..evaluation import check_eval_labels, evaluate_accuracy
     from ..models.loader import load_model
     from ..quant.api import quantize
     from ..quant.data import is_synthetic
@@ -159,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
     eval_spec = _eval_spec(args, model)
     eval_data = load_images(eval_spec, split=args.eval_split, limit=args.eval_limit, token=args.token) \
         if eval_spec else None  # opened now: a wrong spec fails before quantizing
+    if eval_data is not None:
+        check_eval_labels(model, eval_data)  # and so do labels the model cannot predict
     calibration = args.calibration
     if not is_synthetic(calibration):
         calibration = load_images(calibration, split=args.calibration_split, limit=args.calibration_images,
