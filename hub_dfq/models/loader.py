@@ -89,7 +89,56 @@ def _read_config(folder: Path) -> dict:
         raise UnsupportedModelError(f"{config_file} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{config_file} does not hold a JSON object")
+    _check_sizes(config, config_file)
     return config
+
+
+# What a config may ask for: beyond these a typo (100000 px, 1e12 classes) would allocate hundreds of GB before
+# anything else failed. The largest real classifiers: ~22k classes (ImageNet-22k), inputs of 1024 px or so.
+MAX_CLASSES = 1_000_000
+MAX_SIDE = 4096
+MAX_CHANNELS = 16
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sizes(config: dict, config_file: Path) -> None:
+    """Refuse sizes no model has (a class count of "ten", an input of 0 or 100000 pixels), with one line saying which.
+
+    Raises:
+        UnsupportedModelError: naming the key, its value and the accepted range.
+    """
+    pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+
+    def bad(key: str, value: object, expected: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"{config_file}: {key} is {value!r}, but it must be {expected}: the config is "
+                                     "damaged or hand-edited; fix it or download the model again")
+
+    for key, value in (("num_classes", config.get("num_classes")), ("num_labels", config.get("num_labels")),
+                       ("pretrained_cfg.num_classes", pretrained.get("num_classes"))):
+        if value is not None and not (_whole(value) and 0 <= value <= MAX_CLASSES):
+            raise bad(key, value, f"a whole number of classes, 0 to {MAX_CLASSES:,}")
+    for key, value in (("image_size", config.get("image_size")), ("pretrained_cfg.input_size", pretrained.get(
+            "input_size")), ("pretrained_cfg.test_input_size", pretrained.get("test_input_size"))):
+        if value is None:
+            continue
+        sides = value[-2:] if key.endswith("input_size") and isinstance(value, list) else value
+        sides = sides if isinstance(sides, list) else [sides]
+        if not sides or not all(_whole(v) and 1 <= v <= MAX_SIDE for v in sides) or (
+                key.endswith("input_size") and (not isinstance(value, list) or len(value) != 3)):
+            raise bad(key, value, f"{'[channels, height, width] with ' if key.endswith('input_size') else ''}"
+                      f"sides of 1 to {MAX_SIDE} pixels")
+        if key.endswith("input_size") and not (_whole(value[0]) and 1 <= value[0] <= MAX_CHANNELS):
+            raise bad(key, value, f"[channels, height, width] with 1 to {MAX_CHANNELS} channels")
+    channels = config.get("num_channels")
+    if channels is not None and not (_whole(channels) and 1 <= channels <= MAX_CHANNELS):
+        raise bad("num_channels", channels, f"a whole number of channels, 1 to {MAX_CHANNELS}")
+    labels = config.get("id2label")
+    if labels is not None and (not isinstance(labels, dict) or len(labels) > MAX_CLASSES):
+        raise bad("id2label", type(labels).__name__ if not isinstance(labels, dict) else f"{len(labels)} entries",
+                  f"a mapping of at most {MAX_CLASSES:,} class names")
 
 
 def _with_library(folder: Path, source: ModelSource, config: dict, library: str) -> ModelSource:
