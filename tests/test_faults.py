@@ -1364,7 +1364,7 @@ def _(s):
 
 
 @fault("eval-batch-size-0", area="hang", what="`eval default --batch-size 0` (looped for ever), then `-1` (exit 1)",
-       expected="exit 2 'must be 1 or more' at once, both")
+       expected="exit 2 'must be a positive whole number' at once, both")
 def _(s):
     from hub_dfq.models.loader import load_model
 
@@ -1373,7 +1373,7 @@ def _(s):
             message="`batch_size` must be a positive integer")
     no_work(s)
     for size in ("0", "-1"):
-        s.check(s.cli("eval", "default", "--batch-size", size), code=2, message="must be 1 or more")
+        s.check(s.cli("eval", "default", "--batch-size", size), code=2, message="must be a positive whole number")
 
 
 @fault("cli-numbers-out-of-range", area="hang",
