@@ -1528,12 +1528,16 @@ def _(s):
 
 @fault("exclude-everything", area="silent acceptance",
        what="`quantize --exclude '*' --out q` (saved a W4A4-tagged float model whose card said every weight is an "
-       "integer)", expected="exit 2 'nothing is left to quantize'; no q")
+       "integer), then `--exclude 'layer3.*'`", expected="exit 2 'nothing is left to quantize'; no q; the partial "
+       "exclude saves a card that names the float layers and claims integers only for the others")
 def _(s):
     before = s.snapshot()
     s.check(s.cli(*GAUSSIAN, "--exclude", "*", "--out", "q"), code=2, message="nothing is left to quantize",
             before=before)
     assert not s.path("q").exists()
+    s.check(s.cli(*GAUSSIAN, "--exclude", "layer3.*", "--out", "q"), code=0)  # a partial exclude: the card says so
+    card = s.path("q/README.md").read_text()
+    assert "Every weight of the quantized layers is stored as an integer" in card and "`layer3.0.conv1`" in card
 
 
 @fault("config-sizes-malformed", area="silent acceptance",
