@@ -111,7 +111,8 @@ def device_speed(model, *, batch_size: int | None = None, repeats: int = 3) -> D
     forward+backward pass costs ``model`` (a :class:`~hub_dfq.models.VisionModel`) where it is."""
     import torch  # why: `import hub_dfq` (which reads the presets) stays free of torch
 
-    from .cache import cache_root
+    from .cache import cache_root, record_entry
+    from .outputs import write_text
     from .fingerprint import fingerprint
 
     device = model.device
@@ -143,10 +144,9 @@ def device_speed(model, *, batch_size: int | None = None, repeats: int = 3) -> D
         speed = DeviceSpeed(name, sorted(times[1:])[len(times[1:]) // 2] / batch)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"kind": "device speed", **speed.to_dict(),
-                                       "architecture": model.source.architecture}) + "\n")
-            tmp.replace(path)
+            record_entry("speed", path)  # first: `hub-dfq cache clear` deletes only what it has a record of
+            write_text(path, json.dumps({"kind": "device speed", **speed.to_dict(),
+                                         "architecture": model.source.architecture}) + "\n")
         except OSError as err:  # a read-only cache only costs a re-measurement next time
             logger.debug("could not save the device speed to %s: %s", path, err)
     _SPEEDS[key] = speed

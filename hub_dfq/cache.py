@@ -7,9 +7,12 @@ Four kinds of entries, each keyed on :func:`hub_dfq.fingerprint.fingerprint` of 
 - ``quantize/<key>/``: saved progress of an interrupted ``reconstruct``/``distill`` run (``*.pt``);
 - ``speed/<key>.json``: a device's measured speed for one model shape (:func:`hub_dfq.budget.device_speed`).
 
-Listing and clearing only ever touch entries of those shapes: a file hub-dfq did not write is left alone,
-also when ``$HUB_DFQ_CACHE`` points at a folder that holds other things. Every entry is locked while it is
-written (:mod:`hub_dfq.locks`); clearing skips an entry a running process holds.
+Listing and clearing only ever touch entries the cache can prove it wrote: before an entry is first
+written, a record ``.<entry>.hub-dfq-entry`` (JSON: kind and entry name) is written beside it
+(:func:`record_entry`). A file or folder without its record is never listed or deleted, whatever its
+name or shape: other hub-dfq output (an audit report, a checkpoint) or a user's files in the cache
+folder are left alone. Every entry is locked while it is written (:mod:`hub_dfq.locks`); clearing
+skips an entry a running process holds.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OutputLockedError
+from . import __version__
+from .errors import ConfigError, OutputLockedError
 from .locks import hold
+from .outputs import write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CACHE_KINDS", "CacheEntry", "cache_root", "list_cache", "clear_cache"]
+__all__ = ["CACHE_KINDS", "CacheEntry", "cache_root", "list_cache", "clear_cache", "record_entry", "record_path"]
 
 CACHE_KINDS = ("synth", "audit", "quantize", "speed")
+RECORD_SUFFIX = ".hub-dfq-entry"
 
 
 def cache_base() -> Path:
@@ -78,6 +84,32 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def record_path(path: str | os.PathLike[str]) -> Path:
+    """The record of the cache entry ``path`` (see :func:`record_entry`)."""
+    path = Path(path)
+    return path.parent / f".{path.name}{RECORD_SUFFIX}"
+
+
+def record_entry(kind: str, path: str | os.PathLike[str]) -> None:
+    """Record that the cache writes the entry ``path`` of ``kind``: call before writing it (with its lock held).
+
+    The record is what lets :func:`clear_cache` delete the entry: nothing without one is ever deleted.
+
+    Raises:
+        OutputWriteError: the cache folder cannot be written.
+    """
+    path = Path(path)
+    if _recorded(kind, path):
+        return
+    write_text(record_path(path), json.dumps({"written_by": f"hub-dfq {__version__}", "kind": kind,
+                                               "entry": path.name}) + "\n")
+
+
+def _recorded(kind: str, path: Path) -> bool:
+    record = _read_json(record_path(path))
+    return record.get("kind") == kind and record.get("entry") == path.name
+
+
 def _describe(kind: str, path: Path) -> str | None:
     """A one-line description if ``path`` is an entry hub-dfq writes, else ``None``."""
     if kind == "synth" and path.is_dir() and (path / "generation.json").is_file():
@@ -109,7 +141,10 @@ def list_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS) -> list[CacheEn
         root = cache_root(kind)
         if not root.is_dir():
             continue
-        for path in root.iterdir():
+        for record in root.glob(f".*{RECORD_SUFFIX}"):
+            path = root / record.name[1:-len(RECORD_SUFFIX)]
+            if not _recorded(kind, path) or not (path.exists() or path.is_symlink()) or path.is_symlink():
+                continue
             description = _describe(kind, path)
             if description is not None:
                 key = path.stem if path.is_file() else path.name
@@ -121,8 +156,15 @@ def clear_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS, *,
                 older_than_days: float | None = None) -> list[CacheEntry]:
     """Delete the cache entries of ``kinds`` (those older than ``older_than_days``); returns what was deleted.
 
-    An entry a running hub-dfq process is writing (it holds the entry's lock) is left alone, with a warning.
+    Only entries with the record :func:`record_entry` wrote are deleted (with their record). An entry a
+    running hub-dfq process is writing (it holds the entry's lock) is left alone, with a warning.
+
+    Raises:
+        ConfigError: ``older_than_days`` is negative or not a finite number.
     """
+    if older_than_days is not None and not (isinstance(older_than_days, (int, float))
+                                            and 0 <= older_than_days < float("inf")):
+        raise ConfigError(f"`older_than_days` must be a number of days, 0 or more, got {older_than_days!r}")
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     removed = []
     for entry in list_cache(kinds):
@@ -134,6 +176,7 @@ def clear_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS, *,
                     shutil.rmtree(entry.path)
                 else:
                     entry.path.unlink()
+                record_path(entry.path).unlink(missing_ok=True)
         except OutputLockedError as err:
             logger.warning("kept %s: %s", entry.path, err)
             continue

@@ -27,7 +27,7 @@ from .errors import DatasetError, HubDfqError, ImageDecodeError
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageData", "Batch", "RowMap", "load_images", "iter_batches", "decode_image", "embedded_sample_path",
-           "embedded_sample_labels"]
+           "embedded_sample_labels", "label_index", "check_labels"]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo", "file")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
@@ -267,6 +267,76 @@ def load_images(
     return ImageData(ds, image_col, label_col, label_names, name, chosen)
 
 
+def label_index(value: Any, row: int, spec: str) -> int:
+    """A stored label -> class index (``-1`` for a missing one); anything but a whole number is refused.
+
+    Raises:
+        DatasetError: a text, a fraction, NaN or another non-integer value, naming the row.
+    """
+    if value is None:
+        return -1
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    shown = repr(value) if not isinstance(value, (dict, bytes)) else f"a {type(value).__name__}"
+    raise DatasetError(f"row {row} of {spec} has label {shown[:60]}, which is not a class index: hub-dfq needs "
+                       "whole-number labels (or a ClassLabel column); name the column that holds them with "
+                       "`label_column`")
+
+
+def check_labels(data: ImageData, bound: int, *, classes: int | None = None) -> None:
+    """Refuse, before any long work, a label column holding anything but class indices ``0..bound-1``.
+
+    Read from the label column alone (no image is decoded). A streamed dataset cannot be read ahead:
+    its labels are checked batch by batch as the images are read (:func:`label_index`).
+
+    Args:
+        data: the dataset.
+        bound: how many label values are valid.
+        classes: the model's class count, for the message (default ``bound``).
+
+    Raises:
+        DatasetError: no label column, a non-integer label, or one outside ``0..bound-1`` (naming the row).
+    """
+    classes = bound if classes is None else classes
+    if data.label_column is None:
+        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with "
+                           "`label_column`)")
+    if data.streaming:
+        return
+    if _numeric(data):  # whole numbers or floats: only the first suspect goes through the checks below
+        column = np.asarray(data.dataset.with_format("numpy")[data.label_column]).reshape(-1)
+        candidates: Any = _suspects(column, bound)
+    else:  # text, lists, ...: the first value is refused below
+        candidates = enumerate(data.dataset[data.label_column])
+    for position, value in candidates:
+        row = data.rows(position) if data.rows is not None else position
+        label = label_index(value, row, data.spec)
+        if not 0 <= label < bound:
+            what = "has no label" if label == -1 else f"has label {label}"
+            raise DatasetError(f"row {row} of {data.spec} {what}, but the model has {classes} classes (labels "
+                               f"0-{classes - 1}): pass labelled images of the model's classes (or name the right "
+                               "column with `label_column`)")
+
+
+def _numeric(data: ImageData) -> bool:
+    feature = data.dataset.features[data.label_column]
+    return isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint", "float")))
+
+
+def _suspects(labels: np.ndarray, bound: int) -> list[tuple[int, Any]]:
+    """The first label (position, value) that is not an index below ``bound``, found without a Python loop."""
+    labels = labels.reshape(-1)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0) | (labels >= bound)
+    else:
+        bad = (labels < 0) | (labels >= bound)
+    where = np.flatnonzero(bad)
+    return [(int(where[0]), labels[where[0]].item())] if len(where) else []
+
+
 def decode_image(value: Any) -> Image.Image:
     """A stored image cell (bytes/path dict, path, PIL image or array) -> fully loaded PIL image."""
     try:
@@ -325,7 +395,7 @@ def iter_batches(
                 skipped.append((index, str(err)))
             else:
                 indices.append(index)
-                labels.append(-1 if label is None else int(label))
+                labels.append(label_index(label, index, data.spec))
             position += 1
         pixels = torch.stack(images) if images else torch.empty(0)
         label_tensor = torch.tensor(labels, dtype=torch.long) if data.label_column else None

@@ -8,9 +8,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageData, iter_batches, load_images
+from .data import ImageData, check_labels, iter_batches, load_images
 from .distributed import current
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError
 from .models.vision_model import VisionModel
 from .partition import rank_part
 from .progress import progress_enabled
@@ -18,7 +18,7 @@ from .runtime import place_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_accuracy", "label_mapping"]
+__all__ = ["evaluate_accuracy", "label_mapping", "check_eval_labels"]
 
 
 def label_mapping(model_labels: list[str], data_labels: list[str] | None) -> torch.Tensor | None:
@@ -44,6 +44,14 @@ def _check_labels(batch, data: ImageData, num_classes: int, *, mapped: bool) -> 
         raise DatasetError(f"row {row} of {data.spec} {what}, but the model has {num_classes} classes (labels "
                            f"0-{num_classes - 1}): pass labelled images of the model's classes (or name the right "
                            "column with `label_column`)")
+
+
+def check_eval_labels(model: VisionModel, data: ImageData) -> None:
+    """Refuse, before any work, labels ``model`` cannot predict or that are not class indices (see
+    :func:`hub_dfq.data.check_labels`): counted as wrong answers they would silently lower the accuracy."""
+    remap = label_mapping(model.labels, data.label_names)
+    bound = model.num_classes if remap is None else len(data.label_names or [])
+    check_labels(data, bound, classes=model.num_classes)
 
 
 @torch.inference_mode()
@@ -79,12 +87,12 @@ def evaluate_accuracy(
     Raises:
         DatasetError: the dataset has no label column, a label outside the model's classes, or no readable image.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}")
     place_model(model, device)
     if not isinstance(data, ImageData):
         data = load_images(data, token=token)
-    if data.label_column is None:
-        raise DatasetError(f"{data.spec} has no label column: accuracy needs labels (name the column with "
-                           "`label_column`)")
+    check_eval_labels(model, data)  # the whole label column, before the first image is decoded
     remap = label_mapping(model.labels, data.label_names)
     forward = forward or model.module
     device = model.device  # where forward computes (a quantized model lives with its float model)

@@ -234,17 +234,67 @@ def check_folder(path: str | os.PathLike[str], *, kind: str, overwrite: bool = F
     return OutputFolder(target, kind, "ours", argument)
 
 
-def check_file(path: str | os.PathLike[str], *, overwrite: bool = False, argument: str = "path") -> Path:
-    """Validate an output file before any work: not a folder, absent unless ``overwrite``, in a writable place.
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _result_file(target: Path) -> Path | None:
+    """The folder hub-dfq wrote whose marker lists ``target`` (a file of a checkpoint, dataset or report)."""
+    for folder in target.parents:
+        if target.name == MARKER and folder == target.parent:
+            return folder
+        marker = read_marker(folder)
+        if marker is not None and not marker.get("staging") and target.relative_to(folder).as_posix() in \
+                marker["files"]:
+            return folder
+    return None
+
+
+def check_file(path: str | os.PathLike[str], *, overwrite: bool = False, argument: str = "path",
+               inputs: Iterable[str | os.PathLike[str]] = (), outputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Validate an output file before any work (every single file hub-dfq writes: ``--json``, ONNX files).
+
+    Whatever ``overwrite`` says, a file is never written over a symbolic link, a FIFO or another
+    non-regular file, a file of a result hub-dfq wrote (listed in a folder's ``.hub-dfq.json``), a
+    file the command reads (``inputs``: an input file, or an existing file inside an input folder) or
+    anything inside a folder the command writes (``outputs``). An existing regular file is replaced
+    only with ``overwrite``.
 
     Raises:
+        UnsafeOutputError: a link, a non-regular file, an input, part of an output or of a hub-dfq result.
         OutputExistsError: ``path`` is a folder, or exists and ``overwrite`` is false.
         OutputWriteError: the file cannot be created there.
     """
     target = _abs(path)
+    if target.is_symlink():
+        raise UnsafeOutputError(f"{target} is a symbolic link: hub-dfq never writes through or replaces links; name "
+                                f"a regular file as `{argument}`")
     if target.is_dir():
         raise OutputExistsError(f"{target} is a folder: `{argument}` must name a file")
-    if (target.exists() or target.is_symlink()) and not overwrite:
+    if target.exists() and not target.is_file():
+        raise UnsafeOutputError(f"{target} is not a regular file (a FIFO, socket or device): hub-dfq never replaces "
+                                f"it; choose another `{argument}`")
+    resolved = target.resolve()
+    for out in outputs:
+        folder = _abs(out)
+        if _within(target, folder) or _within(resolved, folder.resolve()):
+            raise UnsafeOutputError(f"{target} is inside {folder}, which this command writes: choose a `{argument}` "
+                                    "outside it")
+    for item in inputs:
+        source = _abs(item)
+        if not (source.exists() or source.is_symlink()):
+            continue
+        source = source.resolve()
+        if resolved == source or (source.is_dir() and target.exists() and _within(resolved, source)):
+            where = "read by this command" if resolved == source else f"inside {item}, which this command reads"
+            raise UnsafeOutputError(f"{target} is {where}: hub-dfq never replaces what it reads; choose another "
+                                    f"`{argument}`")
+    owner = _result_file(resolved)
+    if owner is not None:
+        kind = KINDS.get((read_marker(owner) or {}).get("kind"), "a result")
+        raise UnsafeOutputError(f"{target} is part of {kind} hub-dfq wrote in {owner}: hub-dfq never replaces it on "
+                                f"its own; choose another `{argument}`")
+    if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} exists: pass `overwrite=True` to replace it, or choose another "
                                 f"`{argument}`")
     _probe(_existing_ancestor(target.parent), argument)

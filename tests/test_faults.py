@@ -874,13 +874,15 @@ def _(s):
     s.check(s.cli(*AUDIT, "--out", "a", "--overwrite"), code=2, message="No space left on device", before=before)
 
 
-@fault("disk-full-json", area="disk full", what="`info default --json r.json` (r.json exists) with the disk full",
+@fault("disk-full-json", area="disk full",
+       what="`info default --json r.json --overwrite` (r.json exists) with the disk full",
        expected="exit 2 'No space left on device'; the old r.json intact, no temporary left")
 def _(s):
     s.path("r.json").write_text('{"old": true}\n')
     full_disk_on_open(s.mp, match=lambda name: name.endswith(".hub-dfq.tmp"), budget=10)
     before = s.snapshot()
-    s.check(s.cli("info", "default", "--json", "r.json"), code=2, message="No space left on device", before=before)
+    s.check(s.cli("info", "default", "--json", "r.json", "--overwrite"), code=2, message="No space left on device",
+            before=before)
 
 
 @fault("disk-full-onnx", area="disk full", what="`export q --out m.onnx --overwrite` (m.onnx exists) with the disk "
@@ -1137,7 +1139,7 @@ def _calibrated_twice(s, damage) -> None:
     shard = next(entry.glob("data/*.parquet"))
     good = digest(shard)
     damage(entry)
-    s.check(s.cli(*argv), code=0)
+    s.check(s.cli(*argv, "--overwrite"), code=0)  # --overwrite: the rerun replaces its own --json
     again = json_file(s.path("r.json"))
     assert again["calibration_provenance"]["fingerprint"] == first["calibration_provenance"]["fingerprint"]
     assert digest(shard) == good  # regenerated to the same bytes
@@ -1180,7 +1182,7 @@ def _(s):
     first = json_file(s.path("r.json"))
     entry = next((s.cache / "audit").glob("*.json"))
     entry.write_text("[1, 2")
-    s.check(s.cli(*argv), code=0)
+    s.check(s.cli(*argv, "--overwrite"), code=0)
     assert json_file(s.path("r.json"))["references"]["far"]["divergence"] == first["references"]["far"]["divergence"]
     assert json_file(entry)["divergence"] == first["references"]["far"]["divergence"]
 
@@ -1197,6 +1199,403 @@ def _(s):
     s.check(s.fork(*RECONSTRUCT, "--out", "q", setup=tiny_preset).result, code=0)
     assert files(s.path("q"))["model.safetensors"] == reference(s, RECONSTRUCT + ["--out", "q"], "q",
                                                                 tiny_preset)["model.safetensors"]
+
+
+# ==== second pass (#19): every written file, non-finite numbers, edited checkpoints, inputs before work =====
+
+def float_copy(s: Sandbox, rel: str = "m", edit=None) -> Path:
+    """A copy of the embedded float model in the project, its tensors edited by ``edit(tensors)``."""
+    from safetensors.torch import load_file, save_file
+
+    from hub_dfq.models.loader import default_model_dir
+
+    target = s.path(rel)
+    shutil.copytree(default_model_dir(), target)
+    if edit is not None:
+        tensors = load_file(target / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, target / "model.safetensors")
+    return target
+
+
+def edited_checkpoint(s: Sandbox, *, config=None, tensors=None) -> Path:
+    """hub-dfq's W8A8 checkpoint copied to q, its quantization_config edited by ``config(qc)``, its tensors by
+    ``tensors(dict)`` (as a user with a text editor or a script would)."""
+    from safetensors.torch import load_file, save_file
+
+    q = ours(s, "checkpoint", "q")
+    if config is not None:
+        data = json_file(q / "config.json")
+        config(data["quantization_config"])
+        (q / "config.json").write_text(json.dumps(data))
+    if tensors is not None:
+        loaded = load_file(q / "model.safetensors")
+        tensors(loaded)
+        save_file(loaded, q / "model.safetensors", metadata={"format": "pt"})
+    return q
+
+
+def first_key(tensors: dict, suffix: str, skip: int = 0) -> str:
+    return [k for k in sorted(tensors) if k.endswith(suffix)][skip]
+
+
+def no_quantize(s: Sandbox) -> None:
+    """Fail the case if quantization starts: what the run needs is checked before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantization started before the inputs were checked")
+
+    s.mp.setattr("hub_dfq.quant.api.quantize", refuse)
+
+
+def rows_parquet(path: Path, labels: list, *, label_type: str) -> Path:
+    rows = hub_dfq.load_images("default", limit=len(labels)).dataset
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.Value(label_type)})
+    datasets.Dataset.from_dict({"img": rows["img"], "label": labels}, features=features).to_parquet(path)
+    return path
+
+
+@fault("json-existing-file-no-overwrite", area="data loss", what="`info default --json notes.txt` (the user's notes)",
+       expected="exit 2 'pass --overwrite' before any work; notes.txt intact")
+def _(s):
+    no_work(s)
+    before = s.snapshot()
+    s.check(s.cli("info", "default", "--json", "notes.txt"), code=2, message="pass --overwrite", before=before)
+
+
+@fault("json-over-model-weights", area="data loss",
+       what="`eval m --limit 16 --json m/model.safetensors --overwrite` (the weights it reads; the report of #19)",
+       expected="exit 2 'which this command reads' before any work; the weights intact")
+def _(s):
+    float_copy(s)
+    no_work(s)
+    before = s.snapshot()
+    s.check(s.cli("eval", "m", "--limit", "16", "--json", "m/model.safetensors", "--overwrite"), code=2,
+            message="which this command reads", before=before)
+
+
+@fault("json-inside-out", area="data loss",
+       what="`quantize ... --out qj --json qj/config.json` (a file of the checkpoint it writes; the report of #19)",
+       expected="exit 2 'which this command writes' before any work; no qj")
+def _(s):
+    no_work(s)
+    before = s.snapshot()
+    s.check(s.cli(*GAUSSIAN, "--out", "qj", "--json", "qj/config.json"), code=2, message="which this command writes",
+            before=before)
+    assert not s.path("qj").exists()
+
+
+@fault("json-over-checkpoint-file", area="data loss",
+       what="`info default --json q/config.json --overwrite` where q is a checkpoint hub-dfq wrote",
+       expected="exit 2 'part of a quantized checkpoint'; q intact and loadable")
+def _(s):
+    ours(s, "checkpoint", "q")
+    before = s.snapshot()
+    s.check(s.cli("info", "default", "--json", "q/config.json", "--overwrite"), code=2,
+            message="part of a quantized checkpoint", before=before)
+    s.check(s.cli("info", "q"), code=0)
+
+
+@fault("json-fifo", area="data loss", what="`info default --json pipe --overwrite` where pipe is a FIFO",
+       expected="exit 2 'not a regular file' at once (no hang); the FIFO still there")
+def _(s):
+    pipe = s.root.parent / "pipe"  # outside the checksummed sandbox: reading a FIFO would block the check itself
+    os.mkfifo(pipe)
+    before = s.snapshot()
+    s.check(s.cli("info", "default", "--json", str(pipe), "--overwrite"), code=2, message="not a regular file",
+            before=before)
+    assert pipe.is_fifo()
+
+
+@fault("json-symlink", area="data loss", what="`info default --json link.json --overwrite` where the link points at "
+       "notes.txt", expected="exit 2 'is a symbolic link'; the link and notes.txt intact")
+def _(s):
+    s.path("link.json").symlink_to(s.path("notes.txt"))
+    before = s.snapshot()
+    s.check(s.cli("info", "default", "--json", "link.json", "--overwrite"), code=2, message="is a symbolic link",
+            before=before)
+
+
+@fault("export-over-checkpoint-weights", area="data loss",
+       what="`export q --out q/model.safetensors --overwrite` (the checkpoint it reads)",
+       expected="exit 2 'which this command reads' before the checkpoint is read; q intact")
+def _(s):
+    ours(s, "checkpoint", "q")
+    before = s.snapshot()
+    s.check(s.cli("export", "q", "--out", "q/model.safetensors", "--overwrite"), code=2,
+            message="which this command reads", before=before)
+
+
+@fault("json-same-as-onnx", area="data loss", what="`export q --out m.onnx --json m.onnx`",
+       expected="exit 2 'which this command writes'; nothing written")
+def _(s):
+    ours(s, "checkpoint", "q")
+    before = s.snapshot()
+    s.check(s.cli("export", "q", "--out", "m.onnx", "--json", "m.onnx"), code=2, message="which this command writes",
+            before=before)
+    assert not s.path("m.onnx").exists()
+
+
+@fault("cache-clear-keeps-other-output", area="data loss",
+       what="`cache clear` where the cache folder also holds an audit report, a dataset hub-dfq wrote with `--out` "
+       "and an entry-shaped folder without the cache's record (the report of #19)",
+       expected="exit 0; only the recorded entry is removed; `cache list` shows nothing else")
+def _(s):
+    s.check(s.cli(*GAUSSIAN), code=0)  # a real cache entry (synthetic calibration images)
+    shutil.copytree(s.templates["audit"], s.cache / "audit")  # `audit --out $CACHE/audit`
+    shutil.copytree(s.templates["dataset"], s.cache / "synth" / "gaussian-0123456789abcdef0123")  # entry-shaped
+    kept = {p: d for p, d in tree(s.cache).items() if "gaussian-0123" in p or p.startswith("audit")}
+    s.check(s.cli("cache", "list", "--json", "list.json"), code=0)
+    assert len(json_file(s.path("list.json"))["entries"]) == 1
+    s.check(s.cli("cache", "clear"), code=0)
+    assert {p: d for p, d in tree(s.cache).items() if p in kept} == kept
+    assert [p.name for p in (s.cache / "synth").iterdir()] == ["gaussian-0123456789abcdef0123"]
+
+
+@fault("cache-clear-negative-age", area="data loss", what="`cache clear --older-than -1`, then `--older-than nan`",
+       expected="exit 2 'must be a finite number of at least 0' both times; the cache intact")
+def _(s):
+    s.check(s.cli(*GAUSSIAN), code=0)
+    before = s.snapshot()
+    for age in ("-1", "nan"):
+        s.check(s.cli("cache", "clear", "--older-than", age), code=2, message="must be a finite number", before=before)
+    s.check(s.api(lambda: hub_dfq.cache.clear_cache(older_than_days=-1), builtin=ValueError), code=2,
+            message="0 or more", before=before)
+
+
+@fault("eval-batch-size-0", area="hang", what="`eval default --batch-size 0` (looped for ever), then `-1` (exit 1)",
+       expected="exit 2 'must be a positive whole number' at once, both")
+def _(s):
+    from hub_dfq.models.loader import load_model
+
+    model = load_model("default")
+    s.check(s.api(lambda: hub_dfq.evaluate_accuracy(model, "default", batch_size=0), builtin=ValueError), code=2,
+            message="`batch_size` must be a positive integer")
+    no_work(s)
+    for size in ("0", "-1"):
+        s.check(s.cli("eval", "default", "--batch-size", size), code=2, message="must be a positive whole number")
+
+
+@fault("cli-numbers-out-of-range", area="hang",
+       what="13 numbers out of range: audit --bootstrap -1 / --score-batch 0 / --seed -3; export --opset 5; synth "
+       "--shard-size 0 / --num-images -4 / --lr 0 / --lr inf; quantize --seed 2^40 / --num-processes 0; "
+       "eval --limit 0 / --limit abc; synth --batch-size 0",
+       expected="exit 2 with one line naming the flag, before any work, every one")
+def _(s):
+    no_work(s)
+    before = s.snapshot()
+    bad = [((*AUDIT, "--bootstrap", "-1"), "--bootstrap"), ((*AUDIT, "--score-batch", "0"), "--score-batch"),
+           ((*AUDIT, "--seed", "-3"), "--seed"), (("export", "q", "--opset", "5"), "--opset"),
+           ((*SYNTH, "--out", "d", "--shard-size", "0"), "--shard-size"),
+           ((*SYNTH, "--out", "d", "--num-images", "-4"), "--num-images"),
+           ((*SYNTH, "--out", "d", "--lr", "0"), "--lr"), ((*SYNTH, "--out", "d", "--lr", "inf"), "--lr"),
+           ((*QUANT, "--seed", str(2**40)), "--seed"), ((*QUANT, "--num-processes", "0"), "--num-processes"),
+           (("eval", "default", "--limit", "0"), "--limit"), (("eval", "default", "--limit", "abc"), "--limit"),
+           ((*SYNTH, "--out", "d", "--batch-size", "0"), "--batch-size")]
+    for argv, flag in bad:
+        s.check(s.cli(*argv), code=2, message=flag, before=before)
+
+
+@fault("model-nan-weight", area="silent non-finite",
+       what="`quantize m --out q`, `eval m`, `export`-free: m's conv weight holds a NaN (quantized with a NaN scale, "
+       "exit 0, before)", expected="exit 2 naming the tensor ('layer1.0.conv1.weight holds nan'); no q")
+def _(s):
+    def poison(t):
+        t["layer1.0.conv1.weight"].view(-1)[7] = float("nan")
+
+    float_copy(s, edit=poison)
+    before = s.snapshot()
+    s.check(s.cli(*GAUSSIAN[:1], "m", *GAUSSIAN[2:], "--out", "q"), code=2,
+            message="layer1.0.conv1.weight holds nan", before=before)
+    s.check(s.cli("eval", "m", "--limit", "16"), code=2, message="holds nan", before=before)
+    assert not s.path("q").exists()
+
+
+@fault("model-negative-variance", area="silent non-finite",
+       what="`audit m default` where a BN running_var is negative (the audit reported inf)",
+       expected="exit 2 'a negative variance', naming the buffer")
+def _(s):
+    def negative(t):
+        t[first_key(t, "running_var", 2)][1] = -0.5
+
+    float_copy(s, edit=negative)
+    before = s.snapshot()
+    s.check(s.cli("audit", "m", "default", "--limit", "16", "--references", "none", "--bootstrap", "0"), code=2,
+            message="negative variance", before=before)
+
+
+@fault("model-inf-bn-statistic", area="silent non-finite",
+       what="`synth m --method bns` where a BN running_mean holds Inf (synthesis blamed --lr), and "
+       "`hub_dfq.synthesize` on a model whose running_var is made NaN in Python",
+       expected="exit 2 naming the buffer, both before any step")
+def _(s):
+    def infinite(t):
+        t[first_key(t, "running_mean", 1)][0] = float("inf")
+
+    float_copy(s, edit=infinite)
+    before = s.snapshot()
+    s.check(s.cli(*BNS[:1], "m", *BNS[2:], "--out", "d"), code=2, message="running_mean holds inf", before=before)
+    from hub_dfq.models.loader import load_model
+
+    model = load_model("default")
+    model.bn_layers[0][1].running_var[0] = float("nan")
+    s.check(s.api(lambda: hub_dfq.synthesize(model, "bns", 8, progress=False), builtin=ValueError), code=2,
+            message="running_var holds nan", before=before)
+
+
+@fault("checkpoint-nan-scale", area="silent non-finite", what="`eval q` where a weight scale in q is NaN",
+       expected="exit 2 naming the scale tensor")
+def _(s):
+    edited_checkpoint(s, tensors=lambda t: t[first_key(t, "weight_quantizer.scale", 3)].__setitem__(0, float("nan")))
+    before = s.snapshot()
+    s.check(s.cli("eval", "q", "--limit", "16"), code=2, message="weight_quantizer.scale holds nan", before=before)
+
+
+@fault("checkpoint-negative-scale", area="edited checkpoint", what="`eval q` where a weight scale in q is -1",
+       expected="exit 2 'scales must be positive'")
+def _(s):
+    edited_checkpoint(s, tensors=lambda t: t[first_key(t, "weight_quantizer.scale", 3)].__setitem__(0, -1.0))
+    before = s.snapshot()
+    s.check(s.cli("eval", "q", "--limit", "16"), code=2, message="scales must be positive", before=before)
+
+
+@fault("checkpoint-bits-edited", area="edited checkpoint",
+       what="`eval q` after config.json's default weight bits were edited 8 -> 4, then 8 -> 7 (loaded silently at "
+       "19% before)", expected="exit 2 'not 4-bit packing', then 'outside the 7-bit range'")
+def _(s):
+    def bits(b):
+        return lambda qc: qc["config"]["default"].__setitem__("weights", b)
+
+    edited_checkpoint(s, config=bits(4))
+    before = s.snapshot()
+    s.check(s.cli("eval", "q", "--limit", "16"), code=2, message="not 4-bit packing", before=before)
+    shutil.rmtree(s.path("q"))
+    edited_checkpoint(s, config=bits(7))
+    s.check(s.cli("eval", "q", "--limit", "16"), code=2, message="outside the 7-bit range")
+
+
+@fault("checkpoint-zero-point", area="edited checkpoint", what="`eval q` where an activation zero point is 100000",
+       expected="exit 2 'zero point 100000, outside its 8-bit range'")
+def _(s):
+    edited_checkpoint(s, tensors=lambda t: t[first_key(t, "zero_point", 1)].fill_(100000))
+    before = s.snapshot()
+    s.check(s.cli("eval", "q", "--limit", "16"), code=2, message="zero point 100000, outside", before=before)
+
+
+@fault("checkpoint-summary-bits", area="edited checkpoint",
+       what="`info q` where only quantization_config.weights was edited to 3 (info said W3A8)",
+       expected="exit 2 'quantization_config.weights says 3'")
+def _(s):
+    edited_checkpoint(s, config=lambda qc: qc.__setitem__("weights", 3))
+    before = s.snapshot()
+    s.check(s.cli("info", "q"), code=2, message="quantization_config.weights says 3", before=before)
+
+
+@fault("quantize-eval-labels-before-work", area="work thrown away",
+       what="`quantize --algorithm reconstruct --eval p.parquet --out q` whose labels go up to 99",
+       expected="exit 2 'has label 99' before quantizing; no q")
+def _(s):
+    labelled_parquet(s.path("p.parquet"), [3, 1, 99, 2])
+    no_quantize(s)
+    before = s.snapshot()
+    argv = [a if a != "none" else "p.parquet" for a in QUANT]  # --eval p.parquet
+    s.check(s.cli(*argv, "--algorithm", "reconstruct", "--out", "q"), code=2, message="has label 99", before=before)
+    assert not s.path("q").exists()
+
+
+@fault("push-name-before-work", area="work thrown away",
+       what="`quantize --push-to-hub 'my model'`, `--push-dataset a/b/c`, `synth --push-to-hub me/bad..name`",
+       expected="exit 2 'is not a Hub repository name' before the model is loaded, all three")
+def _(s):
+    no_work(s)
+    before = s.snapshot()
+    s.check(s.cli(*GAUSSIAN, "--push-to-hub", "my model"), code=2, message="is not a Hub repository name",
+            before=before)
+    s.check(s.cli(*GAUSSIAN, "--push-to-hub", "me/q", "--push-dataset", "a/b/c"), code=2,
+            message="--push-dataset 'a/b/c' is not a Hub repository name", before=before)
+    s.check(s.cli(*SYNTH, "--out", "d", "--push-to-hub", "me/bad..name"), code=2,
+            message="is not a Hub repository name", before=before)
+
+
+@fault("override-matches-nothing", area="silent acceptance", what="`quantize --override 'layr3.*:weights=8' --out q`",
+       expected="exit 2 'matches no layer' before calibration; no q")
+def _(s):
+    before = s.snapshot()
+    s.check(s.cli(*GAUSSIAN, "--override", "layr3.*:weights=8", "--out", "q"), code=2, message="matches no layer",
+            before=before)
+    assert not s.path("q").exists()
+
+
+@fault("exclude-everything", area="silent acceptance",
+       what="`quantize --exclude '*' --out q` (saved a W4A4-tagged float model whose card said every weight is an "
+       "integer), then `--exclude 'layer3.*'`", expected="exit 2 'nothing is left to quantize'; no q; the partial "
+       "exclude saves a card that names the float layers and claims integers only for the others")
+def _(s):
+    before = s.snapshot()
+    s.check(s.cli(*GAUSSIAN, "--exclude", "*", "--out", "q"), code=2, message="nothing is left to quantize",
+            before=before)
+    assert not s.path("q").exists()
+    s.check(s.cli(*GAUSSIAN, "--exclude", "layer3.*", "--out", "q"), code=0)  # a partial exclude: the card says so
+    card = s.path("q/README.md").read_text()
+    assert "Every weight of the quantized layers is stored as an integer" in card and "`layer3.0.conv1`" in card
+
+
+@fault("config-sizes-malformed", area="silent acceptance",
+       what="`info m` with config.json's num_classes 'ten', then 1e12, input_size [3, 0, 0], [3, 100000, 100000], "
+       "[3, 32] (exit 1 or hundreds of GB allocated before)",
+       expected="exit 2 naming the key and the range, every one, at once")
+def _(s):
+    m = float_copy(s)
+    original = json_file(m / "config.json")
+    for key, value, named in [("num_classes", "ten", "num_classes is 'ten'"), ("num_classes", 1e12, "num_classes"),
+                              ("input_size", [3, 0, 0], "input_size is [3, 0, 0]"),
+                              ("input_size", [3, 100000, 100000], "sides of 1 to 4096"),
+                              ("input_size", [3, 32], "[channels, height, width]")]:
+        config = json.loads(json.dumps(original))
+        (config if key == "num_classes" else config["pretrained_cfg"])[key] = value
+        (m / "config.json").write_text(json.dumps(config))
+        s.check(s.cli("info", "m"), code=2, message=named)
+
+
+@fault("eval-labels-not-integers", area="silent acceptance",
+       what="`eval` on parquets whose labels are strings ('cat'), floats (2.5, truncated before), and with "
+       "`--label-column img` (exit 1 before)", expected="exit 2 'which is not a class index', every one")
+def _(s):
+    rows_parquet(s.path("text.parquet"), ["cat", "dog"], label_type="string")
+    rows_parquet(s.path("float.parquet"), [1.0, 2.5], label_type="float64")
+    before = s.snapshot()
+    for argv, message in [(("--dataset", "text.parquet"), "label 'cat', which is not a class index"),
+                          (("--dataset", "float.parquet"), "label 2.5, which is not a class index"),
+                          (("--label-column", "img", "--limit", "4"), "which is not a class index")]:
+        s.check(s.cli("eval", "default", *argv), code=2, message=message, before=before)
+    rows_parquet(s.path("whole.parquet"), [1.0, 2.0], label_type="float64")  # whole numbers stored as floats: fine
+    s.check(s.cli("eval", "default", "--dataset", "whole.parquet"), code=0)
+
+
+@fault("images-every-mode", area="silent acceptance",
+       what="the model's preprocessing on a 16-bit gray PNG gradient (clipped to white before), a float image in "
+       "[0, 1], CMYK red, a palette, LA and premultiplied-alpha images",
+       expected="pixels kept: the 16-bit gradient averages mid-gray, CMYK red is red, every mode converts")
+def _(s):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from hub_dfq.models.loader import load_model
+
+    unit = load_model("default").preprocess.to_unit
+    gradient = Image.fromarray(np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16))
+    buffer = io.BytesIO()
+    gradient.save(buffer, format="PNG")
+    png = Image.open(io.BytesIO(buffer.getvalue()))
+    assert png.mode.startswith("I") and abs(float(unit(png).mean()) - 0.5) < 0.01
+    assert abs(float(unit(Image.fromarray(np.full((32, 32), 0.25, np.float32))).mean()) - 0.25) < 0.01
+    red = unit(Image.new("CMYK", (32, 32), (0, 255, 255, 0)))
+    assert red[0].min() > 0.99 and red[1:].max() < 0.01
+    for mode in ("P", "PA", "LA", "La", "RGBa", "1", "I;16B", "YCbCr", "HSV", "LAB"):
+        assert unit(Image.new(mode, (32, 32))).shape == (3, 32, 32), mode
+    s.steps.append("exit 0")
 
 
 def test_table_renders():

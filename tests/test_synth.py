@@ -14,6 +14,7 @@ from torch import nn
 
 import hub_dfq
 from hub_dfq.errors import (
+    CheckpointError,
     ConfigError,
     DivergedError,
     OutputExistsError,
@@ -252,11 +253,22 @@ def test_nan_loss_is_reported_with_its_step_and_nothing_is_saved(model, tmp_path
     broken.module = copy.deepcopy(model.module)
     names = dict(broken.module.named_modules())
     broken.bn_layers = [(name, names[name]) for name, _ in model.bn_layers]
-    names["layer2.0.bn1"].running_var.fill_(-1.0)  # log of a negative variance: NaN at the first step
+    names["layer2.0.bn1"].running_mean.fill_(3e38)  # finite, but its square overflows: NaN at the first step
     with pytest.raises(DivergedError, match="step 1 of 10.*rows 0-7, shard 0.*learning rate"):
         synthesize(broken, "bns", 16, out_dir=tmp_path / "o", **FAST)
     assert not list((tmp_path / "o").glob("data/*"))
     assert not (tmp_path / "o" / "README.md").exists()
+
+
+def test_negative_variance_is_refused_before_any_step(model, tmp_path):
+    broken = copy.deepcopy(model)
+    broken.module = copy.deepcopy(model.module)
+    names = dict(broken.module.named_modules())
+    broken.bn_layers = [(name, names[name]) for name, _ in model.bn_layers]
+    names["layer2.0.bn1"].running_var[3] = -1.0  # NaN at the first step, blamed on the learning rate before #19
+    with pytest.raises(CheckpointError, match=r"layer2.0.bn1.running_var\[3\] is -1.0, a negative variance"):
+        synthesize(broken, "bns", 16, out_dir=tmp_path / "o", **FAST)
+    assert not (tmp_path / "o").exists()
 
 
 def test_card_renders_and_round_trips(model, tmp_path):

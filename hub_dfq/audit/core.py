@@ -18,6 +18,7 @@ from ..distributed import current
 from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
 from ..fingerprint import weights_sha256
 from ..locks import hold
+from ..models.checks import check_bn_statistics
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
@@ -53,6 +54,7 @@ def _check_model(model: VisionModel) -> list:
             f"{model.source.spec} has no BatchNorm layers with running statistics: audits compare data with the "
             "BN statistics a model learnt in training, so they need a model with BatchNorm (e.g. a ResNet, "
             "MobileNet or EfficientNet; not a ViT or a LayerNorm ConvNeXt)")
+    check_bn_statistics(model.module, spec=model.source.spec)  # a model built in Python was never checked at load
     return layers
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..cache import cache_root
+from ..cache import cache_root, record_entry
 from ..fingerprint import fingerprint, weights_sha256
 from ..outputs import write_text
 from ..runtime import resolve_precision
@@ -91,6 +91,7 @@ def store_cached(key: str, value: dict[str, Any]) -> None:
     """Write a reference point atomically (a reader never sees half an entry); a failure only costs time later."""
     path = entry_path(key)
     try:
+        record_entry("audit", path)  # first: `hub-dfq cache clear` deletes only what it has a record of
         write_text(path, json.dumps(value))
     except OSError as err:  # a read-only or full cache only costs time
         logger.warning("could not cache audit reference in %s: %s", path, err)

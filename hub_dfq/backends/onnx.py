@@ -217,7 +217,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
                                 f"hub_dfq.from_pretrained), got {type(qmodel).__name__}: quantize the model first")
     if opset < 13:
         raise ConfigError(f"per-channel weight quantization needs ONNX opset >= 13, got {opset}")
-    target = check_file(path, overwrite=overwrite, argument="path")
+    inputs = [qmodel.source.path] if qmodel.source.path else []  # never over the checkpoint it was loaded from
+    target = check_file(path, overwrite=overwrite, argument="path", inputs=inputs)
     _require_onnxruntime()
     module = _export_module(qmodel)
     example = qmodel.model.example_input(batch_size or 2).cpu()
@@ -238,7 +239,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
                 "newer opset, or keep the offending layer in float with `exclude` when quantizing") from err
 
     with hold(target, what="ONNX file", argument="path"):
-        check_file(target, overwrite=overwrite, argument="path")  # again, now that no other run can write it
+        check_file(target, overwrite=overwrite, argument="path", inputs=inputs)  # again, now no other run writes it
         write_file(target, write)
     return target
 

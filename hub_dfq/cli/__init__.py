@@ -27,7 +27,7 @@ from . import registries as list_cmd
 from . import score as score_cmd
 from . import synth as synth_cmd
 from .launch import world_rank
-from .options import check_json_path, cli_message
+from .options import check_json_path, check_repo_ids, cli_message
 
 __all__ = ["main", "build_parser"]
 
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # In a multi-process run an error every rank raises is printed once, by rank 0; others name their rank.
     where = f"[rank {rank}] " if rank else ""
     try:
-        check_json_path(getattr(args, "json", None))  # every command writes it last: refuse a bad path first
+        check_json_path(args)  # every command writes it last: refuse a bad path first
+        check_repo_ids(args)  # an upload comes last too
         return int(args.func(args) or 0)
     except HubDfqError as err:
         if os.environ.get("HUB_DFQ_DEBUG"):

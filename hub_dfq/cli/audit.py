@@ -7,6 +7,7 @@ import argparse
 from ..audit.registry import DIVERGENCES
 from ..outputs import check_folder, reserve_folder
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
+from .numbers import SEED_MAX, count
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -26,19 +27,20 @@ def register(sub) -> None:
                         help="datasets to audit: 'default', a Hub dataset id, parquet:PATH, a .parquet file or a "
                         "folder")
     add_dataset_options(parser, flag=None)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--score-batch", type=int, default=64,
+    parser.add_argument("--batch-size", type=count(1), default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--score-batch", type=count(1), default=64,
                         help="images per batch-level score and bootstrap unit (default 64)")
     parser.add_argument("--metric", choices=DIVERGENCES.names(), default="kl",
                         help="main divergence (default kl, the paper's); all are reported per layer")
     parser.add_argument("--references", choices=["auto", "gaussian", "none"], default="auto",
                         help="reference points: auto = BNS synthetic data (near) and Gaussian noise (far); "
                         "gaussian = noise only; none = raw divergences only")
-    parser.add_argument("--reference-images", type=int, default=64, help="images per reference point (default 64)")
-    parser.add_argument("--reference-iters", type=int, default=200,
+    parser.add_argument("--reference-images", type=count(1), default=64, help="images per reference point (default 64)")
+    parser.add_argument("--reference-iters", type=count(0), default=200,
                         help="BNS steps per batch of the near reference (default 200)")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (default 200, 0 = no CI)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the references and the bootstrap (default 0)")
+    parser.add_argument("--bootstrap", type=count(0), default=200, help="bootstrap replicates (default 200, 0 = no CI)")
+    parser.add_argument("--seed", type=count(0, SEED_MAX), default=0,
+                        help="seed of the references and the bootstrap (default 0)")
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference points")
     parser.add_argument("--out", dest="out_dir",
                         help="write audit.json, audit.md and audit_layers.png as this folder")
@@ -95,5 +97,5 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{c.rank or '-':>4}  {div:>11}  {ci:>23}  {sim:>10}  {c.n_images:>7}  {c.dataset}{skipped}")
         if args.out_dir:
             print(f"report written to {args.out_dir}/audit.md")
-    write_json(args.json, json_safe(report.to_dict()))
+    write_json(args, json_safe(report.to_dict()))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cache import CACHE_KINDS, cache_base, clear_cache, list_cache
+from .numbers import number
 from .options import add_common_options, write_json
 
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
         action.add_argument("--kind", action="append", choices=CACHE_KINDS,
                             help="only entries of this kind (repeatable; default: all)")
         if name == "clear":
-            action.add_argument("--older-than", type=float, metavar="DAYS", dest="older_than_days",
+            action.add_argument("--older-than", type=number(0.0), metavar="DAYS", dest="older_than_days",
                                 help="only entries not used for this many days")
         add_common_options(action)
         action.set_defaults(func=run, parser=action)
@@ -42,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
             for e in entries:
                 print(f"  {e.kind:<9} {e.key[:24]:<24}  {_size(e.bytes):>9}  {e.to_dict()['modified']}  "
                       f"{e.description}")
-        write_json(args.json, {"root": str(cache_base()), "entries": [e.to_dict() for e in entries]})
+        write_json(args, {"root": str(cache_base()), "entries": [e.to_dict() for e in entries]})
         return 0
     removed = clear_cache(kinds, older_than_days=args.older_than_days)
     if args.json != "-":
         print(f"removed {len(removed)} entries ({_size(sum(e.bytes for e in removed))}) from {cache_base()}")
-    write_json(args.json, {"root": str(cache_base()), "removed": [e.to_dict() for e in removed]})
+    write_json(args, {"root": str(cache_base()), "removed": [e.to_dict() for e in removed]})
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .launch import add_launch_option, is_main_process, place, relaunch
+from .numbers import count
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -20,7 +21,7 @@ def register(sub) -> None:
                                          "images")
     add_model_arguments(parser)
     add_dataset_options(parser, default="default")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    parser.add_argument("--batch-size", type=count(1), default=128, help="images per forward pass (default 128)")
     add_launch_option(parser)
     add_common_options(parser)
     parser.set_defaults(func=run, parser=parser)
@@ -43,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{model.source.spec} on {data.spec} ({data.split or 'all'}): top-1 {result['top1']:.2f}%  "
           f"top-5 {result['top5']:.2f}%  ({result['n']} images"
           + (f", {result['skipped']} unreadable skipped" if result["skipped"] else "") + ")")
-    write_json(args.json, {"model": model.source.spec, "dataset": data.spec, "split": data.split, **result})
+    write_json(args, {"model": model.source.spec, "dataset": data.spec, "split": data.split, **result})
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..backends.registry import BACKENDS
 from ..outputs import check_file
 from ..registry import resolve
+from .numbers import count
 from .options import (
     add_common_options,
     add_dataset_options,
@@ -31,8 +32,8 @@ def register(sub) -> None:
     parser.add_argument("--out", dest="path", default=None,
                         help="the file to write (default: the backend's file name, e.g. model.onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--batch-size", type=int, help="fix the batch dimension (default: dynamic)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 or newer (default 17)")
+    parser.add_argument("--batch-size", type=count(1), help="fix the batch dimension (default: dynamic)")
+    parser.add_argument("--opset", type=count(13, 99), default=17, help="ONNX opset, 13 or newer (default 17)")
     add_dataset_options(parser)
     add_common_options(parser, json_help="also write the summary to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
@@ -47,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.data import images_to_tensor
 
     out = Path(args.path or BACKENDS.get(args.backend).file_name)
-    check_file(out, overwrite=args.overwrite, argument="path")  # before the checkpoint is even read
+    # before the checkpoint is even read; never over the checkpoint or the images it reads
+    check_file(out, overwrite=args.overwrite, argument="path",
+               inputs=[a.removeprefix("local-dir:").removeprefix("parquet:") for a in (args.checkpoint, args.dataset)
+                       if a])
     data = load_images(args.dataset, **dataset_kwargs(args)) if args.dataset else None
     qmodel = from_pretrained(args.checkpoint, revision=args.revision, token=args.token)
     backend = BACKENDS.get(args.backend)
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                   f"ONNX Runtime {onnx_acc['top1']:.2f}%  (same prediction on "
                   f"{100 * agreement['top1_agreement']:.2f}%, max logit difference "
                   f"{agreement['max_abs_logit_diff']:.3g})")
-    write_json(args.json, summary)
+    write_json(args, summary)
     return 0
 
 

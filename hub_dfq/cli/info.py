@@ -43,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    write_json(args.json, info)
+    write_json(args, info)
     return 0

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
+from .numbers import count
 
 __all__ = ["add_launch_option", "relaunch", "world_rank", "place", "is_main_process"]
 
@@ -23,7 +24,7 @@ _RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_R
 
 
 def add_launch_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-processes", dest="num_processes", type=int, metavar="N",
+    parser.add_argument("--num-processes", dest="num_processes", type=count(1, 1024), metavar="N",
                         help="run on N processes of this machine (one per GPU, or N CPU processes) through "
                         "accelerate's launcher; on several machines use `accelerate launch -m hub_dfq ...` "
                         "(docs/distributed.md)")

@@ -11,13 +11,16 @@ import argparse
 import json
 import re
 import sys
+from importlib import resources
 from typing import Any
 
+from ..errors import ConfigError
 from ..outputs import check_file, write_text
 from .launch import world_rank
+from .numbers import count
 
 __all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
-           "write_json", "cli_message", "choices_help"]
+           "write_json", "cli_message", "choices_help", "check_repo_ids"]
 
 
 def choices_help(registry, default: str | None = None) -> str:
@@ -33,6 +36,8 @@ def add_common_options(parser: argparse.ArgumentParser, *, json_help: str = "als
                        "file ('-' for stdout)") -> None:
     """``--json PATH`` and ``--progress/--no-progress``, which every command takes."""
     parser.add_argument("--json", metavar="PATH", nargs="?", const="-", help=json_help)
+    if "--overwrite" not in parser._option_string_actions:  # commands with an --out have their own
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show progress bars (default: only on a terminal)")
 
@@ -75,7 +80,7 @@ def add_dataset_options(parser: argparse.ArgumentParser, *, flag: str | None = "
                             + (f" (default: {default})" if default else ""))
     parser.add_argument("--split", help="dataset split (default: test, then validation, then train)")
     parser.add_argument("--dataset-config", dest="dataset_config", help="dataset configuration name on the Hub")
-    parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--limit", type=count(1), help="use only the first N images")
     parser.add_argument("--image-column", help="column holding the images (auto-detected)")
     parser.add_argument("--label-column", help="column holding the labels (auto-detected)")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
@@ -93,23 +98,66 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def check_json_path(path: str | None) -> None:
-    """Refuse a ``--json`` target that cannot be written (a folder, an unwritable place), before any work starts."""
+_INPUT_OPTIONS = ("model", "checkpoint", "dataset", "data", "calibration", "eval_data")
+_OUTPUT_OPTIONS = ("out_dir", "path")
+_PREFIXES = ("local-dir:", "parquet:")
+
+
+def _paths(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    found = []
+    for name in names:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and value:
+                found.append(next((value[len(p):] for p in _PREFIXES if value.startswith(p)), value))
+    if "default" in found and names is _INPUT_OPTIONS:  # the embedded model and data
+        found.append(str(resources.files("hub_dfq") / "assets"))
+    return found
+
+
+def check_json_path(args: argparse.Namespace | str | None) -> None:
+    """Refuse a ``--json`` target that hub-dfq may not write, before any work starts (see
+    :func:`hub_dfq.outputs.check_file`): an existing file without ``--overwrite``; a link, a FIFO, a folder;
+    what the command reads (the model, the datasets) or writes (``--out``); a file of a hub-dfq result."""
+    path = args if not isinstance(args, argparse.Namespace) else getattr(args, "json", None)
     if not path or path == "-":
         return
-    check_file(path, overwrite=True, argument="json")
+    if not isinstance(args, argparse.Namespace):
+        check_file(path, overwrite=False, argument="json")
+        return
+    check_file(path, overwrite=bool(getattr(args, "overwrite", False)), argument="json",
+               inputs=_paths(args, _INPUT_OPTIONS), outputs=_paths(args, _OUTPUT_OPTIONS))
 
 
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to stdout (``-``) or, atomically, to the file ``path`` (which it replaces)."""
+def write_json(args: argparse.Namespace | str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to stdout (``--json -``) or, atomically, to the ``--json`` file, checked again first
+    (:func:`check_json_path`: the run may have created what it names)."""
+    path = args if not isinstance(args, argparse.Namespace) else getattr(args, "json", None)
     if not path:
         return
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
     if path == "-":
         sys.stdout.write(text)
         return
-    check_json_path(path)
+    check_json_path(args)
     write_text(path, text)
+
+
+def check_repo_ids(args: argparse.Namespace) -> None:
+    """Refuse a malformed Hub repository name (``--push-to-hub``, ``--push-dataset``) before any work: found only
+    at the upload, it would throw the run's minutes away."""
+    from huggingface_hub.errors import HFValidationError  # why: only commands that push pay for the import
+    from huggingface_hub.utils import validate_repo_id
+
+    for name in ("push_to_hub", "dataset_repo"):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            validate_repo_id(value)
+        except HFValidationError as err:
+            raise ConfigError(f"`{name}` {value!r} is not a Hub repository name ({err}): use ORG/NAME or NAME, "
+                              "with letters, digits, '-', '_' and '.'") from err
 
 
 _ARGUMENT = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")

@@ -13,6 +13,7 @@ from ..outputs import check_folder, reserve_folder
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
+from .numbers import SEED_MAX, count
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -62,7 +63,7 @@ def register(sub) -> None:
                         help="calibration images (default: the preset's)")
     parser.add_argument("--algorithm", "--method", dest="algorithm", choices=["auto", *QUANT_ALGORITHMS.names()],
                         default="auto", help="quantization algorithm: 'auto' (default: calibrate at 8 bits, "
-                        "reconstruct below), " + choices_help(QUANT_ALGORITHMS))
+                        "gptq for weights below, reconstruct for activations below), " + choices_help(QUANT_ALGORITHMS))
     parser.add_argument("--preset", choices=PRESETS.names(), default="fast",
                         help="budget: " + choices_help(PRESETS, "fast"))
     parser.add_argument("--first-last-bits", type=_bits_or_none, default=8,
@@ -87,7 +88,7 @@ def register(sub) -> None:
                         "larger than the CIFAR ResNets); the budget chosen and the time expected are printed first")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep modules matching GLOB in full precision (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of synthesis and fitting (default 0)")
+    parser.add_argument("--seed", type=count(0, SEED_MAX), default=0, help="seed of synthesis and fitting (default 0)")
     parser.add_argument("--eval", dest="eval_data", default="auto",
                         help="labelled images to compare FP and quantized top-1 on; default 'auto': the embedded "
                         "1,000 CIFAR-10 test images for a model with CIFAR-10's classes, otherwise none; 'none' skips")
@@ -145,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` (and a launching process) free of torch, timm and datasets
     from ..data import load_images
     from ..distributed import current
-    from ..evaluation import evaluate_accuracy
+    from ..evaluation import check_eval_labels, evaluate_accuracy
     from ..models.loader import load_model
     from ..quant.api import quantize
     from ..quant.data import is_synthetic
@@ -163,6 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     eval_spec = _eval_spec(args, model)
     eval_data = load_images(eval_spec, split=args.eval_split, limit=args.eval_limit, token=args.token) \
         if eval_spec else None  # opened now: a wrong spec fails before quantizing
+    if eval_data is not None:
+        check_eval_labels(model, eval_data)  # and so do labels the model cannot predict
     calibration = args.calibration
     if not is_synthetic(calibration):
         calibration = load_images(calibration, split=args.calibration_split, limit=args.calibration_images,
@@ -217,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.json != "-":
         print(_render(summary, qmodel))
-    write_json(args.json, summary)
+    write_json(args, summary)
     return 0
 
 

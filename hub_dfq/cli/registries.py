@@ -76,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
                 for row in rows:
                     print(f"  {row[0]:<14} {row[1]}")
                 print()
-    write_json(args.json, {title: [dict(zip(header, row)) for row in rows]
+    write_json(args, {title: [dict(zip(header, row)) for row in rows]
                            for title, (header, rows) in tables().items()})
     return 0

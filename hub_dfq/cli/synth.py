@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from ..outputs import check_folder, reserve_folder
 from ..synth.registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
+from .numbers import SEED_MAX, count, number
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -26,16 +27,16 @@ def register(sub) -> None:
     add_model_arguments(parser)
     parser.add_argument("--method", choices=SYNTH_METHODS.names(), default="bns",
                         help="generation method: " + choices_help(SYNTH_METHODS, "bns"))
-    parser.add_argument("--num-images", "--n", dest="num_images", type=int, required=True, help="number of images")
+    parser.add_argument("--num-images", "--n", dest="num_images", type=count(1), required=True, help="number of images")
     parser.add_argument("--iters", type=int,
                         help="optimisation steps per batch (default: the method's, 200; fewer for models that cost "
                         "more than the CIFAR ResNets: 64 for EfficientNet-Lite0 at 224 px)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images optimised together (default 64)")
+    parser.add_argument("--batch-size", type=count(1), default=64, help="images optimised together (default 64)")
     parser.add_argument("--loss", choices=BN_LOSSES.names(), default="rkl",
                         help="BN loss optimised: " + choices_help(BN_LOSSES, "rkl"))
-    parser.add_argument("--lr", type=float, help="peak Adam learning rate (default: the method's)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
-    parser.add_argument("--shard-size", type=int, default=1024, help="rows per parquet shard (default 1024)")
+    parser.add_argument("--lr", type=number(0.0, strict=True), help="peak Adam learning rate (default: the method's)")
+    parser.add_argument("--seed", type=count(0, SEED_MAX), default=0, help="run seed (default 0)")
+    parser.add_argument("--shard-size", type=count(1), default=1024, help="rows per parquet shard (default 1024)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16 or fp32 arithmetic in the loop (default auto: bf16 where the hardware is fast "
                         "at it)")
@@ -96,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         print(text)
         if args.push_to_hub:
             print(f"pushed to dataset repo {args.push_to_hub}")
-    write_json(args.json, {"out": args.out_dir, "method": args.method, "num_rows": manifest.get("num_rows"),
+    write_json(args, {"out": args.out_dir, "method": args.method, "num_rows": manifest.get("num_rows"),
                            "fingerprint": manifest.get("fingerprint"),
                            "bn_divergence": {"start": start, "end": end, "metric": div.get("metric")},
                            "wall_time_s": manifest.get("wall_time_s"), "push_to_hub": args.push_to_hub})

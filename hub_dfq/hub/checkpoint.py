@@ -31,12 +31,14 @@ from ..backends.registry import BACKENDS
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
 from ..locks import hold
 from ..models.adapters import QUANT_METHOD
+from ..models.checks import check_finite
 from ..models.loader import build_architecture
 from ..models.vision_model import ModelSource, VisionModel
 from ..publish import PushResult
 from ..quant.config import QuantConfig
-from ..quant.model import QuantizedModel
-from ..quant.modules import quant_layers
+from ..quant.model import WEIGHT_INT_SUFFIX, QuantizedModel
+from ..quant.modules import act_quantizers, quant_layers
+from ..quant.packing import container_bits
 from ..registry import resolve
 from ..runtime import place_model
 from ..synth.card import write_card
@@ -188,12 +190,69 @@ class QuantizedCheckpoint(HubMixin):
 def _load(folder: Path, source: ModelSource, config: dict[str, Any]) -> QuantizedModel:
     qc = config["quantization_config"]
     tensors = read_tensors(folder / WEIGHTS_NAME)
+    check_finite(tensors, spec=str(folder), what="checkpoint tensors")
     float_model = build_architecture(folder, source)
-    return QuantizedModel.from_checkpoint(
-        float_model, QuantConfig.from_dict(qc["config"]), tensors, calibration=dict(qc.get("calibration") or {}),
+    try:
+        quant_config = QuantConfig.from_dict(qc["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/config.json has an unreadable quantization_config.config ({err}): the file "
+                              "is damaged, download or save the checkpoint again") from err
+    qmodel = QuantizedModel.from_checkpoint(
+        float_model, quant_config, tensors, calibration=dict(qc.get("calibration") or {}),
         algorithm=qc.get("algorithm", qc.get("method", "calibrate")),  # "method" before hub-dfq 0.2
         algorithm_config=dict(qc.get("algorithm_config", qc.get("method_config")) or {}),
         history={"loaded_from": source.spec, "fingerprint": qc.get("fingerprint")})
+    _check_consistent(folder, qc, tensors, qmodel)
+    return qmodel
+
+
+def _check_consistent(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      qmodel: QuantizedModel) -> None:
+    """Refuse a checkpoint whose tensors do not fit its config (a hand-edited or damaged config.json).
+
+    Every quantized layer's stored integers must be the size its bit width packs to and lie in its
+    integer range; every scale must be positive; every activation zero point in its range; and the
+    per-layer bits the config lists must be the ones the model was rebuilt with.
+    """
+    damaged = "config.json and model.safetensors do not match (one was edited or damaged): download or save the " \
+              "checkpoint again"
+    listed = qc.get("layers") if isinstance(qc.get("layers"), dict) else {}
+    for name, layer in quant_layers(qmodel.module):
+        wq = layer.weight_quantizer
+        stored = tensors.get(f"{name}{WEIGHT_INT_SUFFIX}")
+        numel = layer.weight.numel()
+        width = container_bits(wq.bits)
+        if stored is not None and stored.numel() != (numel if width == 8 else -(-numel // (8 // width))):
+            raise CheckpointError(f"{folder}: layer {name} stores {stored.numel()} values for {numel} weights, which "
+                                  f"is not {wq.bits}-bit packing as the config says: {damaged}")
+        if wq.weight_int is not None:
+            low, high = int(wq.weight_int.min()), int(wq.weight_int.max())
+            if low < wq.qmin or high > wq.qmax:
+                raise CheckpointError(f"{folder}: layer {name} holds integer weights {low}..{high}, outside the "
+                                      f"{wq.bits}-bit range {wq.qmin}..{wq.qmax} its config gives: {damaged}")
+        if (wq.scale.detach() <= 0).any():
+            raise CheckpointError(f"{folder}: layer {name} has a weight scale of {float(wq.scale.min())}; scales must "
+                                  f"be positive: {damaged}")
+        entry = listed.get(name)
+        q = layer.input_quantizer
+        saved = {"weights": wq.bits, "activations": q.bits if q is not None else None}
+        if isinstance(entry, dict) and any(k in entry and entry[k] != v for k, v in saved.items()):
+            raise CheckpointError(f"{folder}: quantization_config.layers gives {name} {entry}, but its "
+                                  f"quantization_config.config gives {saved}: {damaged}")
+    for name, q in act_quantizers(qmodel.module):
+        if not q.calibrated and q.mode != "quant":
+            continue
+        if float(q.scale) <= 0:
+            raise CheckpointError(f"{folder}: activation quantizer {name} has scale {float(q.scale)}; scales must be "
+                                  f"positive: {damaged}")
+        if not q.qmin <= int(q.zero_point) <= q.qmax:
+            raise CheckpointError(f"{folder}: activation quantizer {name} has zero point {int(q.zero_point)}, outside "
+                                  f"its {q.bits}-bit range {q.qmin}..{q.qmax}: {damaged}")
+    default = qmodel.config.default
+    for key, value in (("weights", default.weights), ("activations", default.activations)):
+        if key in qc and qc[key] != value:
+            raise CheckpointError(f"{folder}: quantization_config.{key} says {qc[key]}, but its config (what the "
+                                  f"tensors were checked against) says {value}: {damaged}")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

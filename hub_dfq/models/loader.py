@@ -28,6 +28,7 @@ from ..errors import ModelNotFoundError, ModelSpecError, UnsupportedModelError
 from ..registry import resolve
 from ..runtime import place_model, resolve_device
 from .adapters import ADAPTERS, ModelAdapter
+from .checks import check_model_numbers
 from .download import commit_of, download_model_repo
 from .timm_adapter import load_timm_name
 from .vision_model import ModelSource, VisionModel
@@ -88,7 +89,56 @@ def _read_config(folder: Path) -> dict:
         raise UnsupportedModelError(f"{config_file} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{config_file} does not hold a JSON object")
+    _check_sizes(config, config_file)
     return config
+
+
+# What a config may ask for: beyond these a typo (100000 px, 1e12 classes) would allocate hundreds of GB before
+# anything else failed. The largest real classifiers: ~22k classes (ImageNet-22k), inputs of 1024 px or so.
+MAX_CLASSES = 1_000_000
+MAX_SIDE = 4096
+MAX_CHANNELS = 16
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sizes(config: dict, config_file: Path) -> None:
+    """Refuse sizes no model has (a class count of "ten", an input of 0 or 100000 pixels), with one line saying which.
+
+    Raises:
+        UnsupportedModelError: naming the key, its value and the accepted range.
+    """
+    pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+
+    def bad(key: str, value: object, expected: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"{config_file}: {key} is {value!r}, but it must be {expected}: the config is "
+                                     "damaged or hand-edited; fix it or download the model again")
+
+    for key, value in (("num_classes", config.get("num_classes")), ("num_labels", config.get("num_labels")),
+                       ("pretrained_cfg.num_classes", pretrained.get("num_classes"))):
+        if value is not None and not (_whole(value) and 0 <= value <= MAX_CLASSES):
+            raise bad(key, value, f"a whole number of classes, 0 to {MAX_CLASSES:,}")
+    for key, value in (("image_size", config.get("image_size")), ("pretrained_cfg.input_size", pretrained.get(
+            "input_size")), ("pretrained_cfg.test_input_size", pretrained.get("test_input_size"))):
+        if value is None:
+            continue
+        sides = value[-2:] if key.endswith("input_size") and isinstance(value, list) else value
+        sides = sides if isinstance(sides, list) else [sides]
+        if not sides or not all(_whole(v) and 1 <= v <= MAX_SIDE for v in sides) or (
+                key.endswith("input_size") and (not isinstance(value, list) or len(value) != 3)):
+            raise bad(key, value, f"{'[channels, height, width] with ' if key.endswith('input_size') else ''}"
+                      f"sides of 1 to {MAX_SIDE} pixels")
+        if key.endswith("input_size") and not (_whole(value[0]) and 1 <= value[0] <= MAX_CHANNELS):
+            raise bad(key, value, f"[channels, height, width] with 1 to {MAX_CHANNELS} channels")
+    channels = config.get("num_channels")
+    if channels is not None and not (_whole(channels) and 1 <= channels <= MAX_CHANNELS):
+        raise bad("num_channels", channels, f"a whole number of channels, 1 to {MAX_CHANNELS}")
+    labels = config.get("id2label")
+    if labels is not None and (not isinstance(labels, dict) or len(labels) > MAX_CLASSES):
+        raise bad("id2label", type(labels).__name__ if not isinstance(labels, dict) else f"{len(labels)} entries",
+                  f"a mapping of at most {MAX_CLASSES:,} class names")
 
 
 def _with_library(folder: Path, source: ModelSource, config: dict, library: str) -> ModelSource:
@@ -107,8 +157,11 @@ def load_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = 
     config = _read_config(folder)
     adapter = _adapter_for(config, architecture_only=not pretrained)
     library = detect_library(config)
-    return resolve(adapter.load)(folder, _with_library(folder, source, config, library),
-                                 trust_remote_code=trust_remote_code, pretrained=pretrained)
+    model = resolve(adapter.load)(folder, _with_library(folder, source, config, library),
+                                  trust_remote_code=trust_remote_code, pretrained=pretrained)
+    if pretrained:  # loaded numbers, checked once here (random ones are finite by construction)
+        check_model_numbers(model.module, spec=source.spec)
+    return model
 
 
 def build_architecture(folder: Path, source: ModelSource, *, trust_remote_code: bool = False) -> VisionModel:
@@ -234,7 +287,9 @@ def _load_timm_registry(spec: str, name: str, token, *, trust_remote_code: bool,
     # timm orders an architecture's tags with the default first.
     cfg = cfgs[f"{arch}.{tag}"] if tag else next(iter(cfgs.values()), None)
     if cfg is not None and cfg.file:
-        return load_timm_name(name, source, pretrained=True)
+        model = load_timm_name(name, source, pretrained=True)
+        check_model_numbers(model.module, spec=spec)
+        return model
     if cfg is not None and cfg.hf_hub_id:
         folder, hub_source = _download(spec, cfg.hf_hub_id, None, token)
         return load_folder(folder, hub_source, trust_remote_code=trust_remote_code, pretrained=True)

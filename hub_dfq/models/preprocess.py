@@ -7,18 +7,75 @@ normalise. Synthesis also needs the inverse (normalised tensor -> pixels), which
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-__all__ = ["Preprocess"]
+from ..errors import ImageDecodeError
+
+__all__ = ["Preprocess", "to_mode"]
+
+logger = logging.getLogger(__name__)
 
 _PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float gray image -> 8-bit ``L`` with its range kept (PIL's own conversion clips
+    every value above 255 to white)."""
+    values = np.asarray(image, dtype=np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0  # floats in [0, 1] (the usual), else already 0-255
+    elif image.mode.startswith("I;16") or 255 < top <= 65535:
+        scale = 255.0 / 65535.0  # a 16-bit image (PNG, TIFF)
+    elif top > 65535:
+        scale = 255.0 / top
+    else:
+        scale = 1.0
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def _with_profile(image: Image.Image) -> Image.Image | None:
+    """A CMYK or Lab image converted to sRGB through colour management (its embedded ICC profile), or ``None``."""
+    try:
+        if image.mode == "LAB":
+            source = ImageCms.createProfile("LAB")
+        elif image.info.get("icc_profile"):
+            source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+        else:
+            return None
+        return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as err:  # a broken profile: PIL's plain conversion instead
+        logger.debug("could not colour-manage a %s image: %s", image.mode, err)
+        return None
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert ``image`` of any mode PIL opens to ``mode`` (``RGB`` or ``L``) faithfully: 16-bit and float images
+    keep their range, CMYK and Lab go through colour management, premultiplied alpha is undone first; alpha is
+    dropped, as timm and torchvision do."""
+    if image.mode == mode:
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
+    elif image.mode == "LAB" or (image.mode == "CMYK" and mode == "RGB"):
+        image = _with_profile(image) or image
+    elif image.mode in ("La", "RGBa"):
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
+    try:
+        return image if image.mode == mode else image.convert(mode)
+    except ValueError as err:  # a mode PIL cannot convert: this image is skipped and counted, like a broken file
+        raise ImageDecodeError(f"cannot convert a {image.mode} image to {mode}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -142,9 +199,7 @@ class Preprocess:
 
     def to_unit(self, image: Image.Image) -> torch.Tensor:
         """Resize and crop, then scale pixels to [0, 1] without normalising."""
-        mode = "RGB" if self.input_size[0] == 3 else "L"
-        if image.mode != mode:
-            image = image.convert(mode)
+        image = to_mode(image, "RGB" if self.input_size[0] == 3 else "L")
         if self.resize is not None:
             target = self.resize
             current = (image.height, image.width)

@@ -64,10 +64,15 @@ def _resolve_config(config: QuantConfig | None, *, weights: int, activations: in
 
 def default_algorithm(report) -> str:
     """What ``"auto"`` runs on a prepared model (its :class:`~hub_dfq.quant.prepare.PrepareReport`): ``"calibrate"``
-    when every quantized layer keeps 8-bit weights and inputs (ranges are enough there), ``"reconstruct"``
-    (second-order rounding, then block reconstruction) below that, where nearest rounding loses too much."""
-    bits = [b for layer in report.quantized.values() for b in (layer["weights"], layer["activations"])]
-    return "calibrate" if min(bits, default=8) >= 8 else "reconstruct"
+    when every quantized layer keeps 8-bit weights and inputs (ranges are enough there); ``"gptq"`` when only
+    weights go below 8 bits (second-order rounding; on Lite0 W4A8 block reconstruction from the GPTQ start
+    ended worse than the start in every block at CPU budgets, so it would only cost time); ``"reconstruct"``
+    when inputs go below 8 bits, where the activation error needs the block fit."""
+    weights = min((layer["weights"] for layer in report.quantized.values()), default=8)
+    inputs = min((layer["activations"] for layer in report.quantized.values()), default=8)
+    if inputs < 8:
+        return "reconstruct"
+    return "calibrate" if weights >= 8 else "gptq"
 
 
 def _size_plan(prepared, cfg: QuantConfig, model: VisionModel, size_budget: Any) -> tuple[int, dict[str, int]]:
@@ -178,7 +183,8 @@ def quantize(
         algorithm: a registered quantization algorithm: ``"calibrate"`` (ranges only), ``"gptq"``
             (second-order rounding), ``"reconstruct"`` (GPTQ, then block-wise AdaRound + LSQ) or ``"distill"``
             (knowledge distillation from the full-precision model); see :mod:`hub_dfq.quant.registry`.
-            ``"auto"`` (default): ``calibrate`` at 8 bits, ``reconstruct`` below (:func:`default_algorithm`).
+            ``"auto"`` (default): ``calibrate`` at 8 bits, ``gptq`` for weights below, ``reconstruct`` for inputs
+            below 8 bits (:func:`default_algorithm`).
         preset: a registered preset, ``"fast"`` or ``"best"``.
         quant_config: a full :class:`QuantConfig` (then the bit and observer arguments are ignored).
         first_last_bits: bits of the first and last layers; ``None`` quantizes them like the rest.

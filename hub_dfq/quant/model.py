@@ -215,7 +215,7 @@ def rebuild_module(float_module: nn.Module, config: QuantConfig, tensors: dict[s
     Raises:
         CheckpointError: the tensors do not match the architecture and config.
     """
-    prepared = prepare(float_module, config, example_input=example_input)
+    prepared = prepare(float_module, config, example_input=example_input, strict=False)
     gm = prepared.module
     tensors = dict(tensors)
     try:

@@ -10,6 +10,7 @@ full precision, never silently.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import operator
 import re
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..models.vision_model import BN_TYPES
 from .config import GRAPH_VERSION, QuantConfig
 from .float_parts import float_parts
@@ -389,19 +390,46 @@ def _sanitize(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
-def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tensor) -> Prepared:
+def check_recipe(config: QuantConfig, report: PrepareReport, layers: list[str]) -> None:
+    """Refuse a recipe that does nothing the user asked for: an override whose glob matches no layer (a typo
+    would be ignored silently), or excludes that leave no layer quantized (the "quantized" checkpoint would be
+    the float model under a W/A tag). An exclude glob that matches nothing is only warned about.
+
+    Raises:
+        ConfigError: saying which glob, with examples of the model's layer names.
+    """
+    names = list(dict.fromkeys([*layers, *report.residual_adds, *report.excluded]))
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    for pattern, _ in config.overrides:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"the `overrides` glob {pattern!r} matches no layer of the model (its layers are named "
+                              f"like {shown}): fix the glob, or drop it")
+    for pattern in config.exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            logger.warning("the exclude glob %r matches no layer of the model (its layers are named like %s)",
+                           pattern, shown)
+    if not report.quantized:
+        raise ConfigError(f"nothing is left to quantize: `exclude` {list(config.exclude)} (with the overrides and "
+                          f"includes) keeps all {len(layers)} convolution and linear layers in full precision, so "
+                          "the checkpoint would be the float model: exclude fewer layers")
+
+
+def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tensor, strict: bool = True) -> Prepared:
     """Trace a copy of ``module`` and make it a quantized graph (quantizers not yet calibrated).
 
     Args:
         module: the float model (not modified).
         config: which layers get which scheme.
         example_input: one input batch, used to tell tensors from other values in the graph.
+        strict: refuse a recipe that matches nothing (see :func:`check_recipe`); off when a saved checkpoint is
+            rebuilt (its recipe was accepted when it was made).
 
     Returns:
         A :class:`Prepared` graph, its report and the block of every node.
 
     Raises:
         UnsupportedModelError: the model cannot be traced or has no conv/linear layer to quantize.
+        ConfigError: (``strict``) an override that matches no layer, or nothing left to quantize.
     """
     float_module = copy.deepcopy(module).eval()
     blocks = block_paths(float_module)
@@ -517,6 +545,8 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
         block = _node_block(node, blocks)
         if block is not None:
             node_blocks[node.name] = block
+    if strict:
+        check_recipe(config, report, [n.target for n in weight_nodes])
     if report.unsupported:
         logger.warning("left in full precision (no integer equivalent): %s", "; ".join(report.unsupported))
     if report.float_by_design:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..cache import cache_root
+from ..cache import cache_root, record_entry, record_path
 from ..distributed import current
 from ..fingerprint import fingerprint
 from ..locks import hold
@@ -92,7 +92,9 @@ class RunState:
         path = self._file(stage)
         partial = temp_path(path)  # per process: a concurrent run never removes ours
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            record_entry("quantize", self.folder)  # first: `hub-dfq cache clear` deletes only what it has a record of
+            self.folder.mkdir(exist_ok=True)
             torch.save(state, partial)
             os.replace(partial, path)
         except (OSError, RuntimeError) as err:  # torch reports a failed write (disk full) as RuntimeError
@@ -108,6 +110,7 @@ class RunState:
         """Delete the saved stages (rank 0 only, in a multi-process run)."""
         if current().is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
+            record_path(self.folder).unlink(missing_ok=True)
 
 
 def quantizer_state(module: nn.Module) -> dict[str, torch.Tensor]:

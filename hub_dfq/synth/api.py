@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..budget import shrink
-from ..cache import cache_root
+from ..cache import cache_root, record_entry
 from ..distributed import current
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
@@ -529,6 +529,8 @@ def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], f
                 shutil.rmtree(folder)
         return False
 
+    # first (also for an entry written before records existed): `hub-dfq cache clear` deletes only recorded ones
+    dist.run_on_main(lambda: record_entry("synth", folder))
     if dist.run_on_main(check):
         return
     generate_folder(model, config, folder, resume=True, owned=True, progress=progress, repo_id=repo_id)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..allocator import heap_reuse
 from ..errors import DivergedError, UnsupportedModelError
+from ..models.checks import check_bn_statistics
 from ..models.vision_model import WEIGHT_LAYER_TYPES, VisionModel
 from ..registry import resolve
 from .bns import StopForward, bn_loss, swap_batchnorms
@@ -66,6 +67,8 @@ def check_model_supports(model: VisionModel, method: str) -> None:
         raise UnsupportedModelError(
             f"{model.source.spec} has no BatchNorm layers, so method {method!r} has no statistics to match: "
             f"methods that work for this model: {', '.join(working)}")
+    if spec.needs_bn:  # a NaN statistic would be blamed on the learning rate (a model built in Python is unchecked)
+        check_bn_statistics(model.module, spec=model.source.spec)
 
 
 class BatchGenerator:
