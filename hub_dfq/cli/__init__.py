@@ -76,10 +76,19 @@ def _show_budgets() -> None:
     budget_logger = logging.getLogger("hub_dfq.budget")
     if budget_logger.level == logging.NOTSET or budget_logger.level > logging.INFO:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.addFilter(lambda record: record.levelno == logging.INFO)  # warnings reach the root handler
+        handler.setFormatter(_PlanFormatter())
         budget_logger.addHandler(handler)
         budget_logger.setLevel(logging.INFO)
+        # why: the root handler passes whatever a child logger lets through, so the plan would print twice
+        budget_logger.propagate = False
+
+
+class _PlanFormatter(logging.Formatter):
+    """The plan as a plain line; a warning as the root handler writes it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
