@@ -174,7 +174,7 @@ class BudgetPlan:
     def describe(self) -> str:
         counts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         shrunk = "" if self.scale >= 1.0 else \
-            f" (x{self.scale:.2f} of the written counts to fit {_minutes(self.target_seconds)})"
+            f" (x{self.scale:.2g} of the written counts to fit {_minutes(self.target_seconds)})"
         return (f"budget: {counts}{shrunk}; expected about {_minutes(self.expected_seconds)} on {self.speed.device} "
                 f"({1e3 * self.speed.seconds_per_image:.1f} ms per image forward+backward)")
 

@@ -60,6 +60,15 @@ def test_cifar_models_keep_the_written_counts_without_a_time_budget(model, slow_
     assert "budget" not in q.history and q.calibration["n"] == 256
 
 
+def test_range_only_runs_plan_a_quarter_of_the_preset(model, slow_device, monkeypatch):
+    """An 8-bit run only calibrates ranges: it plans for a quarter of the preset's time (W8A8 is promised in minutes)."""
+    monkeypatch.setattr(api, "REFERENCE_GFLOPS", 0.0)  # plan as for a large model
+    ranges = hub_dfq.quantize(model, weights=8, activations=8, calibration="gaussian", progress=False)
+    rounded = hub_dfq.quantize(model, weights=4, activations=8, calibration="gaussian", progress=False)
+    assert ranges.algorithm == "calibrate" and rounded.algorithm == "gptq"  # auto
+    assert ranges.history["budget"]["target_seconds"] == 150 and rounded.history["budget"]["target_seconds"] == 600
+
+
 def test_reconstruct_cost_counts_its_steps_and_synthesis(model, slow_device):
     """Where synthesis and fitting steps are what costs, both shrink along the ladder (floors: 64 images, 50 steps)."""
     with pytest.raises(ConfigError, match=r"smallest budget \(images 64, synthesis steps 50, reconstruct steps 50\)"):

@@ -48,6 +48,9 @@ CALIBRATE_PASSES = 2.0
 # the synthesis loop is bf16 where the device has it and fused (measured on Lite0, CPU, 2 threads: 31 ms per
 # image-step against a 129 ms fp32 pass)
 SYNTH_STEP_PASSES = 0.25
+# the share of a preset's target time a range-only run plans for: ranges need few images (Lite0 W8A8 from 64 BNS
+# images x 64 steps is within float's noise, docs/imagenet.md) and an 8-bit run is promised in minutes
+CALIBRATE_SHARE = 0.25
 
 # Of the calibration pipeline around the algorithms (prepare, observers, freezing); bump whenever it
 # changes the bytes of a quantized model. Part of the fingerprint and of the resume-cache key.
@@ -97,7 +100,8 @@ def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, cal
                settings: Mapping[str, Any], synth_options: Mapping[str, Any] | None, time_budget: Any,
                seed: int) -> BudgetPlan:
     """The ladder scale of ``preset`` whose expected time on the model's device fits the time budget."""
-    target = parse_duration(time_budget) if time_budget is not None else preset.seconds
+    target = parse_duration(time_budget) if time_budget is not None else \
+        preset.seconds * (CALIBRATE_SHARE if algorithm == "calibrate" else 1.0)
     dist = current()
     # every process plans from rank 0's measurement: the same counts everywhere
     speed = device_speed(model) if dist.is_main else None
