@@ -85,17 +85,24 @@ def split_real(path: str, seed: int) -> tuple[datasets.Dataset, datasets.Dataset
     return real.select(order[:half]), real.select(order[half:])
 
 
+def corrupt(pil: list, *, jpeg: list[int], blur: list[float], contrast: list[float]) -> dict[str, datasets.Dataset]:
+    """The corruption sets, one per family and level (1 = mildest): JPEG quality, Gaussian blur sigma, contrast."""
+    out = {}
+    for level, q in enumerate(jpeg, 1):
+        out[f"jpeg-{level}"] = _encode(pil, "JPEG", q)
+    for level, sigma in enumerate(blur, 1):
+        out[f"blur-{level}"] = _encode([im.filter(ImageFilter.GaussianBlur(sigma)) for im in pil])
+    for level, c in enumerate(contrast, 1):
+        out[f"contrast-{level}"] = _encode([ImageEnhance.Contrast(im).enhance(c) for im in pil])
+    return out
+
+
 def build_candidates(held: datasets.Dataset, cifar_path: str, model, n: int, seed: int,
                      bns: tuple[int, int] | None) -> dict[str, datasets.Dataset]:
     clean = held.select(range(min(n, len(held))))
     pil = [decode_image(c).convert("RGB") for c in clean["image"]]
     out: dict[str, datasets.Dataset] = {"clean": clean}
-    for level, q in enumerate(JPEG_QUALITY, 1):
-        out[f"jpeg-{level}"] = _encode(pil, "JPEG", q)
-    for level, sigma in enumerate(BLUR_SIGMA, 1):
-        out[f"blur-{level}"] = _encode([im.filter(ImageFilter.GaussianBlur(sigma)) for im in pil])
-    for level, c in enumerate(CONTRAST, 1):
-        out[f"contrast-{level}"] = _encode([ImageEnhance.Contrast(im).enhance(c) for im in pil])
+    out.update(corrupt(pil, jpeg=JPEG_QUALITY, blur=BLUR_SIGMA, contrast=CONTRAST))
     cifar = datasets.load_dataset("parquet", data_files={"test": cifar_path})["test"]
     out["cifar10-upscaled"] = cifar.select(range(min(n, len(cifar))))
     out["gaussian-synthetic"] = hub_dfq.synthesize(model, "gaussian", len(clean), seed=seed, progress=False)

@@ -48,13 +48,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from bench_audit_imagenet import _encode, split_real  # noqa: E402  (the audit bench's sets, the same split)
+from bench_audit_imagenet import _encode, corrupt, split_real  # noqa: E402  (the audit bench's sets, the same split)
 
 import hub_dfq  # noqa: E402
 from hub_dfq.audit.images import calibrate_threshold, score_images  # noqa: E402
@@ -80,14 +80,7 @@ def _pil(ds: datasets.Dataset, column: str) -> list[Image.Image]:
 
 
 def corruptions(pil: list[Image.Image], blur: list[float], seed: int) -> dict[str, datasets.Dataset]:
-    out = {}
-    for level, q in enumerate(JPEG_QUALITY, 1):
-        out[f"jpeg-{level}"] = _encode(pil, "JPEG", q)
-    for level, sigma in enumerate(blur, 1):
-        out[f"blur-{level}"] = _encode([im.filter(ImageFilter.GaussianBlur(sigma)) for im in pil])
-    for level, c in enumerate(CONTRAST, 1):
-        out[f"contrast-{level}"] = _encode([ImageEnhance.Contrast(im).enhance(c) for im in pil])
-    return out
+    return corrupt(pil, jpeg=JPEG_QUALITY, blur=blur, contrast=CONTRAST)
 
 
 def pixel_noise(pil: list[Image.Image], seed: int) -> dict[str, datasets.Dataset]:
