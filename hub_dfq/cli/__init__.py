@@ -75,12 +75,26 @@ def _show_budgets() -> None:
     """Print the budget a run plans (and the time it expects) before it starts, as a plain line."""
     budget_logger = logging.getLogger("hub_dfq.budget")
     if budget_logger.level == logging.NOTSET or budget_logger.level > logging.INFO:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(_PlanFormatter())
         budget_logger.addHandler(handler)
         budget_logger.setLevel(logging.INFO)
         # why: the root handler passes whatever a child logger lets through, so the plan would print twice
         budget_logger.propagate = False
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record arrives."""
+
+    # why: `main()` may run many times in one process (tests, notebooks); a stream bound at the first call
+    # can be closed by the time a later library call logs its plan
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class _PlanFormatter(logging.Formatter):
