@@ -8,10 +8,16 @@ Public API, one entry point per job::
     hub_dfq.evaluate_accuracy(model, data)          # {"top1": .., "top5": .., "n": ..}
     synthetic = hub_dfq.synthesize(model, "bns", num_images=256)
     qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns")
-    hub_dfq.push_to_hub(qmodel, "me/model-w4a4-dfq")
+    qmodel.save_pretrained("model-w4a4")            # or qmodel.push_to_hub("me/model-w4a4-dfq")
+    qmodel = hub_dfq.QuantizedModel.from_pretrained("me/model-w4a4-dfq")
     hub_dfq.export_onnx(qmodel, "model.onnx")      # integer kernels in ONNX Runtime: hub_dfq.load_onnx
     report = hub_dfq.audit(model, ["default", synthetic])
-    scores = hub_dfq.score_images(model, "default", keep_fraction=0.95, out_dir="scored")  # per image
+    scores = hub_dfq.score_images(model, "default", keep_fraction=0.95)  # per image
+    scores.save_pretrained("scored")                # a Hub dataset folder; or scores.push_to_hub(REPO)
+
+Results that are Hub repos carry the Hub's verbs (``save_pretrained``, ``push_to_hub``,
+``QuantizedModel.from_pretrained``); the functions ``hub_dfq.save_pretrained(qmodel, DIR)``,
+``hub_dfq.push_to_hub(qmodel, REPO)`` and ``hub_dfq.from_pretrained(REPO)`` still work, with the same bytes.
 
 Importing ``hub_dfq`` is cheap (no torch, timm, transformers or datasets): every name below is
 imported on first use. It also arranges that timm learns the CIFAR ResNets and transformers learns

@@ -7,6 +7,10 @@
 Importing either library costs seconds; ``import hub_dfq`` must not pay that for a library the
 program may never use, so registration waits for the library's own import (wrapt's post-import
 hooks; immediately if it is already imported).
+
+It also wires hub-dfq's own layers: the Hub layer's formats (:mod:`hub_dfq.formats`), which the
+objects of lower layers use for ``save_pretrained`` / ``push_to_hub``, are registered at once (the
+Hub package's ``__init__`` is cheap; its heavy modules load on the first save).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    # why: `import hub_dfq` calls install() before any sub-module (quant.model included) can be imported, so the
+    # Hub formats are registered before a QuantizedModel can exist (see hub_dfq.formats); the package is cheap
+    from . import hub  # noqa: F401  (registers on import)
     wrapt.register_post_import_hook(_register_timm_models, "timm")
     wrapt.register_post_import_hook(_register_transformers_quantizer, "transformers.quantizers.auto")
     _installed = True

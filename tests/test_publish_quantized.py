@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -18,8 +23,9 @@ from huggingface_hub import (
 
 import hub_dfq
 from hub_dfq.cli import main
-from hub_dfq.errors import PublishError
+from hub_dfq.errors import OutputExistsError, PublishError
 from hub_dfq.models.loader import default_model_dir
+from hub_dfq.outputs import MARKER
 
 FAST = {"weights": 4, "activations": 8, "calibration": "gaussian", "calibration_images": 16, "algorithm": "calibrate"}
 
@@ -149,3 +155,77 @@ def test_transformers_checkpoint_from_the_hub(hub, tmp_path):
     model = AutoModelForImageClassification.from_pretrained(repo_id)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, qmodel(x))
+
+
+# ---- the verbs as methods of QuantizedModel (issue 20) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def fast_qmodel():
+    return hub_dfq.quantize("default", **FAST)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_methods_take_the_arguments_of_the_functions():
+    from hub_dfq.hub import checkpoint
+
+    for verb in ("save_pretrained", "push_to_hub", "from_pretrained"):
+        function = inspect.signature(getattr(checkpoint, verb)).parameters
+        method = inspect.signature(getattr(hub_dfq.QuantizedModel, verb)).parameters
+        assert {k: (v.kind, v.default) for k, v in function.items() if k != "qmodel"} == \
+            {k: (v.kind, v.default) for k, v in method.items() if k != "self"}, verb
+
+
+def test_save_pretrained_method_writes_the_bytes_the_function_writes(fast_qmodel, tmp_path):
+    card = {"repo_id": "me/r20-w4a8", "command": "hub-dfq quantize default", "calibration_repo": "me/r20-cal"}
+    by_function = hub_dfq.save_pretrained(fast_qmodel, tmp_path / "function", **card)
+    by_method = fast_qmodel.save_pretrained(tmp_path / "method", **card)
+    assert by_method == tmp_path / "method"
+    assert _files(by_method) == _files(by_function)
+    assert {"model.safetensors", "config.json", "README.md", MARKER} <= set(_files(by_method))
+
+
+def test_save_pretrained_method_never_overwrites_without_being_asked(fast_qmodel, tmp_path):
+    out = fast_qmodel.save_pretrained(tmp_path / "q")
+    before = _files(out)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        fast_qmodel.save_pretrained(out)
+    assert _files(out) == before
+    (out / "notes.txt").write_text("mine")
+    fast_qmodel.save_pretrained(out, overwrite=True, repo_id="me/other")
+    assert (out / "notes.txt").read_text() == "mine"  # files hub-dfq did not write are kept
+    assert "me/other" in (out / "README.md").read_text()
+
+
+def test_push_to_hub_method_then_reload_bit_exactly(fast_qmodel, hub, tmp_path):
+    repo_id = hub.new_repo_id("r20-method")
+    result = fast_qmodel.push_to_hub(repo_id, token=WRITE_TOKEN)
+    assert result.repo_id == repo_id and result.commit == hub.head(repo_id)
+    pushed = {k: v for k, v in hub.list_files(repo_id).items() if k != ".gitattributes"}
+    saved = hub_dfq.save_pretrained(fast_qmodel, tmp_path / "q", repo_id=repo_id)
+    assert pushed == {k: v for k, v in _files(saved).items() if k != MARKER}  # the function's bytes, uploaded
+
+    x = torch.randn(4, 3, 32, 32)
+    reloaded = hub_dfq.QuantizedModel.from_pretrained(repo_id)
+    assert isinstance(reloaded, hub_dfq.QuantizedModel)
+    assert torch.equal(reloaded(x), fast_qmodel(x))
+    with torch.no_grad():
+        assert torch.equal(hub_dfq.load_model(repo_id)(x), fast_qmodel(x))
+
+
+def test_the_methods_work_without_importing_the_hub_layer(tmp_path):
+    """The Hub format is registered by `import hub_dfq` itself; the Hub layer's modules load on the first save."""
+    code = ("import sys, torch\n"
+            "from hub_dfq.quant.api import quantize\n"
+            "from hub_dfq.quant.model import QuantizedModel\n"
+            f"q = quantize('default', **{FAST!r})\n"
+            "assert 'hub_dfq.hub.checkpoint' not in sys.modules\n"
+            f"q.save_pretrained({str(tmp_path / 'q')!r})\n"
+            "x = torch.randn(2, 3, 32, 32)\n"
+            f"print(torch.equal(QuantizedModel.from_pretrained({str(tmp_path / 'q')!r})(x), q(x)))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -176,6 +177,37 @@ def test_push_to_hub_uploads_the_folder(model, clean_rows, hub, tmp_path):
     other = hub.new_repo_id()  # without out_dir: written to a temporary folder, pushed, removed
     hub_dfq.score_images(model, clean_rows.select(range(8)), push_to_hub=other, token=WRITE_TOKEN, progress=False)
     assert "data/train-00000-of-00001.parquet" in hub.list_files(other, "dataset")
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_save_pretrained_method_writes_what_score_images_writes(model, clean_rows, tmp_path):
+    result = hub_dfq.score_images(model, clean_rows.select(range(16)), keep_fraction=0.5, out_dir=tmp_path / "a",
+                                  shard_size=8, progress=False)
+    out = result.save_pretrained(tmp_path / "b", shard_size=8)
+    assert out == tmp_path / "b" and _files(out) == _files(tmp_path / "a")
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        result.save_pretrained(out)
+    result.save_pretrained(out, overwrite=True, repo_id="me/scored")
+    assert "me/scored" in (out / "README.md").read_text()
+    assert datasets.load_dataset(str(out), split="rejected").num_rows == 8
+    by_hand = dataclasses.replace(result, data=None)  # scores that do not hold their dataset: it is asked for
+    with pytest.raises(ConfigError, match="data="):
+        by_hand.save_pretrained(tmp_path / "c")
+    assert _files(by_hand.save_pretrained(tmp_path / "c", shard_size=8, data=result.data)) == _files(tmp_path / "a")
+
+
+def test_push_to_hub_method_uploads_the_saved_folder(model, clean_rows, hub, tmp_path):
+    result = hub_dfq.score_images(model, clean_rows.select(range(8)), keep_fraction=0.5, progress=False)
+    repo_id = hub.new_repo_id()
+    url = result.push_to_hub(repo_id, token=WRITE_TOKEN)
+    assert url.endswith(repo_id) and len(hub.commits(repo_id, "dataset")) == 2  # the initial commit + one upload
+    pushed = {k: v for k, v in hub.list_files(repo_id, "dataset").items() if k != ".gitattributes"}
+    saved = _files(result.save_pretrained(tmp_path / "s", repo_id=repo_id))
+    assert pushed == {k: v for k, v in saved.items() if k != ".hub-dfq.json"}
+    assert datasets.load_dataset(repo_id, split="train").num_rows == 4
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

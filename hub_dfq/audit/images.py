@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,10 @@ class ImageScores:
         threshold: the calibrated threshold (``value``, ``fpr``, ``calibration``, ``images``, ...), or ``None``.
         selection: the filter applied (``rule``, ``value``, ``kept``, ``rejected``), or ``None``.
         timing: wall time and images per second of the scoring pass.
+        data: the dataset that was scored: the rows :meth:`save_pretrained` writes (``None`` when built by hand).
+
+    :meth:`save_pretrained` and :meth:`push_to_hub` write the Hub dataset folder that ``score_images(out_dir=...,
+    push_to_hub=...)`` writes (see :mod:`hub_dfq.audit.image_folder`), byte for byte.
     """
 
     model: dict[str, Any]
@@ -81,6 +86,7 @@ class ImageScores:
     threshold: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    data: ImageData | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_images(self) -> int:
@@ -117,6 +123,58 @@ class ImageScores:
         """Everything but the per-image arrays (``scores.json`` of an output folder)."""
         return {"model": self.model, "dataset": self.dataset, "split": self.split, "metric": self.metric,
                 "definition": self.definition, **self.summary(), "skipped": self.skipped, "timing": self.timing}
+
+    # ---- as a Hub dataset ------------------------------------------------------------------------
+    def _source(self, data: ImageData | None) -> ImageData:
+        source = data if data is not None else self.data
+        if source is None:
+            raise ConfigError("these scores do not hold the dataset they scored: pass it, e.g. "
+                              f"`save_pretrained(DIR, data=hub_dfq.load_images({self.dataset!r}))`")
+        return source
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, shard_size: int = 1000,
+                        repo_id: str | None = None, data: ImageData | None = None) -> Path:
+        """Write the scored dataset as a Hub dataset folder (what ``score_images(..., out_dir=DIR)`` writes).
+
+        Split ``train`` holds the kept rows with ``index``, ``bn_score`` and ``bn_layer_scores`` columns,
+        ``rejected`` the filtered-out ones; ``README.md``, ``scores.json`` and plots beside them. Read it
+        back with ``datasets.load_dataset(DIR)``.
+
+        Args:
+            out_dir: new or empty, or (with ``overwrite``) a scored dataset hub-dfq wrote.
+            overwrite: replace a scored dataset hub-dfq wrote in ``out_dir`` (other files are kept).
+            shard_size: rows per parquet shard.
+            repo_id: the Hub dataset repo the card's loading snippet names.
+            data: the scored dataset, read again for its rows (default: :attr:`data`).
+
+        Raises:
+            ConfigError: no dataset to read the rows from.
+            OutputExistsError, OutputWriteError, UnsafeOutputError, OutputLockedError: see :mod:`hub_dfq.outputs`.
+
+        Example:
+            >>> scores = hub_dfq.score_images("default", "default", keep_fraction=0.9)  # doctest: +SKIP
+            >>> scores.save_pretrained("scored")  # doctest: +SKIP
+        """
+        return write_scored_folder(self, self._source(data), out_dir, overwrite=overwrite, shard_size=shard_size,
+                                   repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+                    shard_size: int = 1000, data: ImageData | None = None) -> str:
+        """Write the scored dataset into a fresh temporary folder and upload it to a Hub dataset repo in one commit.
+
+        The same files as :meth:`save_pretrained` with ``repo_id`` (and ``score_images(..., push_to_hub=repo_id)``).
+
+        Returns:
+            The URL of the dataset repo.
+
+        Raises:
+            ConfigError: no dataset to read the rows from.
+            PublishError: no token, no write access or a failed upload (nothing partial is committed).
+        """
+        source = self._source(data)
+        with tempfile.TemporaryDirectory(prefix="hub-dfq-score-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "scored", shard_size=shard_size, repo_id=repo_id, data=source)
+            return push_scored_folder(folder, repo_id, private=private, token=token)
 
 
 def _select(scores: np.ndarray, *, keep_fraction: float | None, max_score: float | None,
@@ -306,10 +364,9 @@ def score_images(
                 layer_scores=layer_scores.numpy().astype(np.float32), n_skipped=n_skipped,
                 skipped=skipped[:MAX_LISTED_SKIPPED], threshold=threshold,
                 selection=_select(scores, keep_fraction=keep_fraction, max_score=max_score, threshold=threshold),
-                timing={"wall_time_s": wall, "images_per_s": (len(rows) + n_skipped) / max(wall, 1e-9)})
+                timing={"wall_time_s": wall, "images_per_s": (len(rows) + n_skipped) / max(wall, 1e-9)}, data=images)
             if target is not None and dist.is_main:
-                write_scored_folder(result, images, target, overwrite=overwrite, shard_size=shard_size,
-                                    repo_id=push_to_hub)
+                result.save_pretrained(target, overwrite=overwrite, shard_size=shard_size, repo_id=push_to_hub)
         if push_to_hub and dist.is_main:
             result.timing["pushed_to"] = push_scored_folder(target, push_to_hub, private=private, token=token)
         return result

@@ -5,5 +5,16 @@
 it (:func:`~hub_dfq.hub.checkpoint.save_pretrained`, :func:`~hub_dfq.hub.checkpoint.push_to_hub`,
 :func:`~hub_dfq.hub.checkpoint.from_pretrained`); ``model_card`` renders its card;
 ``transformers_plugin`` lets ``AutoModelForImageClassification.from_pretrained`` read it. This layer
-builds on the quantization core and the backends; neither imports it.
+builds on the quantization core and the backends; neither imports it. The format is registered here
+(:mod:`hub_dfq.formats`), so ``QuantizedModel.save_pretrained`` and friends reach it from below.
 """
+
+from ..formats import HubFormat, register_hub_format
+
+# In the package, not in checkpoint.py: `import hub_dfq` imports this cheap __init__ (hub_dfq.plugins), so the
+# format is known before any QuantizedModel exists; the lazy targets keep that import free of torch.
+register_hub_format(HubFormat(
+    "quantized-model", summary="a quantized classifier: integer safetensors, config.json with its "
+    "quantization_config, model card",
+    save_pretrained="hub_dfq.hub.checkpoint:save_pretrained", push_to_hub="hub_dfq.hub.checkpoint:push_to_hub",
+    from_pretrained="hub_dfq.hub.checkpoint:from_pretrained"))

@@ -4,26 +4,34 @@ The module computes, in float, exactly what the integer model computes. Backends
 the integer model through :meth:`QuantizedModel.integer_layers`, :meth:`~QuantizedModel.activation_grids`
 and :meth:`~QuantizedModel.lower`; the Hub layer (:mod:`hub_dfq.hub.checkpoint`) stores
 :meth:`~QuantizedModel.checkpoint_tensors` and rebuilds with :meth:`~QuantizedModel.from_checkpoint`.
-Nothing here knows about files, cards or the Hub.
+Nothing here knows about files, cards or the Hub: :meth:`~QuantizedModel.save_pretrained`,
+:meth:`~QuantizedModel.push_to_hub` and :meth:`~QuantizedModel.from_pretrained` call the Hub format
+registered under :attr:`~QuantizedModel.hub_format` (:mod:`hub_dfq.formats` says why and how).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import torch
 from PIL import Image
 from torch import fx, nn
 
 from ..errors import CheckpointError, ConfigError
+from ..formats import hub_verb
 from ..models.vision_model import VisionModel
 from .config import QuantConfig
 from .integer import ActivationGrid, IntegerLayer
 from .modules import act_quantizers, quant_layers
 from .packing import pack, unpack
 from .prepare import PrepareReport, prepare
+
+if TYPE_CHECKING:
+    from ..publish import PushResult
 
 __all__ = ["QuantizedModel", "rebuild_module", "WEIGHT_INT_SUFFIX"]
 
@@ -53,6 +61,8 @@ class QuantizedModel:
     algorithm_config: dict[str, Any] = field(default_factory=dict)
     report: PrepareReport = field(default_factory=PrepareReport)
     history: dict[str, Any] = field(default_factory=dict)
+
+    hub_format: ClassVar[str] = "quantized-model"  # the Hub format its save/push/load verbs use
 
     # ---- what it is ------------------------------------------------------------------------------
     @property
@@ -194,6 +204,49 @@ class QuantizedModel:
         gm, report = rebuild_module(model.module, config, tensors, model.example_input(1))
         return cls(gm, config, model, dict(calibration or {}), algorithm, dict(algorithm_config or {}), report,
                    dict(history or {}))
+
+    # ---- on the Hub (the format is the Hub layer's: see hub_dfq.formats) ------------------------------
+    def save_pretrained(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, repo_id: str | None = None,
+                        evaluation: dict[str, Any] | None = None, command: str | None = None,
+                        calibration_repo: str | None = None, onnx: bool = False) -> Path:
+        """Write this model as a Hub model repo folder: integer safetensors, ``config.json``, model card.
+
+        The same code and bytes as :func:`hub_dfq.save_pretrained` ``(self, out_dir, ...)``, which documents
+        the arguments and errors: the folder is new or empty, or (with ``overwrite``) one hub-dfq wrote.
+
+        Example:
+            >>> qmodel = hub_dfq.quantize("default", weights=4, activations=8)  # doctest: +SKIP
+            >>> qmodel.save_pretrained("resnet20-w4a8")  # doctest: +SKIP
+        """
+        return hub_verb(self.hub_format, "save_pretrained")(
+            self, out_dir, overwrite=overwrite, repo_id=repo_id, evaluation=evaluation, command=command,
+            calibration_repo=calibration_repo, onnx=onnx)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+                    revision: str | None = None, evaluation: dict[str, Any] | None = None, command: str | None = None,
+                    calibration_folder: str | os.PathLike[str] | None = None, dataset_repo: str | None = None,
+                    onnx: bool = False) -> "PushResult":
+        """Publish this model as a Hub model repo in one commit (and its calibration set, with ``dataset_repo``).
+
+        The same code and bytes as :func:`hub_dfq.push_to_hub` ``(self, repo_id, ...)``, which documents the
+        arguments and errors.
+
+        Example:
+            >>> qmodel.push_to_hub("me/resnet20-w4a8-dfq")  # doctest: +SKIP
+        """
+        return hub_verb(self.hub_format, "push_to_hub")(
+            self, repo_id, private=private, token=token, revision=revision, evaluation=evaluation, command=command,
+            calibration_folder=calibration_folder, dataset_repo=dataset_repo, onnx=onnx)
+
+    @classmethod
+    def from_pretrained(cls, spec: str | os.PathLike[str], *, revision: str | None = None,
+                        token: str | bool | None = None, device: str | torch.device | None = None) -> "QuantizedModel":
+        """Load a quantized checkpoint from a folder or the Hub (bit-identical logits): :func:`hub_dfq.from_pretrained`.
+
+        Example:
+            >>> qmodel = hub_dfq.QuantizedModel.from_pretrained("me/resnet20-w4a8-dfq")  # doctest: +SKIP
+        """
+        return hub_verb(cls.hub_format, "from_pretrained")(spec, revision=revision, token=token, device=device)
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description: config, calibration provenance, algorithm, layers."""
