@@ -122,15 +122,12 @@ class _Tracer(fx.Tracer):
         functions: tuple = ()
         self._notrace_modules: tuple = ()
         # why: timm (with torchvision) takes seconds to import; the quantization core reads it only when tracing
-        try:  # timm knows which of its layers fx cannot trace
-            from timm.models._features_fx import (
-                get_notrace_functions,
-                get_notrace_modules,
-            )
+        try:  # timm knows which of its layers fx cannot trace (public names of timm.models)
+            from timm.models import get_notrace_functions, get_notrace_modules
 
             functions = tuple(get_notrace_functions())
             self._notrace_modules = tuple(get_notrace_modules())
-        except ImportError:  # pragma: no cover - older timm
+        except ImportError:  # pragma: no cover - a timm that cannot be imported: trace without its lists
             pass
         super().__init__(autowrap_functions=functions)
 
