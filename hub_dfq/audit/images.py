@@ -21,8 +21,6 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +36,7 @@ from ..outputs import reserve_folder
 from ..runtime import place_model
 from . import references as refs
 from .core import MAX_LISTED_SKIPPED, _accumulate, _check_model, _image_batches, stream_data
-from .image_folder import push_scored_folder, write_scored_folder
+from .image_folder import ImageScores, push_scored_folder
 from .moments import IMAGE_METRIC
 from .registry import DIVERGENCES
 
@@ -48,133 +46,6 @@ __all__ = ["ImageScores", "score_images", "calibrate_threshold", "DEFAULT_METRIC
 
 DEFAULT_METRIC = IMAGE_METRIC
 CALIBRATIONS = ("bns", "none")
-SCORE_DEFINITION = ("per BN layer, the channel mean of `{formula}` between the image's own per-channel spatial "
-                    "mean and variance at the layer's input and the layer's running statistics; the image's "
-                    "score is the geometric mean over the {n} BN layers (higher = less like the training data)")
-
-
-@dataclass
-class ImageScores:
-    """The scores of one dataset.
-
-    Args:
-        model: provenance of the model (spec, repo, revision, BN layer names).
-        dataset: the dataset spec; ``split`` the split read.
-        metric: the per-channel divergence.
-        indices: dataset row of every scored image, increasing.
-        scores: ``(N,)`` float64 score of each scored image.
-        layer_scores: ``(N, layers)`` float32 per-layer parts of each score.
-        n_skipped: unreadable rows (not scored); ``skipped`` lists the first ones (``index``, ``error``).
-        threshold: the calibrated threshold (``value``, ``fpr``, ``calibration``, ``images``, ...), or ``None``.
-        selection: the filter applied (``rule``, ``value``, ``kept``, ``rejected``), or ``None``.
-        timing: wall time and images per second of the scoring pass.
-        data: the dataset that was scored: the rows :meth:`save_pretrained` writes (``None`` when built by hand).
-
-    :meth:`save_pretrained` and :meth:`push_to_hub` write the Hub dataset folder that ``score_images(out_dir=...,
-    push_to_hub=...)`` writes (see :mod:`hub_dfq.audit.image_folder`), byte for byte.
-    """
-
-    model: dict[str, Any]
-    dataset: str
-    split: str | None
-    metric: str
-    indices: list[int]
-    scores: np.ndarray
-    layer_scores: np.ndarray
-    n_skipped: int = 0
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    threshold: dict[str, Any] | None = None
-    selection: dict[str, Any] | None = None
-    timing: dict[str, float] = field(default_factory=dict)
-    data: ImageData | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def n_images(self) -> int:
-        return len(self.indices)
-
-    @property
-    def definition(self) -> str:
-        return SCORE_DEFINITION.format(formula=DIVERGENCES.get(self.metric).formula if self.metric in DIVERGENCES
-                                       else self.metric, n=len(self.model.get("bn_layers", [])))
-
-    def keep_mask(self) -> np.ndarray:
-        """Which scored images the selection keeps (all of them without one)."""
-        if self.selection is None:
-            return np.ones(self.n_images, dtype=bool)
-        return self.scores <= self.selection["max_score"]
-
-    def kept_indices(self) -> list[int]:
-        """Dataset rows of the kept images."""
-        mask = self.keep_mask()
-        return [i for i, keep in zip(self.indices, mask) if keep]
-
-    def order(self) -> np.ndarray:
-        """Positions of the scored images from most typical (lowest score) to least; ties by row."""
-        return np.lexsort((np.asarray(self.indices), self.scores))
-
-    def summary(self) -> dict[str, Any]:
-        """Counts, quantiles and the threshold, JSON-ready."""
-        q = (np.quantile(self.scores, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if self.n_images else [None] * 5)
-        return {"n_images": self.n_images, "n_skipped": self.n_skipped,
-                "quantiles": dict(zip(["p05", "p25", "median", "p75", "p95"], q)),
-                "threshold": self.threshold, "selection": self.selection}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything but the per-image arrays (``scores.json`` of an output folder)."""
-        return {"model": self.model, "dataset": self.dataset, "split": self.split, "metric": self.metric,
-                "definition": self.definition, **self.summary(), "skipped": self.skipped, "timing": self.timing}
-
-    # ---- as a Hub dataset ------------------------------------------------------------------------
-    def _source(self, data: ImageData | None) -> ImageData:
-        source = data if data is not None else self.data
-        if source is None:
-            raise ConfigError("these scores do not hold the dataset they scored: pass it, e.g. "
-                              f"`save_pretrained(DIR, data=hub_dfq.load_images({self.dataset!r}))`")
-        return source
-
-    def save_pretrained(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, shard_size: int = 1000,
-                        repo_id: str | None = None, data: ImageData | None = None) -> Path:
-        """Write the scored dataset as a Hub dataset folder (what ``score_images(..., out_dir=DIR)`` writes).
-
-        Split ``train`` holds the kept rows with ``index``, ``bn_score`` and ``bn_layer_scores`` columns,
-        ``rejected`` the filtered-out ones; ``README.md``, ``scores.json`` and plots beside them. Read it
-        back with ``datasets.load_dataset(DIR)``.
-
-        Args:
-            out_dir: new or empty, or (with ``overwrite``) a scored dataset hub-dfq wrote.
-            overwrite: replace a scored dataset hub-dfq wrote in ``out_dir`` (other files are kept).
-            shard_size: rows per parquet shard.
-            repo_id: the Hub dataset repo the card's loading snippet names.
-            data: the scored dataset, read again for its rows (default: :attr:`data`).
-
-        Raises:
-            ConfigError: no dataset to read the rows from.
-            OutputExistsError, OutputWriteError, UnsafeOutputError, OutputLockedError: see :mod:`hub_dfq.outputs`.
-
-        Example:
-            >>> scores = hub_dfq.score_images("default", "default", keep_fraction=0.9)  # doctest: +SKIP
-            >>> scores.save_pretrained("scored")  # doctest: +SKIP
-        """
-        return write_scored_folder(self, self._source(data), out_dir, overwrite=overwrite, shard_size=shard_size,
-                                   repo_id=repo_id)
-
-    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
-                    shard_size: int = 1000, data: ImageData | None = None) -> str:
-        """Write the scored dataset into a fresh temporary folder and upload it to a Hub dataset repo in one commit.
-
-        The same files as :meth:`save_pretrained` with ``repo_id`` (and ``score_images(..., push_to_hub=repo_id)``).
-
-        Returns:
-            The URL of the dataset repo.
-
-        Raises:
-            ConfigError: no dataset to read the rows from.
-            PublishError: no token, no write access or a failed upload (nothing partial is committed).
-        """
-        source = self._source(data)
-        with tempfile.TemporaryDirectory(prefix="hub-dfq-score-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "scored", shard_size=shard_size, repo_id=repo_id, data=source)
-            return push_scored_folder(folder, repo_id, private=private, token=token)
 
 
 def _select(scores: np.ndarray, *, keep_fraction: float | None, max_score: float | None,

@@ -25,7 +25,6 @@ statistics), which :func:`hub_dfq.audit.images.score_images` writes per row and 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 from ..bnstats import running_moments
 from ..distributed import Distributed
 from .registry import divergence_fn
-from .scores import aggregate_layers
+from .scores import LayerMoments, aggregate_layers
 
 __all__ = ["LayerMoments", "MomentAccumulator", "bootstrap_seed", "per_image_sums", "image_layer_divergences",
            "IMAGE_METRIC"]
@@ -45,25 +44,6 @@ IMAGE_METRIC = "reverse_kl"
 
 
 BNLayers = Sequence[tuple[str, nn.Module]]
-
-
-@dataclass
-class LayerMoments:
-    """Pooled moments of one BN input: ``count`` values per channel, float64 ``sum`` and ``sumsq``."""
-
-    name: str
-    count: int
-    sum: torch.Tensor
-    sumsq: torch.Tensor
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Biased variance, as BatchNorm computes it."""
-        return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0.0)
 
 
 def per_image_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,16 +5,35 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 from ..outputs import reserve_folder, staged
 from .registry import DIVERGENCES
 from .scores import SPAN_DECADES
 
-if TYPE_CHECKING:
-    from .results import AuditReport
+__all__ = ["ReportData", "write_report", "json_safe", "to_json", "to_markdown", "plot_layers", "plot_images"]
 
-__all__ = ["write_report", "json_safe", "to_json", "to_markdown", "plot_layers", "plot_images"]
+
+class _Candidate(Protocol):
+    dataset: str
+    layers: dict[str, float]
+    image_scores: dict[str, Any] | None
+
+
+class ReportData(Protocol):
+    """What the writers read of an :class:`~hub_dfq.audit.results.AuditReport`.
+
+    A protocol rather than the class, because ``AuditReport.save`` calls :func:`write_report`: the report's
+    module imports this one, not the other way round.
+    """
+
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    references: dict[str, Any]
+
+    def ranking(self) -> Sequence[_Candidate]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 HOW_TO_READ = """\
 ## How to read it
@@ -63,7 +82,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def to_json(report: "AuditReport") -> str:
+def to_json(report: ReportData) -> str:
     return json.dumps(json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"
 
 
@@ -86,7 +105,7 @@ def _row(rank: Any, c: dict[str, Any]) -> str:
             f"{_fmt(batches.get('median'))} [{_fmt(batches.get('p05'))}, {_fmt(batches.get('p95'))}] |")
 
 
-def to_markdown(report: "AuditReport") -> str:
+def to_markdown(report: ReportData) -> str:
     data = json_safe(report.to_dict())
     s = data["settings"]
     model = data["model"]
@@ -172,7 +191,7 @@ def _image_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot_images(report: "AuditReport", path: str | os.PathLike[str]) -> bool:
+def plot_images(report: ReportData, path: str | os.PathLike[str]) -> bool:
     """Box plot (from stored quantiles: box p25-p75, whiskers p5-p95) of each candidate's per-image scores.
 
     Returns ``False`` (and writes nothing) when no candidate has per-image scores.
@@ -198,7 +217,7 @@ def plot_images(report: "AuditReport", path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
+def plot_layers(report: ReportData, path: str | os.PathLike[str]) -> None:
     """Per-layer divergence of every candidate (and the references), log scale, layers in forward order."""
     # A bare Figure renders with Agg and leaves pyplot's global backend (a notebook's) alone.
     # why: matplotlib takes half a second to import and only the plot needs it
@@ -236,7 +255,7 @@ def plot_layers(report: "AuditReport", path: str | os.PathLike[str]) -> None:
     fig.savefig(path)
 
 
-def write_report(report: "AuditReport", out_dir: str | os.PathLike[str], *, plot: bool = True,
+def write_report(report: ReportData, out_dir: str | os.PathLike[str], *, plot: bool = True,
                  overwrite: bool = False) -> dict[str, str]:
     """Write ``audit.json``, ``audit.md`` and (with ``plot``) ``audit_layers.png`` and ``audit_images.png`` (the
     per-image scores) as the folder ``out_dir``.

@@ -22,23 +22,43 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from .registry import DIVERGENCES, divergence_fn
 
-if TYPE_CHECKING:  # moments imports this module (the batch scores use the same aggregate)
-    from .moments import LayerMoments
-
-__all__ = ["METRICS", "SPAN_DECADES", "BootstrapEstimate", "layer_divergences", "aggregate", "bootstrap_estimate",
-           "aggregate_layers", "similarity", "auroc", "MAX_CORRECTION"]
+__all__ = ["METRICS", "SPAN_DECADES", "LayerMoments", "BootstrapEstimate", "layer_divergences", "aggregate",
+           "bootstrap_estimate", "aggregate_layers", "similarity", "auroc", "MAX_CORRECTION"]
 
 METRICS = DIVERGENCES  # kept name: the registry of divergences (kl, symmetric_kl, w2, ...)
 
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else float("inf")
+
+
+@dataclass
+class LayerMoments:
+    """Pooled moments of one BN input: ``count`` values per channel, float64 ``sum`` and ``sumsq``.
+
+    Made by :class:`~hub_dfq.audit.moments.MomentAccumulator` (which also exports it), defined here where they
+    become numbers: the accumulator scores batches with :func:`aggregate_layers` as it goes.
+    """
+
+    name: str
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Biased variance, as BatchNorm computes it."""
+        return (self.sumsq / max(self.count, 1) - self.mean.square()).clamp_min(0.0)
 
 
 def layer_divergences(moments: Sequence[LayerMoments], running: Sequence[tuple[torch.Tensor, torch.Tensor]],
