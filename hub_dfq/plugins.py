@@ -9,8 +9,9 @@ program may never use, so registration waits for the library's own import (wrapt
 hooks; immediately if it is already imported).
 
 It also wires hub-dfq's own layers: the Hub layer's formats (:mod:`hub_dfq.formats`), which the
-objects of lower layers use for ``save_pretrained`` / ``push_to_hub``, are registered at once (the
-Hub package's ``__init__`` is cheap; its heavy modules load on the first save).
+objects of lower layers use for ``save_pretrained`` / ``push_to_hub``, and its model adapter for
+quantized checkpoints (:mod:`hub_dfq.hub.adapter`), through which ``load_model`` reads them, are
+registered at once (the Hub package's ``__init__`` is cheap; its heavy modules load on first use).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    # why: `import hub_dfq` calls install() before any sub-module (quant.model included) can be imported, so the
-    # Hub formats are registered before a QuantizedModel can exist (see hub_dfq.formats); the package is cheap
+    # why: `import hub_dfq` calls install() before any sub-module can be imported, so the Hub formats and model
+    # adapter are registered before a QuantizedModel exists or a model loads (see hub_dfq.formats); the package is cheap
     from . import hub  # noqa: F401  (registers on import)
     wrapt.register_post_import_hook(_register_timm_models, "timm")
     wrapt.register_post_import_hook(_register_transformers_quantizer, "transformers.quantizers.auto")

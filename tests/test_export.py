@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,16 @@ def test_load_model_reads_a_quantized_checkpoint_and_from_pretrained_refuses_a_f
     assert loaded.quantization_config["quant_method"] == "hub_dfq" and loaded.info()["quantized"].startswith("W4A4")
     with pytest.raises(CheckpointError, match="load_model"):
         from_pretrained(Path(default_model_dir()))
+
+
+def test_the_models_layer_alone_reads_a_quantized_checkpoint(saved):
+    """The hub layer registers its adapter at `import hub_dfq`, so importing only the loader is enough."""
+    code = ("import sys\nfrom hub_dfq.models.loader import load_model\n"
+            "assert 'hub_dfq.hub.checkpoint' not in sys.modules\n"
+            f"model = load_model({str(saved)!r})\n"
+            "print(model.quantization_config['quant_method'], model.info()['quantized'][:4])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["hub_dfq", "W4A4"]
 
 
 @pytest.fixture(scope="module")

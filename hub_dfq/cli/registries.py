@@ -9,7 +9,7 @@ import argparse
 
 from ..audit.registry import DIVERGENCES
 from ..backends.registry import BACKENDS
-from ..models.adapters import ADAPTERS
+from ..models.adapters import detection_order
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..synth.registry import BN_LOSSES, SYNTH_METHODS
 from .options import add_common_options, write_json
@@ -44,7 +44,7 @@ def tables() -> dict[str, tuple[list[str], list[list[str]]]]:
             [[b.name, b.summary, f"`{b.file_name}`", b.requires or "-"] for b in BACKENDS]),
         "Audit divergences (`hub-dfq audit --metric`)": (
             ["name", "per channel"], [[d.name, f"`{d.formula}`"] for d in DIVERGENCES]),
-        "Model adapters": (["name", "reads"], [[a.name, a.summary] for a in ADAPTERS]),
+        "Model adapters": (["name", "reads"], [[a.name, a.summary] for a in detection_order()]),
     }
 
 

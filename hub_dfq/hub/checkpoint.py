@@ -30,7 +30,6 @@ from .. import __version__
 from ..backends.registry import BACKENDS
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
 from ..locks import hold
-from ..models.adapters import QUANT_METHOD
 from ..models.checks import check_finite
 from ..models.loader import build_architecture
 from ..models.vision_model import ModelSource, VisionModel
@@ -44,6 +43,7 @@ from ..runtime import place_model
 from ..synth.card import write_card
 from ..synth.publish import push_dataset_folder
 from ..synth.writer import read_manifest
+from .adapter import QUANT_METHOD, is_quantized_checkpoint
 from .mixin import HubMixin
 from .model_card import calibration_source, render_model_card
 
@@ -105,10 +105,6 @@ def _check_quantized(qmodel: Any, verb: str) -> None:
         raise ArgumentTypeError(f"{verb} takes a QuantizedModel (from hub_dfq.quantize or hub_dfq.from_pretrained), "
                                 f"got {type(qmodel).__name__}: quantize the model first, e.g. "
                                 "`hub_dfq.quantize(model, weights=4, activations=8)`")
-
-
-def is_quantized_checkpoint(config: dict[str, Any]) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -24,7 +24,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
-from ..models.adapters import QUANT_METHOD
+from .adapter import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 

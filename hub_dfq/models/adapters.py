@@ -2,7 +2,9 @@
 
 An adapter turns a folder (a Hub repo snapshot or a local save) into a :class:`VisionModel`. A new
 model family from another library is one module with a loader plus one :func:`register_adapter`
-call. Adapters are tried in registration order; the first whose ``detect`` accepts the config wins.
+call. Adapters are tried by ``priority``, then in registration order (:func:`detection_order`); the
+first whose ``detect`` accepts the config wins. The hub layer registers the ``hub_dfq`` adapter for
+quantized checkpoints (:mod:`hub_dfq.hub.adapter`): this layer never imports that one.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from typing import Any, Callable
 
 from ..registry import Registry
 
-__all__ = ["ModelAdapter", "ADAPTERS", "register_adapter", "QUANT_METHOD"]
-
-QUANT_METHOD = "hub_dfq"  # ``quantization_config.quant_method`` of a hub-dfq checkpoint
+__all__ = ["ModelAdapter", "ADAPTERS", "register_adapter", "detection_order"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class ModelAdapter:
             ``"module:attribute"`` path.
         builds_architecture: it can also build the bare architecture (``pretrained=False``), which
             quantized checkpoints use to rebuild their float graph.
+        priority: adapters with a higher one see a config first. A format on top of another adapter's
+            folders needs it: a quantized checkpoint keeps its base model's ``config.json``, which the
+            timm or transformers adapter would otherwise claim.
     """
 
     name: str
@@ -36,6 +39,7 @@ class ModelAdapter:
     detect: Callable[[dict[str, Any]], bool]
     load: Callable[..., Any] | str
     builds_architecture: bool = True
+    priority: int = 0
 
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", "adapter")
@@ -46,15 +50,11 @@ def register_adapter(adapter: ModelAdapter, *, overwrite: bool = False) -> Model
     return ADAPTERS.register(adapter, overwrite=overwrite)
 
 
-def _is_quantized(config: dict[str, Any]) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+def detection_order() -> list[ModelAdapter]:
+    """The adapters in the order they see a folder's config: higher ``priority`` first, then registration order."""
+    return sorted(ADAPTERS, key=lambda adapter: -adapter.priority)
 
 
-register_adapter(ModelAdapter(
-    "hub_dfq", "a hub-dfq quantized checkpoint (the integer model, rebuilt on its base architecture)",
-    detect=_is_quantized,
-    # the checkpoint format belongs to the hub layer, which builds on this one: named, not imported
-    load="hub_dfq.hub.checkpoint:load_quantized_folder", builds_architecture=False))
 register_adapter(ModelAdapter(
     "timm", "a timm model folder (config.json with 'architecture') or a timm registry name",
     detect=lambda config: "architecture" in config and "model_type" not in config,

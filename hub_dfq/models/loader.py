@@ -27,7 +27,7 @@ from timm.models import get_arch_pretrained_cfgs
 from ..errors import ModelNotFoundError, ModelSpecError, UnsupportedModelError
 from ..registry import resolve
 from ..runtime import place_model, resolve_device
-from .adapters import ADAPTERS, ModelAdapter
+from .adapters import ModelAdapter, detection_order
 from .checks import check_model_numbers
 from .download import commit_of, download_model_repo
 from .timm_adapter import load_timm_name
@@ -50,7 +50,7 @@ def default_model_dir() -> Path:
 
 
 def _adapter_for(config: dict, *, architecture_only: bool = False) -> ModelAdapter:
-    for adapter in ADAPTERS:
+    for adapter in detection_order():
         if (adapter.builds_architecture or not architecture_only) and adapter.detect(config):
             return adapter
     raise UnsupportedModelError(
