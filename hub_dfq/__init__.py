@@ -6,7 +6,8 @@ Public API, one entry point per job::
     model = hub_dfq.load_model("default")          # or "timm/resnet18.a1_in1k", "local-dir:PATH"
     data = hub_dfq.load_images("default")          # or a Hub dataset id, parquet, image folder
     hub_dfq.evaluate_accuracy(model, data)          # {"top1": .., "top5": .., "n": ..}
-    synthetic = hub_dfq.synthesize(model, "bns", num_images=256)
+    synthetic = hub_dfq.synthesize(model, "bns", num_images=256)  # a datasets.Dataset
+    synthetic.save_pretrained("bns-256")            # its Hub dataset folder; or synthetic.push_to_hub(REPO)
     qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns")
     qmodel.save_pretrained("model-w4a4")            # or qmodel.push_to_hub("me/model-w4a4-dfq")
     qmodel = hub_dfq.QuantizedModel.from_pretrained("me/model-w4a4-dfq")
@@ -16,8 +17,9 @@ Public API, one entry point per job::
     scores.save_pretrained("scored")                # a Hub dataset folder; or scores.push_to_hub(REPO)
 
 Results that are Hub repos carry the Hub's verbs (``save_pretrained``, ``push_to_hub``,
-``QuantizedModel.from_pretrained``); the functions ``hub_dfq.save_pretrained(qmodel, DIR)``,
-``hub_dfq.push_to_hub(qmodel, REPO)`` and ``hub_dfq.from_pretrained(REPO)`` still work, with the same bytes.
+``QuantizedModel.from_pretrained``, ``SyntheticDataset.from_pretrained``); the functions
+``hub_dfq.save_pretrained(qmodel, DIR)``, ``hub_dfq.push_to_hub(qmodel, REPO)`` and
+``hub_dfq.from_pretrained(REPO)`` still work, with the same bytes.
 
 Importing ``hub_dfq`` is cheap (no torch, timm, transformers or datasets): every name below is
 imported on first use. It also arranges that timm learns the CIFAR ResNets and transformers learns
@@ -58,6 +60,7 @@ _API = {
     "QuantizedModel": ".quant.model",
     "quantize": ".quant.api",
     "synthesize": ".synth.api",
+    "SyntheticDataset": ".synth.dataset",
     "score_images": ".audit.images",
     "ImageScores": ".audit.images",
 }
@@ -79,6 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from .quant.config import QuantConfig, QuantScheme  # noqa: F401
     from .quant.model import QuantizedModel  # noqa: F401
     from .synth.api import synthesize  # noqa: F401
+    from .synth.dataset import SyntheticDataset  # noqa: F401
 
 
 class _Package(types.ModuleType):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from .deprecation import renamed_arguments
 from .errors import DatasetError, HubDfqError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ def _detect_column(features: dict, explicit: str | None, kind: str, spec: str, r
     return None
 
 
+@renamed_arguments(config="dataset_config")
 def load_images(
     spec: str | os.PathLike[str] | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
     *,
@@ -204,7 +205,6 @@ def load_images(
     label_column: str | None = None,
     streaming: bool = False,
     token: str | bool | None = None,
-    config: str | None = None,
 ) -> ImageData:
     """Open a dataset of images for evaluation, calibration or audits.
 
@@ -221,7 +221,6 @@ def load_images(
         label_column: column with labels; by default the first ``ClassLabel``, or ``label``/``labels``.
         streaming: stream rows instead of downloading the whole dataset.
         token: Hub token for private datasets.
-        config: deprecated spelling of ``dataset_config``.
 
     Returns:
         An :class:`ImageData` whose rows :func:`iter_batches` turns into tensors.
@@ -229,9 +228,6 @@ def load_images(
     Raises:
         DatasetError: unknown spec, split or column, or an empty dataset.
     """
-    if config is not None:
-        warnings.warn("`config` is deprecated: use `dataset_config`", FutureWarning, stacklevel=2)
-        dataset_config = config
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise DatasetError(f"`limit` must be a positive integer, got {limit!r}")
     dataset_types = (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)

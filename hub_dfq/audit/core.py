@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import datasets
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
+from ..deprecation import renamed_arguments
 from ..distributed import current
 from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
 from ..fingerprint import weights_sha256
@@ -264,6 +264,7 @@ def _open(name: str | None, spec: Any, load_kwargs: dict[str, Any]) -> tuple[str
     return name, data
 
 
+@renamed_arguments(reference_steps="reference_iters")
 def audit(
     model: VisionModel | str,
     data: DataLike | Sequence[DataLike] | Mapping[str, DataLike],
@@ -287,7 +288,6 @@ def audit(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
-    reference_steps: int | None = None,
     reference_budget_gmacs: float | None = refs.NEAR_BUDGET_GMACS,
 ) -> AuditReport:
     """Score how close each candidate dataset is to the data the model was trained on.
@@ -351,9 +351,6 @@ def audit(
         >>> report = hub_dfq.audit("default", ["default", "parquet:my_photos.parquet"], limit=500)
         >>> [(c.dataset, round(c.similarity, 2)) for c in report.ranking()]
     """
-    if reference_steps is not None:
-        warnings.warn("`reference_steps` is deprecated: use `reference_iters`", FutureWarning, stacklevel=2)
-        reference_iters = reference_steps
     if batch_size < 1 or score_batch < 1:
         raise ConfigError(f"batch sizes must be positive, got batch_size={batch_size}, score_batch={score_batch}")
     DIVERGENCES.get(metric)

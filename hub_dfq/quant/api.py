@@ -6,13 +6,13 @@ import contextlib
 import fnmatch
 import logging
 import time
-import warnings
 from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from ..budget import REFERENCE_GFLOPS, BudgetPlan, device_speed, parse_duration, plan_budget
+from ..deprecation import MovedInto, renamed_arguments
 from ..distributed import current
 from ..errors import UnsupportedModelError
 from ..fingerprint import fingerprint, weights_sha256
@@ -138,10 +138,9 @@ def quantization_fingerprint(*, weights: str, config: QuantConfig, algorithm: st
                        device_type=device_type)
 
 
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=3)
-
-
+@renamed_arguments(method="algorithm", calibration_size="calibration_images", config="quant_config",
+                   reconstruct_config=MovedInto("settings", "reconstruct"),
+                   distill_config=MovedInto("settings", "distill"))
 def quantize(
     model: VisionModel | str,
     *,
@@ -169,7 +168,6 @@ def quantize(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
-    **deprecated: Any,
 ) -> QuantizedModel:
     """Quantize a classifier to ``weights``/``activations`` bits, calibrated without its training data.
 
@@ -236,19 +234,6 @@ def quantize(
         >>> qmodel.evaluate("default")["top1"]
     """
     settings = dict(settings or {})
-    renamed = {"algorithm": algorithm, "calibration_images": calibration_images, "quant_config": quant_config}
-    for old, new in (("method", "algorithm"), ("calibration_size", "calibration_images"), ("config", "quant_config")):
-        if old in deprecated:
-            _deprecated(old, new)
-            renamed[new] = deprecated.pop(old)
-    algorithm, calibration_images, quant_config = (renamed["algorithm"], renamed["calibration_images"],
-                                                   renamed["quant_config"])
-    for name in ("reconstruct", "distill"):
-        if f"{name}_config" in deprecated:
-            _deprecated(f"{name}_config", f"settings={{'{name}': ...}}")
-            settings[name] = deprecated.pop(f"{name}_config")
-    if deprecated:
-        raise TypeError(f"quantize() got unexpected keyword argument(s) {sorted(deprecated)}")
     chosen = PRESETS.get(preset)
     cfg = _resolve_config(quant_config, weights=weights, activations=activations, first_last_bits=first_last_bits,
                           residual_bits=residual_bits, weight_observer=weight_observer, act_observer=act_observer,

@@ -10,7 +10,6 @@ import os
 import platform
 import shutil
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +19,7 @@ import torch
 from .. import __version__
 from ..budget import shrink
 from ..cache import cache_root, record_entry
+from ..deprecation import renamed_arguments
 from ..distributed import current
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
@@ -31,6 +31,7 @@ from ..progress import progress_bar, progress_enabled
 from ..runtime import place_model, resolve_device, resolve_precision
 from .card import write_card, write_preview
 from .config import Priors, SynthConfig
+from .dataset import SyntheticDataset, load_folder
 from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
 from .publish import push_dataset_folder
 from .records import clear_records, merge_records, read_records, write_record
@@ -342,35 +343,24 @@ def _finish(manifest: dict[str, Any], config: SynthConfig) -> None:
     manifest["label_counts"] = {names[int(k)]: v for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
-def load_folder(folder: str | os.PathLike[str], *, progress: bool | None = None):
-    """The ``train`` split of a dataset folder as a ``datasets.Dataset`` (via ``load_dataset(DIR)``)."""
-    import datasets  # why: datasets costs a second to import and only this reader needs it here
-
-    quiet = not progress_enabled(progress) and datasets.is_progress_bar_enabled()
-    if quiet:
-        datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset(str(folder), split="train")
-    finally:
-        if quiet:
-            datasets.enable_progress_bars()
-
-
+@renamed_arguments(n="num_images")
 def synthesize(model: VisionModel | str, method: str = "bns", num_images: int = 256, *,
-               progress: bool | None = None, **options: Any):
+               progress: bool | None = None, **options: Any) -> SyntheticDataset:
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
     The result is written as a Hub dataset folder (see :func:`synthesize_folder`, which takes the
-    same arguments and documents them) and returned as a ``datasets.Dataset`` with columns
-    ``image`` and ``label``.
+    same arguments and documents them) and returned as a :class:`~hub_dfq.synth.dataset.SyntheticDataset`:
+    a ``datasets.Dataset`` with columns ``image`` and ``label`` that also has ``save_pretrained`` and
+    ``push_to_hub`` for that folder (card, preview, ``generation.json`` and shards).
 
     Example:
-        >>> ds = hub_dfq.synthesize("default", "bns", num_images=64, out_dir="bns-64")  # doctest: +SKIP
+        >>> ds = hub_dfq.synthesize("default", "bns", num_images=64)  # doctest: +SKIP
         >>> ds.features["label"].names[:2]  # doctest: +SKIP
         ['airplane', 'automobile']
+        >>> ds.save_pretrained("bns-64")  # or ds.push_to_hub("me/resnet20-bns-64")  # doctest: +SKIP
     """
     folder = synthesize_folder(model, method, num_images, progress=progress, **options)
-    return load_folder(folder, progress=progress)
+    return SyntheticDataset._read(folder, progress=progress)
 
 
 def _reusable(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -383,6 +373,7 @@ def _reusable(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return existing
 
 
+@renamed_arguments(n="num_images")
 def synthesize_folder(
     model: VisionModel | str,
     method: str = "bns",
@@ -405,7 +396,6 @@ def synthesize_folder(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
-    n: int | None = None,
 ) -> Path:
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
@@ -444,7 +434,6 @@ def synthesize_folder(
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is (the CPU for a spec). ``precision="auto"`` picks bf16 where it is
             natively fast on that device (a GPU with bf16, a CPU with AVX512-BF16/AMX).
-        n: deprecated spelling of ``num_images``.
 
     Returns:
         The finished folder (the cache folder when ``out_dir`` is ``None``).
@@ -463,9 +452,6 @@ def synthesize_folder(
     Example:
         >>> folder = hub_dfq.synth.api.synthesize_folder("default", "bns", 512, out_dir="bns-r20")  # doctest: +SKIP
     """
-    if n is not None:
-        warnings.warn("`n` is deprecated: use `num_images`", FutureWarning, stacklevel=2)
-        num_images = n
     if out_dir is None and overwrite:
         raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
     if isinstance(priors, dict):
