@@ -167,13 +167,13 @@ def _load(spec: str, *, split, config, revision, streaming, token, data_dir) -> 
         raise DatasetError(f"cannot load dataset {spec!r}: {err}") from err
 
 
-def _detect_column(features: dict, explicit: str | None, kind: str, spec: str, required: bool) -> str | None:
+def _detect_column(features: dict, explicit: str | None, role: str, spec: str, required: bool) -> str | None:
     columns = list(features)
     if explicit is not None:
         if explicit not in features:
             raise DatasetError(f"{spec} has no column {explicit!r}; its columns are {columns}")
         return explicit
-    if kind == "image":
+    if role == "image":
         typed = [c for c, f in features.items() if isinstance(f, datasets.Image)]
         names = IMAGE_COLUMN_NAMES
     else:
@@ -186,8 +186,8 @@ def _detect_column(features: dict, explicit: str | None, kind: str, spec: str, r
             return name
     if required:
         raise DatasetError(
-            f"{spec} has no {kind} column (looked for an Image feature or one of {list(names)}); its columns are "
-            f"{columns}: name it with `{kind}_column`"
+            f"{spec} has no {role} column (looked for an Image feature or one of {list(names)}); its columns are "
+            f"{columns}: name it with `{role}_column`"
         )
     return None
 

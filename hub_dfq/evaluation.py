@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageData, check_labels, iter_batches, load_images
-from .distributed import current
+from .distributed import process_group
 from .errors import ConfigError, DatasetError
 from .models.vision_model import VisionModel
 from .partition import rank_part
@@ -97,7 +97,7 @@ def evaluate_accuracy(
     forward = forward or model.module
     device = model.device  # where forward computes (a quantized model lives with its float model)
     k = min(5, model.num_classes)
-    dist = current()
+    dist = process_group()
     dist.check_same("evaluation", {"dataset": data.spec, "split": data.split, "rows": data.num_rows,
                                    "batch_size": batch_size, "model": model.source.spec})
     part = rank_part(data, dist, block=batch_size)

@@ -39,7 +39,7 @@ def rank_part(data: ImageData, dist: Distributed, *, block: int) -> ImageData:
 
     Args:
         data: the whole dataset.
-        dist: the process group (:func:`hub_dfq.distributed.current`).
+        dist: the process group (:func:`hub_dfq.distributed.process_group`).
         block: rows per block; a multiple of every batch size the caller forms.
     """
     if not dist.enabled:

@@ -37,16 +37,16 @@ def resolve(target: Any) -> Any:
 
 
 class Registry(Generic[T]):
-    """Named descriptors of one kind, in registration order.
+    """Named descriptors of one sort, in registration order.
 
     Args:
-        kind: what the entries are, for messages (``"synthesis method"``).
+        what: what the entries are, for messages (``"synthesis method"``).
         argument: the argument that names an entry (``"method"``), for messages.
     """
 
-    def __init__(self, kind: str, argument: str | None = None) -> None:
-        self.kind = kind
-        self.argument = argument or kind
+    def __init__(self, what: str, argument: str | None = None) -> None:
+        self.what = what
+        self.argument = argument or what
         self._entries: dict[str, T] = {}
 
     def register(self, entry: T, *, overwrite: bool = False) -> T:
@@ -57,9 +57,9 @@ class Registry(Generic[T]):
         """
         name = getattr(entry, "name", None)
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"a {self.kind} needs a non-empty string name, got {name!r}")
+            raise ConfigError(f"a {self.what} needs a non-empty string name, got {name!r}")
         if name in self._entries and not overwrite:
-            raise ConfigError(f"a {self.kind} named {name!r} is already registered: pick another name or pass "
+            raise ConfigError(f"a {self.what} named {name!r} is already registered: pick another name or pass "
                               "overwrite=True")
         self._entries[name] = entry
         return entry
@@ -97,4 +97,4 @@ class Registry(Generic[T]):
         return len(self._entries)
 
     def __repr__(self) -> str:
-        return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+        return f"Registry({self.what!r}: {', '.join(self._entries)})"

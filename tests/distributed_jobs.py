@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import hub_dfq
-from hub_dfq.distributed import current
+from hub_dfq.distributed import process_group
 
 AUDIT = dict(batch_size=32, score_batch=64, bootstrap=50, references="auto", reference_images=16,
              reference_iters=5, cache=False, progress=False)
@@ -60,7 +60,7 @@ def refusals(out: Path, base: str) -> dict:
     from hub_dfq.cli import main as cli_main
     from hub_dfq.synth.api import synthesize_folder
 
-    dist = current()
+    dist = process_group()
     base_dir = Path(base)
     seen: dict = {}
     model = hub_dfq.load_model("default")
@@ -96,7 +96,7 @@ def refusals(out: Path, base: str) -> dict:
 def main() -> None:
     job, out, arg = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    rank = current().rank
+    rank = process_group().rank
     try:
         result = {"ok": True, **{"measure": measure, "refusals": refusals}[job](out, arg)}
     except Exception as err:  # noqa: BLE001 - reported to the test, which fails with the traceback

@@ -9,7 +9,7 @@ import hub_dfq
 from hub_dfq.bnstats import batch_moments, gaussian_kl
 from hub_dfq.errors import ConfigError
 from hub_dfq.synth.bns import StatsBatchNorm, StopForward, bn_loss, swap_batchnorms
-from hub_dfq.synth.config import SynthConfig
+from hub_dfq.synth.config import Priors, Regularizers, SynthConfig
 from hub_dfq.synth.priors import cosine_lr, jitter_flip, total_variation
 
 
@@ -138,6 +138,22 @@ def test_config_defaults_and_checks():
     with pytest.raises(ConfigError, match="precision"):
         SynthConfig(method="bns", num_images=3, precision="fp8")
     assert SynthConfig.from_dict(config.to_dict()) == config
+
+
+def test_regularizers_and_warmup_keep_the_stored_priors_mapping():
+    """generation.json and cache keys store both as "priors", in the order of before; the old names still work."""
+    config = SynthConfig(method="bns+i", num_images=4, regularizers=Regularizers(ce_weight=0.25), warmup=0.1)
+    stored = config.to_dict()
+    assert list(stored) == ["method", "num_images", "iters", "batch_size", "loss", "lr", "seed", "shard_size",
+                            "precision", "priors"]
+    assert list(stored["priors"].items()) == [("tv_weight", 0.05), ("l2_weight", 1e-3), ("jitter", None),
+                                              ("flip", True), ("ce_weight", 0.25), ("warmup", 0.1)]
+    assert SynthConfig.from_dict(stored) == config
+    with pytest.warns(FutureWarning, match="priors"):
+        old = SynthConfig(method="bns+i", num_images=4, priors=Priors(ce_weight=0.25, warmup=0.1))
+    assert old == config and old.to_dict() == stored
+    with pytest.raises(ConfigError, match="twice"):
+        SynthConfig(method="bns", num_images=4, warmup=0.2, regularizers=Priors(warmup=0.1))
 
 
 def test_affine_moments_with_a_clamp_is_bn_then_relu6_in_one_node():

@@ -28,7 +28,7 @@ import torch
 
 from ..budget import shrink
 from ..data import ImageData, load_images
-from ..distributed import current
+from ..distributed import process_group
 from ..errors import ConfigError, DatasetError
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
@@ -200,7 +200,7 @@ def score_images(
     if private and not push_to_hub:
         raise ConfigError("`private` only applies with `push_to_hub`")
 
-    dist = current()
+    dist = process_group()
     temporary = tempfile.TemporaryDirectory(prefix="hub-dfq-score-") if push_to_hub and out_dir is None else None
     target = out_dir if out_dir is not None else (os.path.join(temporary.name, "scored") if temporary else None)
     try:

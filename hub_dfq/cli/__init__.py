@@ -159,10 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _settle() -> None:
     """After an error every rank raised alike, leave together: the launcher stops the others as soon as one
     process exits with an error, and rank 0 must have printed it by then."""
-    from ..distributed import current  # why: only reached in a multi-process run, where torch is loaded
+    from ..distributed import process_group  # why: only reached in a multi-process run, where torch is loaded
 
     try:
-        current().barrier()
+        process_group().barrier()
     except RuntimeError as err:  # the group is gone already: nothing left to wait for
         logging.getLogger(__name__).debug("could not wait for the other processes: %s", err)
 

@@ -110,9 +110,9 @@ def place(model: Any) -> Any:
     """Move ``model`` to this process's accelerator in a multi-process run (CPU runs leave it where it is)."""
     if world_rank()[0] <= 1:
         return model
-    from ..distributed import current  # why: torch is already loaded by the model; keeps --help free of it
+    from ..distributed import process_group  # why: torch is already loaded by the model; keeps --help free of it
 
-    device = current().device
+    device = process_group().device
     if device is not None and device.type != "cpu":
         model.to(device)
     return model

@@ -35,7 +35,8 @@ from .vision_model import ModelSource, VisionModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_model", "load_folder", "build_architecture", "resolve_folder", "default_model_dir", "detect_library"]
+__all__ = ["load_model", "load_model_folder", "build_architecture", "resolve_folder", "default_model_dir",
+           "detect_library"]
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _SPELLINGS = (
@@ -149,7 +150,7 @@ def _with_library(folder: Path, source: ModelSource, config: dict, library: str)
                        license=license_)
 
 
-def load_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False,
+def load_model_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = False,
                 pretrained: bool = True) -> VisionModel:
     """Load a model folder with the adapter its ``config.json`` calls for (see :mod:`.adapters`)."""
     if not folder.is_dir():
@@ -166,7 +167,7 @@ def load_folder(folder: Path, source: ModelSource, *, trust_remote_code: bool = 
 
 def build_architecture(folder: Path, source: ModelSource, *, trust_remote_code: bool = False) -> VisionModel:
     """The float architecture of a folder with random weights (what a quantized checkpoint is rebuilt on)."""
-    return load_folder(folder, source, trust_remote_code=trust_remote_code, pretrained=False)
+    return load_model_folder(folder, source, trust_remote_code=trust_remote_code, pretrained=False)
 
 
 def _split_revision(spec: str, revision: str | None) -> tuple[str, str | None]:
@@ -268,7 +269,7 @@ def load_model(
     resolved = resolve_folder(spec, revision=revision, token=token)
     if resolved is not None:
         folder, source = resolved
-        model = load_folder(folder, source, trust_remote_code=trust_remote_code, pretrained=pretrained)
+        model = load_model_folder(folder, source, trust_remote_code=trust_remote_code, pretrained=pretrained)
     else:
         text = os.fspath(spec).strip()
         name, _ = _split_revision(text, revision)
@@ -292,7 +293,7 @@ def _load_timm_registry(spec: str, name: str, token, *, trust_remote_code: bool,
         return model
     if cfg is not None and cfg.hf_hub_id:
         folder, hub_source = _download(spec, cfg.hf_hub_id, None, token)
-        return load_folder(folder, hub_source, trust_remote_code=trust_remote_code, pretrained=True)
+        return load_model_folder(folder, hub_source, trust_remote_code=trust_remote_code, pretrained=True)
     raise ModelNotFoundError(
         f"timm has no downloadable weights for {name!r}: pass `pretrained=False` for random weights, or load a "
         "Hub repo or a local folder"

@@ -15,7 +15,7 @@ import torch
 from ..data import ImageData, iter_batches, load_images
 from ..errors import ConfigError, DatasetError
 from ..models.vision_model import VisionModel
-from ..synth.api import load_folder, synthesize_folder
+from ..synth.api import load_dataset_folder, synthesize_folder
 from ..synth.registry import SYNTH_METHODS
 from ..synth.writer import read_manifest
 
@@ -57,7 +57,7 @@ def _synthesize(model: VisionModel, method: str, n: int, *, seed: int, options: 
         options = {k: v for k, v in options.items() if k not in ("iters", "lr")}
     # A cached Hub dataset folder: repeated runs reuse it, and a pushed calibration set is exactly it.
     folder = synthesize_folder(model, method, n, seed=seed, **options)
-    data = load_images(load_folder(folder, progress=options.get("progress")))
+    data = load_images(load_dataset_folder(folder, progress=options.get("progress")))
     manifest = read_manifest(folder) or {}
     provenance = {"method": method, "n": n, "seed": seed, "folder": str(folder),
                   "fingerprint": manifest.get("fingerprint"),

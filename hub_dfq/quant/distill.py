@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import current
+from ..distributed import process_group
 from ..errors import ConfigError, DivergedError
 from ..progress import progress_enabled
 from .calibrate import act_quantizers, quant_layers, quant_mode
@@ -123,7 +123,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
     optimizer = torch.optim.Adam(weight_groups + [{"params": scale_params, "lr": cfg.lr_scale}])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
-    dist = current()
+    dist = process_group()
     batch = min(cfg.batch_size, len(data))
     mine = local_rows(batch, dist)
     student = data_parallel(module, dist)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..cache import cache_root, record_entry, record_path
-from ..distributed import current
+from ..distributed import process_group
 from ..fingerprint import fingerprint
 from ..locks import hold
 from ..outputs import temp_path
@@ -67,7 +67,7 @@ class RunState:
 
         In a multi-process run rank 0 reads it and every rank gets rank 0's, so all resume alike.
         """
-        return current().run_on_main(lambda: self._read(stage))
+        return process_group().run_on_main(lambda: self._read(stage))
 
     def _read(self, stage: str) -> dict[str, Any] | None:
         path = self._file(stage)
@@ -87,7 +87,7 @@ class RunState:
         A failed save (disk full) is logged and the run goes on: it only loses the chance to resume. In a
         multi-process run only rank 0 writes (every rank holds the same state).
         """
-        if not current().is_main:
+        if not process_group().is_main:
             return
         path = self._file(stage)
         partial = temp_path(path)  # per process: a concurrent run never removes ours
@@ -108,7 +108,7 @@ class RunState:
 
     def clear(self) -> None:
         """Delete the saved stages (rank 0 only, in a multi-process run)."""
-        if current().is_main:
+        if process_group().is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
             record_path(self.folder).unlink(missing_ok=True)
 

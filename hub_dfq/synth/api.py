@@ -20,7 +20,7 @@ from .. import __version__
 from ..budget import shrink
 from ..cache import cache_root, record_entry
 from ..deprecation import renamed_arguments
-from ..distributed import current
+from ..distributed import process_group
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
 from ..locks import hold
@@ -30,8 +30,8 @@ from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
 from ..runtime import place_model, resolve_device, resolve_precision
 from .card import write_card, write_preview
-from .config import Priors, SynthConfig
-from .dataset import SyntheticDataset, load_folder
+from .config import Regularizers, SynthConfig
+from .dataset import SyntheticDataset, load_dataset_folder
 from .generator import ALGORITHM_VERSION, BatchGenerator, check_model_supports
 from .publish import push_dataset_folder
 from .records import clear_records, merge_records, read_records, write_record
@@ -52,8 +52,8 @@ from .writer import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["synthesize", "synthesize_folder", "generate_folder", "shard_seed", "cache_dir", "load_folder",
-           "synth_fingerprint", "run_identity"]
+__all__ = ["synthesize", "synthesize_folder", "generate_folder", "shard_seed", "synth_cache_dir",
+           "load_dataset_folder", "synth_fingerprint", "run_identity"]
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -61,7 +61,7 @@ def shard_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"hub-dfq/synth/{seed}/{index}".encode()).digest()[:8], "little") >> 1
 
 
-def cache_dir() -> Path:
+def synth_cache_dir() -> Path:
     """Root of cached synthetic datasets (see :func:`hub_dfq.cache.cache_root`)."""
     return cache_root("synth")
 
@@ -74,7 +74,7 @@ def run_identity(model: VisionModel, config: SynthConfig, *, weights: str | None
     return {
         "arguments": config.to_dict(),
         "weights_sha256": weights or weights_sha256(model.module),
-        "algorithm": {"loop": ALGORITHM_VERSION, "method": config.spec.version,
+        "algorithm": {"loop": ALGORITHM_VERSION, "method": config.method_info.version,
                       "loss": BN_LOSSES.get(config.loss).version},
         "device_type": model.device.type,
     }
@@ -144,7 +144,7 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     if resume and overwrite:
         raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
     check_model_supports(model, config.method)
-    dist = current()
+    dist = process_group()
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
     dist.check_same("synthesis", _same_everywhere(identity, out_dir=os.fspath(out_dir), resume=resume,
@@ -208,7 +208,7 @@ def _generate(*, model: VisionModel, config: SynthConfig, folder: Path, previous
             "complete": False,
             "shards": [done[i] for i in sorted(done)],
         }
-        if config.spec.augment is not None:
+        if config.method_info.augment is not None:
             manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
         write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
         return manifest
@@ -249,7 +249,7 @@ def _generate(*, model: VisionModel, config: SynthConfig, folder: Path, previous
                 bar.close()
         return made
 
-    made_by_rank = dist.together(work)
+    made_by_rank = dist.run_on_every_rank(work)
 
     def finish() -> dict[str, Any]:
         manifest["shards"] = merge_records(manifest["shards"], *made_by_rank)
@@ -373,7 +373,7 @@ def _reusable(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return existing
 
 
-@renamed_arguments(n="num_images")
+@renamed_arguments(n="num_images", priors="regularizers")
 def synthesize_folder(
     model: VisionModel | str,
     method: str = "bns",
@@ -389,7 +389,8 @@ def synthesize_folder(
     overwrite: bool = False,
     shard_size: int = 1024,
     precision: str = "auto",
-    priors: Priors | dict[str, Any] | None = None,
+    regularizers: Regularizers | dict[str, Any] | None = None,
+    warmup: float = 0.05,
     progress: bool | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
@@ -425,7 +426,9 @@ def synthesize_folder(
             complete; files hub-dfq did not write there are kept).
         shard_size: rows per parquet shard.
         precision: ``auto``, ``fp32`` or ``bf16``.
-        priors: :class:`Priors` (or a dict of its fields) for inception and bns+i.
+        regularizers: :class:`~hub_dfq.synth.config.Regularizers` (or a dict of its fields) for inception and
+            bns+i; ``priors`` is its old name.
+        warmup: fraction of the iterations with a linearly rising learning rate (then a cosine decay).
         progress: show a progress bar (``None``: on a terminal).
         push_to_hub: also push the folder to this dataset repository (one commit).
         private: create the Hub repository as private.
@@ -454,14 +457,15 @@ def synthesize_folder(
     """
     if out_dir is None and overwrite:
         raise ConfigError("`overwrite=True` needs an explicit `out_dir` (the cache is keyed on the run itself)")
-    if isinstance(priors, dict):
-        priors = Priors(**priors)
+    if isinstance(regularizers, dict):
+        regularizers = Regularizers(**regularizers)
     run_device = resolve_device(device) if device is not None else (
         model.device if isinstance(model, VisionModel) else torch.device("cpu"))
     precision = resolve_precision(precision, run_device)
     config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
-                         seed=seed, shard_size=shard_size, precision=precision, priors=priors or Priors())
-    dist = current()
+                         seed=seed, shard_size=shard_size, precision=precision,
+                         regularizers=regularizers or Regularizers(), warmup=warmup)
+    dist = process_group()
     with contextlib.ExitStack() as held:
         if out_dir is not None:  # checked, and locked (by rank 0), before the model is even loaded
             dist.run_on_main(lambda: held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite,
@@ -479,7 +483,7 @@ def synthesize_folder(
                                                       private=private))
         run = dict(progress=progress, repo_id=push_to_hub)
         if out_dir is None:
-            folder = cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
+            folder = synth_cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
             dist.check_shared_folder(folder, what="the synthesis cache folder",
                                      hint=" (set HUB_DFQ_CACHE to one, or pass `out_dir`)")
             dist.run_on_main(lambda: held.enter_context(hold(folder, what="synthetic-data cache entry")) and None)

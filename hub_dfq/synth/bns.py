@@ -21,7 +21,7 @@ from ..models.vision_model import BN_TYPES, bn_remainder
 from ..registry import resolve
 from .registry import BN_LOSSES
 
-__all__ = ["BNLoss", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "kl_term", "reverse_kl_term"]
+__all__ = ["BNLossTerms", "bn_loss", "StopForward", "StatsBatchNorm", "swap_batchnorms", "kl_term", "reverse_kl_term"]
 
 
 class StopForward(Exception):
@@ -47,7 +47,7 @@ def reverse_kl_term(running_mean: torch.Tensor, running_var: torch.Tensor, mean:
     return gaussian_kl(mean, var, running_mean, running_var, eps=eps).mean()
 
 
-class BNLoss:
+class BNLossTerms:
     """Per-layer BN divergences of the last forward pass (see :func:`bn_loss`).
 
     Attributes:
@@ -57,9 +57,9 @@ class BNLoss:
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], loss: str, stop_after_last: bool):
         self.names = [name for name, _ in layers]
         self.loss = loss
-        spec = BN_LOSSES.get(loss)
-        self._term = resolve(spec.layer_term)
-        self._eps = [_bn_eps(layer) for _, layer in layers] if spec.layer_eps else None
+        descriptor = BN_LOSSES.get(loss)
+        self._term = resolve(descriptor.layer_term)
+        self._eps = [_bn_eps(layer) for _, layer in layers] if descriptor.layer_eps else None
         self.stop_after_last = stop_after_last
         self.terms: list[torch.Tensor] = []
         self.enabled = True
@@ -171,7 +171,7 @@ def swap_batchnorms(module: nn.Module, names: Sequence[str]) -> nn.Module:
 
 @contextmanager
 def bn_loss(layers: Sequence[tuple[str, nn.Module]], *, loss: str = "kl",
-            stop_after_last: bool = False) -> Iterator[BNLoss]:
+            stop_after_last: bool = False) -> Iterator[BNLossTerms]:
     """Accumulate the BN loss during forward passes inside the block; always detached on exit.
 
     Args:
@@ -182,9 +182,9 @@ def bn_loss(layers: Sequence[tuple[str, nn.Module]], *, loss: str = "kl",
             around the model call.
 
     Yields:
-        The :class:`BNLoss` collecting the terms; call ``reset()`` before each forward.
+        The :class:`BNLossTerms` collecting the terms; call ``reset()`` before each forward.
     """
-    state = BNLoss(layers, loss, stop_after_last)
+    state = BNLossTerms(layers, loss, stop_after_last)
     handles, swapped = [], []
     for i, (_, layer) in enumerate(layers):
         if isinstance(layer, StatsBatchNorm):
@@ -202,7 +202,7 @@ def bn_loss(layers: Sequence[tuple[str, nn.Module]], *, loss: str = "kl",
             layer.sink, layer.last = None, False
 
 
-def _sink(state: BNLoss, index: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def _sink(state: BNLossTerms, index: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
     def sink(mean: torch.Tensor, var: torch.Tensor) -> None:
         if state.enabled:
             state._record(index, mean, var)

@@ -16,7 +16,7 @@ from .registry import BN_LOSSES, SYNTH_METHODS
 
 __all__ = ["render_card", "write_card", "write_preview", "size_category"]
 
-# how the card names each Priors field a method can use
+# how the card names each field of a stored "priors" mapping (the Regularizers and the warm-up)
 _HYPERPARAMETER_LABELS = {"tv_weight": "total variation weight", "l2_weight": "L2 weight",
                           "jitter": "jitter (pixels)", "flip": "random flips", "ce_weight": "cross-entropy weight",
                           "warmup": "warm-up fraction"}

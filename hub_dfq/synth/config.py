@@ -7,19 +7,21 @@ The config is data: it is checked once here, stored in ``generation.json`` and c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ..deprecation import renamed_arguments
 from ..errors import ConfigError
 from ..runtime import fast_bf16
 from .registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS, SynthMethod
 
-__all__ = ["SynthConfig", "Priors"]
+__all__ = ["SynthConfig", "Regularizers", "Priors"]
 
 
 @dataclass(frozen=True)
-class Priors:
-    """Image priors and auxiliary loss weights.
+class Regularizers:
+    """What a method adds to its main loss term: image priors, augmentations and auxiliary loss weights.
 
     Args:
         tv_weight: weight of the (squared) total variation of the image (inception).
@@ -28,7 +30,8 @@ class Priors:
             1/16 of the image side.
         flip: random horizontal flips per step (inception).
         ce_weight: weight of the cross-entropy towards the target class (bns+i).
-        warmup: fraction of the iterations with a linearly rising learning rate.
+        warmup: deprecated here: the warm-up is :attr:`SynthConfig.warmup` (``Priors(warmup=...)`` and
+            ``priors={"warmup": ...}`` still work, with a warning).
     """
 
     tv_weight: float = 0.05
@@ -36,7 +39,15 @@ class Priors:
     jitter: int | None = None
     flip: bool = True
     ce_weight: float = 0.5
-    warmup: float = 0.05
+    warmup: InitVar[float | None] = None
+
+    def __post_init__(self, warmup: float | None) -> None:
+        object.__setattr__(self, "_legacy_warmup", warmup)
+
+
+# why: the class's name before issue 20 (it never held only image priors), still the name of the public
+# `priors=` argument and of the "priors" mapping in generation.json; kept for users' code
+Priors = Regularizers
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,11 @@ class SynthConfig:
         shard_size: rows per parquet shard (rounded up to a multiple of ``batch_size``).
         precision: ``fp32``, ``bf16`` (autocast for the forward/backward, float32 statistics,
             inputs and optimiser) or ``auto`` (bf16 where the hardware has fast bf16 matmuls).
-        priors: image priors and auxiliary loss weights.
+        regularizers: image priors, augmentations and auxiliary loss weights (was ``priors``).
+        warmup: fraction of the iterations with a linearly rising learning rate (then a cosine decay).
+
+    ``to_dict`` keeps the layout of ``generation.json`` and of every cache key from before these names:
+    ``regularizers`` and ``warmup`` are stored together as ``"priors"``.
     """
 
     method: str = "bns"
@@ -69,10 +84,12 @@ class SynthConfig:
     seed: int = 0
     shard_size: int = 1024
     precision: str = "auto"
-    priors: Priors = field(default_factory=Priors)
+    regularizers: Regularizers = field(default_factory=Regularizers)
+    warmup: float = 0.05
 
     def __post_init__(self) -> None:
-        spec = SYNTH_METHODS.get(self.method)
+        self._absorb_legacy_warmup()
+        method = SYNTH_METHODS.get(self.method)
         BN_LOSSES.get(self.loss)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -82,18 +99,18 @@ class SynthConfig:
             raise ConfigError(f"`batch_size` must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.shard_size, int) or self.shard_size <= 0:
             raise ConfigError(f"`shard_size` must be a positive integer, got {self.shard_size!r}")
-        iters = spec.iters if self.iters is None else self.iters
-        lr = spec.lr if self.lr is None else float(self.lr)
-        if not spec.optimised:
+        iters = method.iters if self.iters is None else self.iters
+        lr = method.lr if self.lr is None else float(self.lr)
+        if not method.optimised:
             iters, lr = 0, 0.0  # nothing is optimised
         elif isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
             raise ConfigError(
                 f"`iters` must be a positive integer for method {self.method!r}, got {iters!r}: with no optimisation "
                 "step the images would be unoptimised noise under its name (use method 'gaussian' for noise)")
-        if spec.optimised and not (math.isfinite(lr) and lr > 0):
+        if method.optimised and not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"`lr` (learning rate) must be a positive number, got {lr}")
-        if not 0.0 <= self.priors.warmup < 1.0:
-            raise ConfigError(f"warm-up fraction must be in [0, 1), got {self.priors.warmup}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warm-up fraction must be in [0, 1), got {self.warmup}")
         batch = min(self.batch_size, self.num_images)  # a batch larger than the run is clamped, not refused
         shard = batch * math.ceil(min(self.shard_size, self.num_images) / batch)
         object.__setattr__(self, "iters", int(iters))
@@ -103,9 +120,21 @@ class SynthConfig:
         if self.precision == "auto":
             object.__setattr__(self, "precision", "bf16" if fast_bf16() else "fp32")
 
+    def _absorb_legacy_warmup(self) -> None:
+        """Take a warm-up given the old way, inside the regularizers (``Priors(warmup=...)``)."""
+        legacy = getattr(self.regularizers, "_legacy_warmup", None)
+        if legacy is None:
+            return
+        if self.warmup not in (legacy, _DEFAULT_WARMUP):
+            raise ConfigError(f"the warm-up is given twice, {self.warmup} and {legacy} (in `priors`): pass only "
+                              "`warmup`")
+        warnings.warn("a `warmup` in `priors` is deprecated: pass `warmup` itself", FutureWarning, stacklevel=5)
+        object.__setattr__(self, "warmup", legacy)
+        object.__setattr__(self, "regularizers", replace(self.regularizers))
+
     @property
-    def spec(self) -> SynthMethod:
-        """The method's descriptor."""
+    def method_info(self) -> SynthMethod:
+        """The method's descriptor (its registry entry)."""
         return SYNTH_METHODS.get(self.method)
 
     @property
@@ -118,12 +147,20 @@ class SynthConfig:
         return range(start, min(start + self.shard_size, self.num_images))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The stored form (``generation.json``, cache keys): the regularizers and the warm-up as ``"priors"``."""
+        data = asdict(self)
+        stored = {**data.pop("regularizers"), "warmup": data.pop("warmup")}
+        return {**data, "priors": stored}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SynthConfig":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"regularizers", "warmup"}
         data = {("num_images" if k == "n" else k): v for k, v in data.items()}  # manifests before 0.2 said "n"
         values = {k: v for k, v in data.items() if k in known}
-        values["priors"] = Priors(**data.get("priors", {}))
-        return cls(**values)
+        stored = dict(data.get("priors", {}))
+        return cls(**values, warmup=stored.pop("warmup", _DEFAULT_WARMUP), regularizers=Regularizers(**stored))
+
+
+_DEFAULT_WARMUP = SynthConfig.warmup
+# why: `priors` was the argument's name before issue 20 (the "priors" key of generation.json keeps it)
+SynthConfig.__init__ = renamed_arguments(priors="regularizers")(SynthConfig.__init__)  # type: ignore[method-assign]

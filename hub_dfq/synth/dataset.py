@@ -47,7 +47,7 @@ from .card import write_card
 from .publish import push_dataset_folder
 from .writer import CARD, MANIFEST, PREVIEW, file_sha256, read_manifest
 
-__all__ = ["SyntheticDataset", "load_folder"]
+__all__ = ["SyntheticDataset", "load_dataset_folder"]
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 # datasets.Dataset.push_to_hub's options, with the values that describe the folder as it is
@@ -57,7 +57,7 @@ _SAME_LAYOUT: dict[str, tuple[Any, ...]] = {
     "embed_external_files": (True,), "num_proc": (None,)}
 
 
-def load_folder(folder: str | os.PathLike[str], *, progress: bool | None = None) -> datasets.Dataset:
+def load_dataset_folder(folder: str | os.PathLike[str], *, progress: bool | None = None) -> datasets.Dataset:
     """The ``train`` split of a dataset folder as a plain ``datasets.Dataset`` (via ``load_dataset(DIR)``)."""
     quiet = not progress_enabled(progress) and datasets.is_progress_bar_enabled()
     if quiet:
@@ -84,7 +84,7 @@ class SyntheticDataset(datasets.Dataset):
     @classmethod
     def _read(cls, folder: str | os.PathLike[str], *, progress: bool | None = None) -> SyntheticDataset:
         """The finished dataset folder ``folder`` (what ``synthesize`` wrote) as a :class:`SyntheticDataset`."""
-        plain = load_folder(folder, progress=progress)
+        plain = load_dataset_folder(folder, progress=progress)
         # same table, info and fingerprint: datasets' caches treat it as the dataset it read
         dataset = cls(plain.data, info=plain.info, split=plain.split, indices_table=plain._indices,
                       fingerprint=plain._fingerprint)

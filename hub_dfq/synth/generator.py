@@ -62,12 +62,13 @@ class BatchResult:
 def check_model_supports(model: VisionModel, method: str) -> None:
     """Refuse methods the model cannot serve (BN methods without BatchNorm), naming the methods that work."""
     working = methods_for(has_bn=bool(model.bn_layers))
-    spec = SYNTH_METHODS.get(method, among=working)
-    if spec.needs_bn and not model.bn_layers:
+    descriptor = SYNTH_METHODS.get(method, among=working)
+    if descriptor.needs_bn and not model.bn_layers:
         raise UnsupportedModelError(
             f"{model.source.spec} has no BatchNorm layers, so method {method!r} has no statistics to match: "
             f"methods that work for this model: {', '.join(working)}")
-    if spec.needs_bn:  # a NaN statistic would be blamed on the learning rate (a model built in Python is unchecked)
+    if descriptor.needs_bn:  # a NaN statistic would be blamed on the learning rate (a model built in Python is
+        # unchecked)
         check_bn_statistics(model.module, spec=model.source.spec)
 
 
@@ -83,7 +84,7 @@ class BatchGenerator:
         check_model_supports(model, config.method)
         self.model = model
         self.config = config
-        self.method = config.spec
+        self.method = config.method_info
         self._loss = resolve(self.method.loss) if self.method.optimised else None
         self._augment = resolve(self.method.augment) if self.method.augment is not None else None
         self.device = model.device
@@ -119,8 +120,8 @@ class BatchGenerator:
     @staticmethod
     def resolve_jitter(model: VisionModel, config: SynthConfig) -> int:
         """Jitter in pixels: the configured one, or 1/16 of the image side (2 px on CIFAR, 14 on ImageNet)."""
-        if config.priors.jitter is not None:
-            return int(config.priors.jitter)
+        if config.regularizers.jitter is not None:
+            return int(config.regularizers.jitter)
         return max(1, model.input_size[-1] // 16)
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class BatchGenerator:
         return BatchResult(pixels.cpu(), labels.cpu(), start, end, losses)
 
     def _optimise(self, x0, targets, generator, on_step, where):
-        cfg, priors, method = self.config, self.config.priors, self.method
+        cfg, regularizers, method = self.config, self.config.regularizers, self.method
         x = self._layout(x0.clone()).requires_grad_(True)
         # one fused kernel per step instead of a dozen elementwise passes over the batch
         optimiser = torch.optim.Adam([x], lr=cfg.lr, fused=x.device.type in ("cpu", "cuda") or None)
@@ -198,11 +199,11 @@ class BatchGenerator:
         with hooks as state, heap_reuse(x.device.type == "cpu"):
             for step in range(cfg.iters):
                 for group in optimiser.param_groups:
-                    group["lr"] = cosine_lr(step, cfg.iters, base=cfg.lr, warmup=priors.warmup)
+                    group["lr"] = cosine_lr(step, cfg.iters, base=cfg.lr, warmup=cfg.warmup)
                 optimiser.zero_grad(set_to_none=True)
                 inputs = x
                 if self._augment is not None:
-                    inputs = self._augment(x, jitter=self.jitter, flip=priors.flip, generator=generator)
+                    inputs = self._augment(x, jitter=self.jitter, flip=regularizers.flip, generator=generator)
                 if state is not None:
                     state.reset()
                 with self._autocast():
@@ -212,7 +213,7 @@ class BatchGenerator:
                         logits = None
                 loss = self._loss(Step(x=x, inputs=inputs, logits=logits,
                                        bn_loss=state.total() if state is not None else None,
-                                       targets=targets, priors=priors, index=step, total=cfg.iters))
+                                       targets=targets, regularizers=regularizers, index=step, total=cfg.iters))
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise DivergedError(

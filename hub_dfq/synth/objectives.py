@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import Priors
+from .config import Regularizers
 from .priors import l2_prior, total_variation
 
 __all__ = ["Step", "inception_loss", "bns_loss", "bns_inception_loss"]
@@ -28,7 +28,7 @@ class Step:
         bn_loss: the BN-statistics divergence of ``inputs`` summed over layers (``None`` unless the
             method needs BatchNorm statistics).
         targets: the class each image is optimised towards.
-        priors: image priors and auxiliary weights.
+        regularizers: image priors, augmentations and auxiliary loss weights (:attr:`priors`: its old name).
         index: the step number, from 0.
         total: the number of steps.
     """
@@ -38,17 +38,22 @@ class Step:
     logits: torch.Tensor | None
     bn_loss: torch.Tensor | None
     targets: torch.Tensor
-    priors: Priors
+    regularizers: Regularizers
     index: int
     total: int
+
+    @property
+    def priors(self) -> Regularizers:
+        """``regularizers`` under its name before issue 20, for losses written against it."""
+        return self.regularizers
 
 
 def inception_loss(step: Step) -> torch.Tensor:
     """Minus the target logit, plus total-variation and L2 image priors."""
     chosen = step.logits.float().gather(1, step.targets[:, None]).mean()
     zero = step.x.new_zeros(())  # kept from the first implementation: the same float sums, the same bytes
-    return (zero - chosen + step.priors.tv_weight * total_variation(step.x)
-            + step.priors.l2_weight * l2_prior(step.x))
+    return (zero - chosen + step.regularizers.tv_weight * total_variation(step.x)
+            + step.regularizers.l2_weight * l2_prior(step.x))
 
 
 def bns_loss(step: Step) -> torch.Tensor:
@@ -58,4 +63,4 @@ def bns_loss(step: Step) -> torch.Tensor:
 
 def bns_inception_loss(step: Step) -> torch.Tensor:
     """The BN-statistics divergence plus cross-entropy towards the targets."""
-    return step.bn_loss + step.priors.ce_weight * F.cross_entropy(step.logits.float(), step.targets)
+    return step.bn_loss + step.regularizers.ce_weight * F.cross_entropy(step.logits.float(), step.targets)

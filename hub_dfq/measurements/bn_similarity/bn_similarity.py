@@ -9,7 +9,7 @@ import datasets
 import evaluate
 
 import hub_dfq
-from hub_dfq.distributed import local
+from hub_dfq.distributed import single_process
 
 _CITATION = """\
 @inproceedings{haroush2020knowledge,
@@ -74,7 +74,7 @@ class BnSimilarity(evaluate.Measurement):
                                           features=datasets.Features({"images": datasets.Image(decode=False)}))
         # evaluate shares work between processes its own way (it may compute on one process only): the audit
         # here is this process's alone, never split with the others of a launch
-        with local():
+        with single_process():
             report = hub_dfq.audit(model, {"images": data}, batch_size=batch_size, score_batch=score_batch,
                                    metric=metric, references=reference_points, seed=seed, bootstrap=bootstrap,
                                    progress=False)
