@@ -9,6 +9,7 @@ Public API, one entry point per job::
     synthetic = hub_dfq.synthesize(model, "bns", num_images=256)  # a datasets.Dataset
     synthetic.save_pretrained("bns-256")            # its Hub dataset folder; or synthetic.push_to_hub(REPO)
     qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration="bns")
+    # or step by step: prepare -> calibrate -> apply -> freeze (hub_dfq.quant.stages)
     qmodel.save_pretrained("model-w4a4")            # or qmodel.push_to_hub("me/model-w4a4-dfq")
     qmodel = hub_dfq.QuantizedModel.from_pretrained("me/model-w4a4-dfq")
     hub_dfq.export_onnx(qmodel, "model.onnx")      # integer kernels in ONNX Runtime: hub_dfq.load_onnx
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 # name -> module that defines it
 _API = {
+    "AuditConfig": ".audit.config",
     "AuditReport": ".audit.core",
     "audit": ".audit.core",
     "ImageData": ".data",
@@ -59,6 +61,12 @@ _API = {
     "QuantScheme": ".quant.config",
     "QuantizedModel": ".quant.model",
     "quantize": ".quant.api",
+    "PreparedModel": ".quant.stages",
+    "prepare": ".quant.stages",
+    "calibrate": ".quant.stages",
+    "calibrating": ".quant.stages",
+    "apply": ".quant.stages",
+    "freeze": ".quant.stages",
     "synthesize": ".synth.api",
     "SyntheticDataset": ".synth.dataset",
     "score_images": ".audit.images",
@@ -68,6 +76,7 @@ _API = {
 __all__ = sorted(_API) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
+    from .audit.config import AuditConfig  # noqa: F401
     from .audit.core import AuditReport, audit  # noqa: F401
     from .audit.images import ImageScores, score_images  # noqa: F401
     from .backends.onnx import export_onnx, load_onnx  # noqa: F401
@@ -81,6 +90,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from .quant.api import quantize  # noqa: F401
     from .quant.config import QuantConfig, QuantScheme  # noqa: F401
     from .quant.model import QuantizedModel  # noqa: F401
+    from .quant.stages import PreparedModel, apply, calibrate, calibrating, freeze, prepare  # noqa: F401
     from .synth.api import synthesize  # noqa: F401
     from .synth.dataset import SyntheticDataset  # noqa: F401
 

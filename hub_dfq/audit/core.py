@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import datasets
@@ -13,9 +14,8 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
-from ..deprecation import renamed_arguments
 from ..distributed import current
-from ..errors import ConfigError, DatasetError, HubDfqError, UnsupportedModelError
+from ..errors import ArgumentTypeError, DatasetError, HubDfqError, UnsupportedModelError
 from ..fingerprint import weights_sha256
 from ..locks import hold
 from ..models.checks import check_bn_statistics
@@ -26,6 +26,7 @@ from ..partition import block_size, rank_part
 from ..progress import progress_enabled
 from ..runtime import place_model
 from . import references as refs
+from .config import AuditConfig
 from .moments import IMAGE_METRIC, MomentAccumulator
 from .registry import DIVERGENCES
 from .results import AuditReport, CandidateResult
@@ -33,14 +34,14 @@ from .scores import SPAN_DECADES, aggregate, bootstrap_estimate, layer_divergenc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["audit", "AuditReport", "CandidateResult", "MAX_LISTED_SKIPPED"]
+__all__ = ["audit", "AuditConfig", "AuditReport", "CandidateResult", "MAX_LISTED_SKIPPED"]
 
 # A broken dataset could skip millions of rows; the report lists the first ones and counts all.
 MAX_LISTED_SKIPPED = 1000
 # The per-image view of a candidate: these quantiles of its images' scores and its most atypical rows.
 IMAGE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 MOST_ATYPICAL = 10
-REFERENCE_MODES = ("auto", "gaussian", "none")
+AGGREGATE = "geometric mean over BN layers of the channel-mean divergence"  # as the report states it
 
 DataLike = Any  # str | PathLike | datasets.Dataset | IterableDataset | DatasetDict | ImageData
 
@@ -264,31 +265,37 @@ def _open(name: str | None, spec: Any, load_kwargs: dict[str, Any]) -> tuple[str
     return name, data
 
 
-@renamed_arguments(reference_steps="reference_iters")
+def _config(config: AuditConfig | Mapping[str, Any] | None, settings: dict[str, Any]) -> AuditConfig:
+    """``config`` (an :class:`AuditConfig`, its dict, or the defaults) with the keyword ``settings`` over it."""
+    # the former spelling is handled here, not by hub_dfq.deprecation.renamed_arguments: its new name is a field
+    # of AuditConfig inside **settings, not a parameter the decorator can bind
+    if "reference_steps" in settings:
+        if "reference_iters" in settings:
+            raise ArgumentTypeError("audit() got both `reference_steps` (deprecated) and `reference_iters`: pass only "
+                                    "`reference_iters`")
+        warnings.warn("`reference_steps` is deprecated: use `reference_iters`", FutureWarning, stacklevel=3)
+        settings["reference_iters"] = settings.pop("reference_steps")
+    if isinstance(config, Mapping):
+        config = AuditConfig.from_dict(config)
+    elif config is None:
+        config = AuditConfig()
+    elif not isinstance(config, AuditConfig):
+        raise ArgumentTypeError(f"config must be an AuditConfig (or its dict), got {type(config).__name__}")
+    return config.replace(**settings) if settings else config
+
+
 def audit(
     model: VisionModel | str,
     data: DataLike | Sequence[DataLike] | Mapping[str, DataLike],
+    config: AuditConfig | Mapping[str, Any] | None = None,
     *,
-    limit: int | None = None,
-    batch_size: int = 64,
-    score_batch: int = 64,
-    metric: str = "kl",
-    references: str | Mapping[str, float] = "auto",
-    reference_images: int = 64,
-    reference_iters: int = 200,
-    bootstrap: int = 200,
-    seed: int = 0,
-    split: str | None = None,
-    image_column: str | None = None,
-    streaming: bool = False,
-    cache: bool = True,
     out_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
-    reference_budget_gmacs: float | None = refs.NEAR_BUDGET_GMACS,
+    **settings: Any,
 ) -> AuditReport:
     """Score how close each candidate dataset is to the data the model was trained on.
 
@@ -305,24 +312,7 @@ def audit(
         model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
         data: one dataset (anything :func:`hub_dfq.load_images` takes, or an ``ImageData``), a list
             of them, or a mapping ``name -> dataset`` (names label the report).
-        limit: audit only the first ``limit`` images of each candidate.
-        batch_size: images per forward pass.
-        score_batch: images per batch-level score (the bootstrap resamples single images).
-        metric: the main divergence, ``"kl"`` (the paper's), ``"symmetric_kl"``, ``"reverse_kl"`` or ``"w2"``; all
-            three are reported per layer.
-        references: ``"auto"`` (Gaussian noise as "far", BNS synthetic data as "near"),
-            ``"gaussian"`` (noise only: one-point scale ``log10(far / d) / 3``), ``"none"``, or a mapping
-            ``{"far": d, "near": d}`` of known reference divergences.
-        reference_images: images per reference point.
-        reference_iters: BNS optimisation steps per batch of the near reference (``iters`` of
-            :func:`hub_dfq.synthesize`).
-        bootstrap: bootstrap replicates (Poisson weights per image) of the bias-corrected divergence
-            and its 95% interval (0: the plug-in divergence and no interval).
-        seed: seed of the reference points and the bootstrap.
-        split: dataset split (default: test, then validation, then train).
-        image_column: column holding the images (auto-detected).
-        streaming: stream Hub datasets instead of downloading them.
-        cache: read and write reference points in :func:`hub_dfq.audit.references.cache_dir`.
+        config: an :class:`~hub_dfq.AuditConfig` (or its dict); keyword settings below override its fields.
         out_dir: also write ``audit.json``, ``audit.md`` and ``audit_layers.png`` as this folder (new or
             empty, or one hub-dfq wrote; checked before any work, see :mod:`hub_dfq.outputs`).
         overwrite: replace an audit report hub-dfq wrote in ``out_dir`` earlier.
@@ -331,11 +321,8 @@ def audit(
         revision: Hub revision of the model, when ``model`` is a spec.
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is. Moments are accumulated in float64 on that device.
-        reference_steps: deprecated spelling of ``reference_iters``.
-        reference_budget_gmacs: with ``references="auto"``, synthesise the near reference only when it
-            costs at most this many GMACs (3 x images x iterations x MACs per image; ``None``: always).
-            Above it (EfficientNet-Lite0 at 224 px with the defaults) the near point is skipped, the
-            report says why, and similarity uses the one-point scale against noise.
+        **settings: fields of :class:`~hub_dfq.AuditConfig`, where each is described (``limit``, ``metric``,
+            ``references``, ``bootstrap``, ...); ``reference_steps`` is the deprecated spelling of ``reference_iters``.
 
     Returns:
         An :class:`AuditReport`; ``report.ranking()`` lists candidates from closest to farthest.
@@ -343,23 +330,17 @@ def audit(
     Raises:
         UnsupportedModelError: the model has no BatchNorm layer with running statistics.
         DatasetError: a candidate cannot be opened, is empty, or has no readable image.
-        ConfigError: an argument is out of range.
+        ConfigError: a setting is out of range.
+        TypeError: a keyword that is no setting.
         OutputExistsError, OutputWriteError, UnsafeOutputError, OutputLockedError: ``out_dir`` cannot be
             written (see :func:`hub_dfq.outputs.check_folder`).
 
     Example:
         >>> report = hub_dfq.audit("default", ["default", "parquet:my_photos.parquet"], limit=500)
         >>> [(c.dataset, round(c.similarity, 2)) for c in report.ranking()]
+        >>> hub_dfq.audit("default", "default", AuditConfig(references="gaussian", bootstrap=0))
     """
-    if batch_size < 1 or score_batch < 1:
-        raise ConfigError(f"batch sizes must be positive, got batch_size={batch_size}, score_batch={score_batch}")
-    DIVERGENCES.get(metric)
-    if bootstrap < 0 or reference_images < 1 or reference_iters < 1:
-        raise ConfigError("`bootstrap` must be >= 0, `reference_images` and `reference_iters` >= 1; got "
-                          f"{bootstrap}, {reference_images}, {reference_iters}")
-    if not isinstance(references, Mapping) and references not in REFERENCE_MODES:
-        raise ConfigError(f"references must be one of {list(REFERENCE_MODES)} or a mapping {{'far': .., 'near': ..}},"
-                          f" got {references!r}")
+    config = _config(config, settings)
     dist = current()
     if out_dir is not None and dist.is_main:  # checked, and locked, before any work: a refused folder costs nothing
         reservation = reserve_folder(out_dir, kind="audit", overwrite=overwrite)
@@ -372,8 +353,8 @@ def audit(
         layers = _check_model(model)
 
         # Open every candidate first: a wrong spec fails in seconds, not after the first audits.
-        load_kwargs = {"split": split, "limit": limit, "image_column": image_column, "streaming": streaming,
-                       "token": token}
+        load_kwargs = {"split": config.split, "limit": config.limit, "image_column": config.image_column,
+                       "streaming": config.streaming, "token": token}
         opened = [_open(name, spec, load_kwargs) for name, spec in _candidates(data)]
         if not opened:
             raise DatasetError("no dataset to audit: pass at least one")
@@ -385,34 +366,32 @@ def audit(
 
         if dist.enabled:  # before any work: processes that audit different things would combine nonsense
             dist.check_same("audit", {"weights": weights_sha256(model.module), "datasets": [n for n, _ in opened],
-                                      "rows": [d.num_rows for _, d in opened], "limit": limit,
-                                      "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
-                                      "references": references, "reference_images": reference_images,
-                                      "reference_iters": reference_iters, "bootstrap": bootstrap, "seed": seed,
-                                      "split": split, "out_dir": out_dir,
-                                      "reference_budget_gmacs": reference_budget_gmacs})
-        common = dict(score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed)
+                                      "rows": [d.num_rows for _, d in opened], **config.to_dict(),
+                                      "out_dir": out_dir})
+        common = dict(score_batch=config.score_batch, metric=config.metric, bootstrap=config.bootstrap,
+                      seed=config.seed)
+        references, budget = config.references, config.reference_budget_gmacs
+        images, iters = config.reference_images, config.reference_iters
         reference_info: dict[str, Any] = {"far": None, "near": None}
         if isinstance(references, Mapping):
             reference_info = {k: ({"divergence": float(references[k]), "method": "given"}
                                   if references.get(k) is not None else None) for k in ("far", "near")}
         elif references != "none":
             kinds = ("far", "near") if references == "auto" else ("far",)
-            if "near" in kinds and reference_budget_gmacs is not None:
-                cost = refs.near_cost_gmacs(model, n=reference_images, iters=reference_iters)
-                if cost > reference_budget_gmacs:
+            if "near" in kinds and budget is not None:
+                cost = refs.near_cost_gmacs(model, n=images, iters=iters)
+                if cost > budget:
                     # too expensive to synthesise here, and a cut-down synthesis is no anchor: say so, use noise alone
                     kinds = ("far",)
-                    reason = (f"BNS synthesis of {reference_images} images x {reference_iters} steps would cost "
-                              f"~{cost:,.0f} GMACs, over the budget of {reference_budget_gmacs:,.0f} "
-                              "(reference_budget_gmacs)")
+                    reason = (f"BNS synthesis of {images} images x {iters} steps would cost ~{cost:,.0f} GMACs, "
+                              f"over the budget of {budget:,.0f} (reference_budget_gmacs)")
                     logger.info("near reference %s", reason)
                     reference_info["near"] = {"method": "hub_dfq.synth bns", "skipped": True, "error": reason,
                                               "divergence": None, "cost_gmacs": cost}
 
             def measure_references() -> dict[str, Any]:
-                return {kind: _reference(model, layers, kind, n=reference_images, steps=reference_iters,
-                                         batch_size=batch_size, cache=cache, progress=progress, **common)
+                return {kind: _reference(model, layers, kind, n=images, steps=iters, batch_size=config.batch_size,
+                                         cache=config.cache, progress=progress, **common)
                         for kind in kinds}
 
             # Rank 0 alone measures the reference points (or reads them from its cache); every rank gets them.
@@ -431,7 +410,7 @@ def audit(
 
         results = []
         for name, d in opened:
-            result = measure_data(model, d, name=name, batch_size=batch_size, progress=progress, **common)
+            result = measure_data(model, d, name=name, batch_size=config.batch_size, progress=progress, **common)
             results.append(result)
         for r in results + [reference_info[k] for k in ("far", "near") if isinstance(reference_info[k], dict)]:
             _attach_similarity(r, far=far, near=near)
@@ -442,11 +421,7 @@ def audit(
         report = AuditReport(
             model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
                    "input_size": list(model.input_size)},
-            settings={"limit": limit, "batch_size": batch_size, "score_batch": score_batch, "metric": metric,
-                      "references": references if isinstance(references, str) else "given",
-                      "reference_images": reference_images, "bootstrap": bootstrap, "seed": seed, "split": split,
-                      "normalisation": normalisation, "reference_budget_gmacs": reference_budget_gmacs,
-                      "aggregate": "geometric mean over BN layers of the channel-mean divergence"},
+            settings={**config.reported(normalisation=normalisation), "aggregate": AGGREGATE},
             references=reference_info,
             candidates=results,
         )

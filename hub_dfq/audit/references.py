@@ -27,18 +27,12 @@ from ..outputs import write_text
 from ..runtime import resolve_precision
 from ..synth.api import run_identity, synthesize
 from ..synth.config import SynthConfig
+from .config import NEAR_BUDGET_GMACS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["reference_cache_dir", "reference_key", "gaussian_batches", "synth_near_dataset", "entry_path",
            "load_cached", "store_cached", "REFERENCE_VERSION", "NEAR_BUDGET_GMACS", "macs_per_image", "near_cost_gmacs"]
-
-# The BNS near point is synthesised only below this cost (GMACs: 3 x images x iterations x MACs per image, a
-# forward and a backward pass per step). 64 x 200 on the CIFAR ResNet-20 (0.04 GMACs/image) is ~1,600 GMACs,
-# under a minute on one core; on EfficientNet-Lite0 at 224 px (0.4 GMACs/image) it is ~15,000 GMACs, ~13 minutes
-# on two cores, and a run cut to fit five minutes (16 images x 80 steps) is still at a third of the noise
-# divergence in log terms: no anchor. Above the budget the audit uses the one-point scale against noise.
-NEAR_BUDGET_GMACS = 4000.0
 
 # Bump when what a reference measures changes (the synthesis of the near point has its own versions).
 REFERENCE_VERSION = 4  # 4: bootstrap over images, bias-corrected divergence (3: score batches by row index)

@@ -9,7 +9,8 @@ Layers, bottom-up (lower modules never import higher ones):
   and its integer state);
 - the algorithms: ``calibrate``, ``reconstruct``, ``distill``, run through ``algorithms`` and
   described in ``registry`` (with the observers and presets), ``resume`` (saved progress);
-- ``data`` (calibration sets) and ``api`` (:func:`~hub_dfq.quant.api.quantize`).
+- ``stages`` (the public prepare -> calibrate -> apply -> freeze), ``data`` (calibration sets) and ``api``
+  (:func:`~hub_dfq.quant.api.quantize`, a recipe over the stages).
 
 Nothing here imports the Hub layer (:mod:`hub_dfq.hub`) or the backends (:mod:`hub_dfq.backends`).
 Nothing is re-exported either, so reading the registry (as ``hub-dfq --help`` does) does not import torch.

@@ -19,7 +19,8 @@ from ..registry import resolve
 from .registry import QUANT_ALGORITHMS, Preset, QuantAlgorithm
 from .resume import RunState
 
-__all__ = ["AlgorithmContext", "algorithm_settings", "settings_dict"]
+__all__ = ["AlgorithmContext", "algorithm_settings", "settings_resolver", "settings_dict", "recorded_settings",
+           "run_algorithm"]
 
 
 def algorithm_settings(algorithm: QuantAlgorithm, preset: Preset, override: Any = None, *, seed: int) -> Any:
@@ -47,6 +48,30 @@ def algorithm_settings(algorithm: QuantAlgorithm, preset: Preset, override: Any 
     return settings
 
 
+def settings_resolver(preset: Preset, settings: Mapping[str, Any] | None, *, seed: int) -> Callable[[str], Any]:
+    """``name -> settings object`` of every algorithm in one run (memoised: each is built and checked once).
+
+    Args:
+        preset: the (possibly time-scaled) preset whose values come before the caller's.
+        settings: ``{algorithm name: settings dataclass or {field: value}}`` from the caller.
+        seed: the run's seed.
+
+    Raises:
+        ConfigError: a settings key that names no registered algorithm.
+    """
+    settings = dict(settings or {})
+    for name in settings:
+        QUANT_ALGORITHMS.get(name)
+    built: dict[str, Any] = {}
+
+    def settings_of(name: str) -> Any:
+        if name not in built:
+            built[name] = algorithm_settings(QUANT_ALGORITHMS.get(name), preset, settings.get(name), seed=seed)
+        return built[name]
+
+    return settings_of
+
+
 def settings_dict(settings: Any) -> dict[str, Any]:
     """A settings object as JSON-able data (for cards, configs and cache keys)."""
     if settings is None:
@@ -54,6 +79,17 @@ def settings_dict(settings: Any) -> dict[str, Any]:
     if hasattr(settings, "to_dict"):
         return settings.to_dict()
     return dataclasses.asdict(settings)
+
+
+def recorded_settings(name: str, settings_of: Callable[[str], Any]) -> dict[str, Any]:
+    """The settings ``name`` runs with, as data, with those of the algorithms it starts from (distill <- reconstruct
+    <- gptq): what a card records and a fingerprint keys on."""
+    recorded = settings_dict(settings_of(name))
+    init = getattr(settings_of(name), "init", None)
+    while init in QUANT_ALGORITHMS and init not in recorded and init != "calibrate":
+        recorded[init] = settings_dict(settings_of(init))
+        init = getattr(settings_of(init), "init", None)
+    return recorded
 
 
 @dataclass

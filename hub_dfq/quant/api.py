@@ -1,8 +1,12 @@
-"""``quantize``: one verb from a float :class:`VisionModel` to a :class:`QuantizedModel`."""
+"""``quantize``: one verb from a float :class:`VisionModel` to a :class:`QuantizedModel`.
+
+A recipe over the public stages (:mod:`hub_dfq.quant.stages`: prepare -> calibrate -> apply -> freeze) that adds
+what a one-liner needs: the model from a spec, the preset sized to the device and to a checkpoint size, the
+calibration data (synthesised on the fly), its provenance, and rank 0's model for every process.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import time
@@ -14,33 +18,24 @@ import torch
 from ..budget import REFERENCE_GFLOPS, BudgetPlan, device_speed, parse_duration, plan_budget
 from ..deprecation import MovedInto, renamed_arguments
 from ..distributed import current
-from ..errors import UnsupportedModelError
-from ..fingerprint import fingerprint, weights_sha256
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..registry import resolve
 from ..runtime import place_model
 from ..synth.registry import SYNTH_METHODS
-from .algorithms import (
-    AlgorithmContext,
-    algorithm_settings,
-    run_algorithm,
-    settings_dict,
-)
+from .algorithms import algorithm_settings, settings_resolver
 from .allocate import allocate_bits, check_budget, parse_size
-from .calibrate import calibrate_activations, calibrate_weights, freeze_weights
 from .config import QuantConfig, QuantScheme
 from .data import calibration_tensor, is_synthetic
 from .model import QuantizedModel
-from .prepare import prepare
-from .registry import PRESETS, QUANT_ALGORITHMS
-from .resume import RunState, load_quantizer_state, quantizer_state
+from .registry import PRESETS, QUANT_ALGORITHMS, Preset
+from .resume import load_quantizer_state, quantizer_state
+from .stages import AUTO, apply, calibrate, default_algorithm, freeze, prepare, quantization_fingerprint
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["quantize", "quantization_fingerprint", "AUTO", "default_algorithm"]
 
-AUTO = "auto"  # the algorithm that fits the bit widths asked for (see default_algorithm)
 SENSITIVITY_IMAGES = 32  # calibration images a layer's sensitivity is measured on (size budgets)
 # what observing one calibration image costs, in float forward+backward passes of it (MSE range searches)
 CALIBRATE_PASSES = 2.0
@@ -51,10 +46,6 @@ SYNTH_STEP_PASSES = 0.25
 # the share of a preset's target time a range-only run plans for: ranges need few images (Lite0 W8A8 from 64 BNS
 # images x 64 steps is within float's noise, docs/imagenet.md) and an 8-bit run is promised in minutes
 CALIBRATE_SHARE = 0.25
-
-# Of the calibration pipeline around the algorithms (prepare, observers, freezing); bump whenever it
-# changes the bytes of a quantized model. Part of the fingerprint and of the resume-cache key.
-PIPELINE_VERSION = 1
 
 
 def _resolve_config(config: QuantConfig | None, *, weights: int, activations: int, first_last_bits: int | None,
@@ -67,19 +58,6 @@ def _resolve_config(config: QuantConfig | None, *, weights: int, activations: in
                          act_observer=act_observer)
     return QuantConfig(default=scheme, first_last_bits=first_last_bits, residual_bits=residual_bits,
                        overrides=dict(overrides or {}), include=tuple(include or ("*",)), exclude=tuple(exclude or ()))
-
-
-def default_algorithm(report) -> str:
-    """What ``"auto"`` runs on a prepared model (its :class:`~hub_dfq.quant.prepare.PrepareReport`): ``"calibrate"``
-    when every quantized layer keeps 8-bit weights and inputs (ranges are enough there); ``"gptq"`` when only
-    weights go below 8 bits (second-order rounding; on Lite0 W4A8 block reconstruction from the GPTQ start
-    ended worse than the start in every block at CPU budgets, so it would only cost time); ``"reconstruct"``
-    when inputs go below 8 bits, where the activation error needs the block fit."""
-    weights = min((layer["weights"] for layer in report.quantized.values()), default=8)
-    inputs = min((layer["activations"] for layer in report.quantized.values()), default=8)
-    if inputs < 8:
-        return "reconstruct"
-    return "calibrate" if weights >= 8 else "gptq"
 
 
 def _size_plan(prepared, cfg: QuantConfig, model: VisionModel, size_budget: Any) -> tuple[int, dict[str, int]]:
@@ -129,13 +107,24 @@ def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, cal
     return plan_budget(cost, speed=speed, target_seconds=target, strict=time_budget is not None)
 
 
-def quantization_fingerprint(*, weights: str, config: QuantConfig, algorithm: str, settings: dict[str, Any],
-                             data: torch.Tensor, seed: int, device_type: str) -> str:
-    """The fingerprint of a quantization run: what made the model (recorded in its card, keys its resume state)."""
-    spec = QUANT_ALGORITHMS.get(algorithm)
-    return fingerprint("quantize", version=PIPELINE_VERSION, weights=weights, config=config.to_dict(),
-                       algorithm=algorithm, algorithm_version=spec.version, settings=settings, data=data, seed=seed,
-                       device_type=device_type)
+def _calibration_data(model: VisionModel, calibration: Any, *, images: int | None, preset: Preset, preset_name: str,
+                      synth: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibration tensor, on the model's device, and its provenance for the card."""
+    # a tensor is data the caller prepared: all of it calibrates unless they say otherwise
+    default_size = None if isinstance(calibration, torch.Tensor) else preset.calibration_images
+    data, provenance = calibration_tensor(model, calibration, size=images or default_size, seed=seed,
+                                          synth_options=synth)
+    provenance = {**provenance, "preset": preset_name}
+    if is_synthetic(calibration):
+        provenance["synth_options"] = {k: v for k, v in synth.items() if k != "progress"}
+    return data.to(model.device), provenance
+
+
+def _share_main_model(qmodel: QuantizedModel) -> None:
+    """Every process goes on with rank 0's model (GPU kernels need not be deterministic)."""
+    dist = current()
+    if dist.enabled:
+        load_quantizer_state(qmodel.module, dist.broadcast(quantizer_state(qmodel.module) if dist.is_main else None))
 
 
 @renamed_arguments(method="algorithm", calibration_size="calibration_images", config="quant_config",
@@ -177,6 +166,9 @@ def quantize(
 
     Under ``accelerate launch`` on-the-fly synthetic calibration data is shared out over the
     processes, ``distill`` trains data-parallel, and every process returns rank 0's model.
+
+    A recipe over the stages :func:`hub_dfq.prepare`, :func:`hub_dfq.calibrate`, :func:`hub_dfq.apply` and
+    :func:`hub_dfq.freeze` (:mod:`hub_dfq.quant.stages`): call them yourself to step in between.
 
     Args:
         model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
@@ -239,95 +231,46 @@ def quantize(
                           residual_bits=residual_bits, weight_observer=weight_observer, act_observer=act_observer,
                           overrides=overrides, include=include, exclude=exclude)
     auto = algorithm == AUTO
-    if auto:  # resolved on the prepared model below; both candidates' settings are checked now
-        algorithm = "reconstruct"
-        QUANT_ALGORITHMS.get("calibrate")
-    spec = QUANT_ALGORITHMS.get(algorithm)
-    for name in settings:
-        QUANT_ALGORITHMS.get(name)
-    settings_of = {}
-
-    def settings_for(name: str) -> Any:
-        if name not in settings_of:
-            settings_of[name] = algorithm_settings(QUANT_ALGORITHMS.get(name), chosen, settings.get(name), seed=seed)
-        return settings_of[name]
-
-    run_settings = settings_for(algorithm)  # checked before minutes of synthesis
+    # unknown algorithms and settings fail before minutes of synthesis ("auto": its costliest candidate)
+    settings_resolver(chosen, settings, seed=seed)("reconstruct" if auto else algorithm)
     if not isinstance(model, VisionModel):
         model = load_model(model, revision=revision, token=token)
     place_model(model, device)
-    if model.quantization_config is not None:
-        raise UnsupportedModelError(f"{model.source.spec} is already quantized: quantize its base model "
-                                    f"({model.quantization_config.get('base_model', 'see its card')}) instead")
     start = time.perf_counter()
-    prepared = prepare(model.module, cfg, example_input=model.example_input(1))
+    prepared = prepare(model, cfg)
     if auto:
         algorithm = default_algorithm(prepared.report)
-        spec = QUANT_ALGORITHMS.get(algorithm)
     budget_plan = None
     if time_budget is not None or model.gflops() > REFERENCE_GFLOPS:
         budget_plan = _time_plan(model, chosen, algorithm, calibration, calibration_images, settings,
                                  synth_options, time_budget, seed)
         chosen = chosen.scaled(budget_plan.scale)
-    settings_of.clear()
-    run_settings = settings_for(algorithm)
-    timings: dict[str, float] = {}
+    settings_resolver(chosen, settings, seed=seed)(algorithm)  # what this run uses, also checked before synthesis
     if size_budget is not None:
         budget, pinned = _size_plan(prepared, cfg, model, size_budget)
     synth = {**chosen.synth, **dict(synth_options or {}), "progress": progress}
-    # a tensor is data the caller prepared: all of it calibrates unless they say otherwise
-    default_size = None if isinstance(calibration, torch.Tensor) else chosen.calibration_images
-    data, provenance = calibration_tensor(model, calibration, size=calibration_images or default_size,
-                                          seed=seed, synth_options=synth)
-    data = data.to(model.device)
-    timings["data"] = time.perf_counter() - start
+    data, source = _calibration_data(model, calibration, images=calibration_images, preset=chosen,
+                                     preset_name=preset, synth=synth, seed=seed)
+    timings = {"data": time.perf_counter() - start}
     allocation = None
     if size_budget is not None:
         allocation = allocate_bits(prepared.module, prepared.node_blocks, data[:SENSITIVITY_IMAGES], budget=budget,
                                    pinned=pinned, progress=progress)
-        cfg = replace(cfg, overrides=(*cfg.overrides, *allocation.overrides().items()))
-        prepared = prepare(model.module, cfg, example_input=model.example_input(1))
+        prepared = prepare(model, replace(cfg, overrides=(*cfg.overrides, *allocation.overrides().items())))
         timings["allocate"] = time.perf_counter() - start - timings["data"]
-    if auto and default_algorithm(prepared.report) != algorithm:  # the allocation may leave every layer at 8 bits
-        algorithm = default_algorithm(prepared.report)
-        spec, run_settings = QUANT_ALGORITHMS.get(algorithm), settings_for(algorithm)
-    gm = prepared.module
-    calibrate_weights(gm)
-    calibrate_activations(gm, data, seed=seed, progress=progress)
+        if auto:  # the allocation may leave every layer at 8 bits
+            algorithm = default_algorithm(prepared.report)
+    calibrate(prepared, data, seed=seed, progress=progress, source=source)
     timings["calibrate"] = time.perf_counter() - start - timings["data"] - timings.get("allocate", 0.0)
-    algorithm_config = settings_dict(run_settings)
-    # an algorithm that starts from another one's result (distill <- reconstruct <- gptq) records its settings too
-    init = getattr(run_settings, "init", None)
-    while init in QUANT_ALGORITHMS and init not in algorithm_config and init != "calibrate":
-        algorithm_config[init] = settings_dict(settings_for(init))
-        init = getattr(settings_for(init), "init", None)
-    run_fingerprint = quantization_fingerprint(
-        weights=weights_sha256(model.module), config=cfg, algorithm=algorithm, settings=algorithm_config,
-        data=data, seed=seed, device_type=model.device.type)
-    state = None
-    if resume and spec.resumable:
-        state = RunState.for_run(version=PIPELINE_VERSION, run=run_fingerprint)
-    context = AlgorithmContext(module=gm, node_blocks=prepared.node_blocks, data=data, settings=run_settings,
-                               seed=seed, progress=progress, state=state, settings_of=settings_for)
-    with state.locked() if state is not None else contextlib.nullcontext():
-        history = run_algorithm(algorithm, context)
-        if state is not None:
-            state.clear()  # the model is complete: nothing left to resume
-    freeze_weights(gm)
-    gm.eval()
-    dist = current()
-    if dist.enabled:  # every process goes on with rank 0's model (GPU kernels need not be deterministic)
-        load_quantizer_state(gm, dist.broadcast(quantizer_state(gm) if dist.is_main else None))
+    apply(prepared, algorithm, data, settings=settings, preset=chosen, seed=seed, progress=progress, resume=resume)
+    prepared.history["seconds"] = timings  # before the fingerprint freeze() adds, as always
+    qmodel = freeze(prepared)
+    _share_main_model(qmodel)
     timings["total"] = time.perf_counter() - start
-    history["seconds"] = timings
-    history["fingerprint"] = run_fingerprint
     if allocation is not None:
-        history["allocation"] = allocation.to_dict()
+        qmodel.history["allocation"] = allocation.to_dict()
     if budget_plan is not None:
-        history["budget"] = budget_plan.to_dict()
-    provenance = {**provenance, "preset": preset}
-    if is_synthetic(calibration):
-        provenance["synth_options"] = {k: v for k, v in synth.items() if k != "progress"}
-    logger.info("quantized %s to W%dA%d with %s in %.1f s", model.source.spec, cfg.default.weights,
-                cfg.default.activations, algorithm, timings["total"])
-    return QuantizedModel(gm, cfg, model, provenance, algorithm, algorithm_config, prepared.report, history)
+        qmodel.history["budget"] = budget_plan.to_dict()
+    logger.info("quantized %s to W%dA%d with %s in %.1f s", model.source.spec, qmodel.config.default.weights,
+                qmodel.config.default.activations, algorithm, timings["total"])
+    return qmodel

@@ -21,8 +21,8 @@ from .observers import ActObserver, activation_range, weight_scale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["quant_mode", "calibrate_weights", "calibrate_activations", "freeze_weights", "iter_tensor_batches",
-           "quant_layers", "act_quantizers"]
+__all__ = ["quant_mode", "calibrate_weights", "observe_activations", "calibrate_activations", "freeze_weights",
+           "iter_tensor_batches", "quant_layers", "act_quantizers"]
 
 
 @contextmanager
@@ -56,6 +56,38 @@ def calibrate_weights(module: nn.Module) -> None:
         wq.set_scale(weight_scale(layer.weight, wq.bits, method=layer.scheme.weight_observer))
 
 
+@contextmanager
+def observe_activations(module: nn.Module, *, seed: int = 0) -> Iterator[None]:
+    """Inside the block, forward passes of ``module`` run in full precision and feed every activation
+    quantizer's observer; on a normal exit each quantizer's range is set from what it saw.
+
+    Args:
+        module: a prepared model.
+        seed: seed of the observers' value sampling.
+
+    Raises:
+        ValueError: (on exit) a quantizer saw no values (the data never reached it).
+    """
+    quantizers = act_quantizers(module)
+    for i, (_, q) in enumerate(quantizers):
+        q.observer = ActObserver(seed=seed + i)
+    try:
+        with torch.no_grad(), quant_mode(module, enabled=False):
+            for _, q in quantizers:
+                q.mode = "observe"
+            yield
+        with torch.no_grad():
+            for name, q in quantizers:
+                low, high = activation_range(q.observer, q.bits, signed=q.signed, method=q.observer_method,
+                                             percentile=q.percentile)
+                q.set_range(low, high)
+                logger.debug("%s: range [%.4g, %.4g], scale %.4g, zero point %d", name, *q.range(),
+                             float(q.scale), int(q.zero_point))
+    finally:  # an interrupted pass leaves no half-filled observers behind
+        for _, q in quantizers:
+            q.observer = None
+
+
 @torch.no_grad()
 def calibrate_activations(module: nn.Module, data: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
                           progress: bool = False) -> None:
@@ -71,23 +103,11 @@ def calibrate_activations(module: nn.Module, data: torch.Tensor, *, batch_size: 
     Raises:
         ValueError: a quantizer saw no values (the data never reached it).
     """
-    quantizers = act_quantizers(module)
-    for i, (_, q) in enumerate(quantizers):
-        q.observer = ActObserver(seed=seed + i)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    with quant_mode(module, enabled=False):
-        for _, q in quantizers:
-            q.mode = "observe"
+    with observe_activations(module, seed=seed):
         for batch in tqdm(list(iter_tensor_batches(data, batch_size)), desc="calibrate",
                           disable=not progress_enabled(progress), leave=False):
             module(batch.to(device))
-    for name, q in quantizers:
-        low, high = activation_range(q.observer, q.bits, signed=q.signed, method=q.observer_method,
-                                     percentile=q.percentile)
-        q.set_range(low, high)
-        q.observer = None
-        logger.debug("%s: range [%.4g, %.4g], scale %.4g, zero point %d", name, *q.range(), float(q.scale),
-                     int(q.zero_point))
 
 
 @torch.no_grad()
