@@ -6,13 +6,13 @@ import contextlib
 import fnmatch
 import logging
 import time
-import warnings
 from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from ..budget import REFERENCE_GFLOPS, BudgetPlan, device_speed, parse_duration, plan_budget
+from ..deprecation import warn_deprecated
 from ..distributed import current
 from ..errors import UnsupportedModelError
 from ..fingerprint import fingerprint, weights_sha256
@@ -32,6 +32,7 @@ from .calibrate import calibrate_activations, calibrate_weights, freeze_weights
 from .config import QuantConfig, QuantScheme
 from .data import calibration_tensor, is_synthetic
 from .model import QuantizedModel
+from .placement import PlacementRules
 from .prepare import prepare
 from .registry import PRESETS, QUANT_ALGORITHMS
 from .resume import RunState, load_quantizer_state, quantizer_state
@@ -139,7 +140,7 @@ def quantization_fingerprint(*, weights: str, config: QuantConfig, algorithm: st
 
 
 def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=3)
+    warn_deprecated(old, new, stacklevel=3)
 
 
 def quantize(
@@ -152,6 +153,7 @@ def quantize(
     algorithm: str = AUTO,
     preset: str = "fast",
     quant_config: QuantConfig | None = None,
+    placement: PlacementRules | None = None,
     first_last_bits: int | None = 8,
     residual_bits: int | None = 8,
     weight_observer: str = "mse",
@@ -195,6 +197,8 @@ def quantize(
             below 8 bits (:func:`default_algorithm`).
         preset: a registered preset, ``"fast"`` or ``"best"``.
         quant_config: a full :class:`QuantConfig` (then the bit and observer arguments are ignored).
+        placement: the inference backend's placement rules (``hub_dfq.BACKENDS.get("openvino").placement``), over
+            the config's; default ONNX Runtime's.
         first_last_bits: bits of the first and last layers; ``None`` quantizes them like the rest.
         residual_bits: bits of residual-addition operands; ``None`` uses ``activations``.
         weight_observer: a registered weight observer, ``"mse"`` or ``"minmax"``.
@@ -253,6 +257,8 @@ def quantize(
     cfg = _resolve_config(quant_config, weights=weights, activations=activations, first_last_bits=first_last_bits,
                           residual_bits=residual_bits, weight_observer=weight_observer, act_observer=act_observer,
                           overrides=overrides, include=include, exclude=exclude)
+    if placement is not None:
+        cfg = replace(cfg, placement=placement)
     auto = algorithm == AUTO
     if auto:  # resolved on the prepared model below; both candidates' settings are checked now
         algorithm = "reconstruct"
