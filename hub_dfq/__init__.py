@@ -48,6 +48,7 @@ _API = {
     "load_images": ".data",
     "HubDfqError": ".errors",
     "evaluate_accuracy": ".evaluation",
+    "BACKENDS": ".backends.registry",
     "export_onnx": ".backends.onnx",
     "load_onnx": ".backends.onnx",
     "from_pretrained": ".hub.checkpoint",
@@ -59,6 +60,7 @@ _API = {
     "load_model": ".models.loader",
     "QuantConfig": ".quant.config",
     "QuantScheme": ".quant.config",
+    "PlacementRules": ".quant.placement",
     "QuantizedModel": ".quant.model",
     "quantize": ".quant.api",
     "PreparedModel": ".quant.stages",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from .audit.core import AuditReport, audit  # noqa: F401
     from .audit.images import ImageScores, score_images  # noqa: F401
     from .backends.onnx import export_onnx, load_onnx  # noqa: F401
+    from .backends.registry import BACKENDS  # noqa: F401
     from .data import ImageData, iter_batches, load_images  # noqa: F401
     from .errors import HubDfqError  # noqa: F401
     from .evaluation import evaluate_accuracy  # noqa: F401
@@ -90,6 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from .quant.api import quantize  # noqa: F401
     from .quant.config import QuantConfig, QuantScheme  # noqa: F401
     from .quant.model import QuantizedModel  # noqa: F401
+    from .quant.placement import PlacementRules  # noqa: F401
     from .quant.stages import PreparedModel, apply, calibrate, calibrating, freeze, prepare  # noqa: F401
     from .synth.api import synthesize  # noqa: F401
     from .synth.dataset import SyntheticDataset  # noqa: F401

@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 
 from .errors import ArgumentTypeError
 
-__all__ = ["MovedInto", "renamed_arguments"]
+__all__ = ["MovedInto", "renamed_arguments", "warn_deprecated"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +39,15 @@ class MovedInto:
 
     def spelling(self) -> str:
         return f"{self.argument}={{'{self.key}': ...}}"
+
+
+def warn_deprecated(old: str, new: str, *, stacklevel: int = 3) -> None:
+    """Warn that ``old`` is deprecated in favour of ``new``, for changes a rename cannot express (``onnx=True``).
+
+    ``FutureWarning``, not ``DeprecationWarning``: Python shows it to users of a script, not only to tests. The
+    default ``stacklevel`` points at the caller of the function that calls this one.
+    """
+    warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=stacklevel + 1)
 
 
 def renamed_arguments(**renames: str | MovedInto) -> Callable[[F], F]:
@@ -81,13 +90,13 @@ def renamed_arguments(**renames: str | MovedInto) -> Callable[[F], F]:
                     if new.key in mapping:
                         raise ArgumentTypeError(f"{name}() got both `{old}` (deprecated) and `{new.spelling()}`: "
                                                 f"pass only `{new.spelling()}`")
-                    warnings.warn(f"`{old}` is deprecated: use `{new.spelling()}`", FutureWarning, stacklevel=2)
+                    warn_deprecated(old, new.spelling(), stacklevel=2)
                     given[new.argument] = {**mapping, new.key: values[old]}
                 else:
                     if new in given:
                         raise ArgumentTypeError(f"{name}() got both `{old}` (deprecated) and `{new}`: pass only "
                                                 f"`{new}`")
-                    warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=2)
+                    warn_deprecated(old, new, stacklevel=2)
                     given[new] = values[old]
             bound = inspect.BoundArguments(signature, given)
             return func(*bound.args, **bound.kwargs)

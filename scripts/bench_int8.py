@@ -1,14 +1,16 @@
-"""Real integer inference on CPU: latency and accuracy of the exported ONNX models vs float.
+"""Real integer inference on CPU: latency and accuracy of the exported models vs float, per backend.
 
 For each model: PyTorch float32 (eager), ONNX Runtime float32 (the float model exported the same
 way), and ONNX Runtime running hub-dfq's QDQ export at W8A8, W4A8 and W4A4 (integer kernels), plus
-the simulated PyTorch model for reference. Latency is the median of repeated runs at batch 1 and
-the throughput at a larger batch, all in one process with the same thread count, reported as
-ratios to ONNX Runtime float32. For the shared CIFAR-10 ResNets, top-1 on the full test split of
-the simulated and the ONNX Runtime models and how often their predictions agree.
+the simulated PyTorch model for reference; with openvino installed, OpenVINO float32 (the same float
+ONNX file) and OpenVINO running hub-dfq's OpenVINO IR of the same quantized models. Latency is the
+median of repeated runs at batch 1 and the throughput at a larger batch, all in one process with the
+same thread count, reported as ratios to ONNX Runtime float32. For the shared CIFAR-10 ResNets, top-1
+on the full test split of the simulated and the integer models and how often their predictions agree.
 
     python scripts/bench_int8.py                      # CIFAR ResNet-20/44 + timm ResNet-18/50 at 224
     python scripts/bench_int8.py --models resnet20 --threads 1
+    python scripts/bench_int8.py --engines ort openvino --threads 1
 
 Calibration: BNS synthetic images (cached by hub_dfq.synth, 256, `calibrate` method) for the CIFAR
 models; the 224-px timm models are built from their configs with random weights (nothing can be
@@ -36,12 +38,15 @@ TEST = SHARED / "data" / "cifar10" / "test.parquet"
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger")
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul")
+OPENVINO_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Eltwise")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=[*CIFAR, *TIMM], choices=[*CIFAR, *TIMM])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--engines", nargs="+", default=["ort", "openvino"], choices=["ort", "openvino"],
+                   help="integer backends to time (openvino is skipped when it is not installed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30, help="timed runs per measurement (median)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images (default: all 10,000)")
@@ -99,6 +104,13 @@ def main(argv=None) -> int:
         results["machine"]["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         raise SystemExit("bench_int8 needs onnxruntime: pip install -e '.[onnx]'")
+    openvino = "openvino" in args.engines and hub_dfq.BACKENDS.get("openvino").available()
+    if openvino:
+        import openvino as ov
+
+        from hub_dfq.backends.openvino import export_openvino, load_openvino, runtime_precisions
+
+        results["machine"]["openvino"] = ov.__version__
     tmp = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     for name in args.models:
         model = load(name)
@@ -112,7 +124,10 @@ def main(argv=None) -> int:
             labels = torch.tensor(data.dataset[data.label_column][:len(test)])
         engines = {}
         engines["PyTorch fp32"] = (model.module, None)
-        engines["ORT fp32"] = (load_onnx(export_float(model, tmp / f"{name}-fp32.onnx"), threads=args.threads), None)
+        float_file = export_float(model, tmp / f"{name}-fp32.onnx")
+        engines["ORT fp32"] = (load_onnx(float_file, threads=args.threads), None)
+        if openvino:
+            engines["OpenVINO fp32"] = (load_openvino(float_file, threads=args.threads), None)
         for config in args.configs:
             w, a = CONFIGS[config]
             calibration = ("bns", 256) if cifar else ("gaussian", 32)
@@ -124,6 +139,9 @@ def main(argv=None) -> int:
                 nchw = ("NhwcTransformer",)
                 engines[f"ORT {config} (NCHW)"] = (load_onnx(path, threads=args.threads, disabled_optimizers=nchw),
                                                    (qmodel, path, nchw))
+            if openvino:  # the same quantized model: the ResNets' graphs are the same under both backends' rules
+                xml = export_openvino(qmodel, tmp / f"{name}-{config}.xml")
+                engines[f"OpenVINO {config}"] = (load_openvino(xml, threads=args.threads), (qmodel, xml, None))
             if config == args.configs[0]:
                 engines[f"PyTorch {config} simulated"] = (qmodel, None)
         base = {}
@@ -136,9 +154,16 @@ def main(argv=None) -> int:
                 base = {"batch1_ms": row["batch1_ms"], "throughput": row["throughput"]}
             if quant is not None:
                 qmodel, path, disabled = quant
-                ops = runtime_ops(path, threads=args.threads, disabled_optimizers=disabled)
-                row["integer_kernels"] = sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS))
-                row["float_kernels"] = sum(v for k, v in ops.items() if k in FLOAT_OPS)
+                if disabled is None:  # OpenVINO: the layers its CPU plugin runs in u8/i8 vs in f32
+                    ops = runtime_precisions(fn)
+                    layers = {k: v for k, v in ops.items() if k.split(":")[0] in OPENVINO_LAYERS}
+                    row["integer_kernels"] = sum(v for k, v in layers.items() if k.endswith((":u8", ":i8")))
+                    row["float_kernels"] = sum(v for k, v in layers.items()  # float adds are not counted for ORT
+                                               if k.endswith(":f32") and not k.startswith("Eltwise"))
+                else:
+                    ops = runtime_ops(path, threads=args.threads, disabled_optimizers=disabled)
+                    row["integer_kernels"] = sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS))
+                    row["float_kernels"] = sum(v for k, v in ops.items() if k in FLOAT_OPS)
                 if test is not None:
                     row.update(compare_onnx(qmodel, fn, test))
             if test is not None:
@@ -160,7 +185,8 @@ def main(argv=None) -> int:
 
 def render(results: dict) -> str:
     m = results["machine"]
-    lines = [f"torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, {m['threads']} threads", "",
+    engines = f"onnxruntime {m.get('onnxruntime')}" + (f", openvino {m['openvino']}" if m.get("openvino") else "")
+    lines = [f"torch {m['torch']}, {engines}, {m['threads']} threads", "",
              "| model | engine | batch 1 (ms) | vs ORT fp32 | throughput (img/s) | vs ORT fp32 | integer / float kernels "
              "| top-1 | agrees with simulated |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|"]

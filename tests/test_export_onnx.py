@@ -72,7 +72,7 @@ def test_weights_are_the_checkpoint_integers_and_sub8bit_activations_are_clipped
 
 def test_saved_checkpoint_holds_the_same_onnx_as_a_reexport_of_its_reload(model, images, tmp_path):
     qmodel = _quantize(model, 4, 8, images)
-    folder = save_pretrained(qmodel, tmp_path / "q", onnx=True)
+    folder = save_pretrained(qmodel, tmp_path / "q", backends=["onnx"])
     reloaded = hub_dfq.from_pretrained(folder)
     again = export_onnx(reloaded, tmp_path / "again.onnx")
     assert (folder / "model.onnx").read_bytes() == again.read_bytes()
@@ -123,9 +123,8 @@ def test_reflect_padded_and_depthwise_convs_export(tmp_path):
 def test_cli_quantize_onnx_and_export(tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", "default", "--weights", "4", "--activations", "8", "--calibration", "gaussian",
-            "--calibration-size", "16", "--algorithm", "calibrate", "--eval-limit", "200", "--out", str(out), "--onnx",
-            "--json",
-            str(tmp_path / "q.json")]
+            "--calibration-size", "16", "--algorithm", "calibrate", "--eval-limit", "200", "--out", str(out),
+            "--backend", "onnx", "--json", str(tmp_path / "q.json")]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "q.json").read_text())
     assert abs(summary["onnx_top1"] - summary["quant_top1"]) <= 1.0  # 200 images: one image is 0.5 points

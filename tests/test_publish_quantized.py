@@ -76,7 +76,7 @@ def test_cli_out_push_and_push_dataset(hub, base_repo, tmp_path, monkeypatch, ca
     argv = ["quantize", base_repo, "--weights", "4", "--activations", "4", "--calibration", "gaussian",
             "--calibration-size", "16", "--algorithm", "calibrate", "--eval-limit", "64", "--out", str(out),
             "--push-to-hub", model_repo,
-            "--push-dataset", data_repo, "--onnx", "--json", str(tmp_path / "q.json")]
+            "--push-dataset", data_repo, "--backend", "onnx", "--json", str(tmp_path / "q.json")]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "q.json").read_text())
     assert summary["pushed"].endswith(model_repo) and summary["quant_top1"] > 50

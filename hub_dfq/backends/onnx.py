@@ -39,11 +39,11 @@ from ..errors import (
     DependencyError,
     UnsupportedModelError,
 )
-from ..evaluation import evaluate_accuracy
 from ..locks import hold
 from ..outputs import check_file, write_file
 from ..quant.integer import ActivationGrid, IntegerLayer
 from ..quant.model import QuantizedModel
+from .compare import EngineClassifier, compare_logits
 
 __all__ = ["ONNX_NAME", "OnnxClassifier", "compare_onnx", "export_onnx", "load_onnx", "runtime_ops"]
 
@@ -245,7 +245,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], *, batch_s
 
 
 @dataclass
-class OnnxClassifier:
+class OnnxClassifier(EngineClassifier):
     """An ONNX Runtime session over an exported classifier: call it like the PyTorch model.
 
     Args:
@@ -261,10 +261,6 @@ class OnnxClassifier:
         array = pixel_values.detach().to(torch.float32).cpu().contiguous().numpy()
         (logits,) = self.session.run(["logits"], {"pixel_values": array})
         return torch.from_numpy(logits)
-
-    def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float | int]:
-        """Accuracy on a labelled dataset, with ``model``'s preprocessing (see :func:`hub_dfq.evaluate_accuracy`)."""
-        return evaluate_accuracy(getattr(model, "model", model), data, forward=self, **kwargs)
 
 
 def _session_options(ort: Any, threads: int | None) -> Any:
@@ -330,23 +326,4 @@ def optimized_graph(path: str | os.PathLike[str], *, threads: int | None = 1,
         return onnx.load(options.optimized_model_filepath).graph
 
 
-@torch.no_grad()
-def compare_onnx(qmodel: QuantizedModel, classifier: OnnxClassifier, inputs: torch.Tensor, *,
-                 batch_size: int = 64) -> dict[str, float]:
-    """How closely the integer model follows the simulated one on ``inputs``.
-
-    Returns:
-        ``top1_agreement`` (fraction of equal argmax), ``max_abs_logit_diff`` and ``mean_abs_logit_diff``.
-    """
-    agree, total, max_diff, sum_diff, count = 0, 0, 0.0, 0.0, 0
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
-        ref, got = qmodel(batch), classifier(batch)
-        diff = (ref - got).abs()
-        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        total += len(batch)
-        max_diff = max(max_diff, float(diff.max()))
-        sum_diff += float(diff.sum())
-        count += diff.numel()
-    return {"top1_agreement": agree / max(total, 1), "max_abs_logit_diff": max_diff,
-            "mean_abs_logit_diff": sum_diff / max(count, 1), "n": total}
+compare_onnx = compare_logits  # the shared runtime check (hub_dfq.backends.compare), by its ONNX name

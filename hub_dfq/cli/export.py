@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..backends.registry import BACKENDS
+from ..errors import ConfigError
 from ..outputs import check_file
 from ..registry import resolve
 from .numbers import count
@@ -20,7 +21,8 @@ from .options import (
 
 def register(sub) -> None:
     parser = sub.add_parser(
-        "export", help="export a hub-dfq quantized checkpoint for an integer inference backend (ONNX Runtime)",
+        "export", help="export a hub-dfq quantized checkpoint for an integer inference backend (ONNX Runtime, "
+        "OpenVINO)",
         description="Write a quantized checkpoint (a folder or Hub repo made by `hub-dfq quantize "
         "--out/--push-to-hub`) for an inference backend that runs it with integer kernels; with --dataset, compare "
         "its top-1 with the PyTorch model's on labelled images.")
@@ -33,42 +35,51 @@ def register(sub) -> None:
                         help="the file to write (default: the backend's file name, e.g. model.onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--batch-size", type=count(1), help="fix the batch dimension (default: dynamic)")
-    parser.add_argument("--opset", type=count(13, 99), default=17, help="ONNX opset, 13 or newer (default 17)")
+    parser.add_argument("--opset", type=count(13, 99), default=None,
+                        help="ONNX opset, 13 or newer (default 17), for the backends that write ONNX")
     add_dataset_options(parser)
     add_common_options(parser, json_help="also write the summary to this file ('-' for stdout)")
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    # why: keeps `hub-dfq --help` free of torch and onnxruntime
-    from ..backends.onnx import compare_onnx
+    # why: keeps `hub-dfq --help` free of torch and the engines
     from ..data import load_images
     from ..evaluation import evaluate_accuracy
     from ..hub.checkpoint import from_pretrained
     from ..quant.data import images_to_tensor
 
-    out = Path(args.path or BACKENDS.get(args.backend).file_name)
+    backend = BACKENDS.get(args.backend)
+    backend.require()
+    options = {"batch_size": args.batch_size, "opset": args.opset}
+    unused = [f"--{k.replace('_', '-')}" for k, v in options.items()
+              if v is not None and k not in backend.export_options]
+    if unused:
+        raise ConfigError(f"{' and '.join(unused)} do not apply to the {backend.name} backend (it takes "
+                          f"{', '.join('--' + k.replace('_', '-') for k in backend.export_options) or 'none'})")
+    out = Path(args.path or backend.file_name)
     # before the checkpoint is even read; never over the checkpoint or the images it reads
-    check_file(out, overwrite=args.overwrite, argument="path",
-               inputs=[a.removeprefix("local-dir:").removeprefix("parquet:") for a in (args.checkpoint, args.dataset)
-                       if a])
+    inputs = [a.removeprefix("local-dir:").removeprefix("parquet:") for a in (args.checkpoint, args.dataset) if a]
+    for file in (out, *(out.with_suffix(suffix) for suffix in backend.sidecars)):
+        check_file(file, overwrite=args.overwrite, argument="path", inputs=inputs)
     data = load_images(args.dataset, **dataset_kwargs(args)) if args.dataset else None
     qmodel = from_pretrained(args.checkpoint, revision=args.revision, token=args.token)
-    backend = BACKENDS.get(args.backend)
-    resolve(backend.export)(qmodel, out, batch_size=args.batch_size, opset=args.opset, overwrite=args.overwrite)
+    resolve(backend.export)(qmodel, out, overwrite=args.overwrite,
+                            **{k: v for k, v in options.items() if v is not None})
     summary = {"checkpoint": args.checkpoint, "backend": args.backend, "out": str(out), "bytes": out.stat().st_size}
     quiet = args.json == "-"
     if not quiet:
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if data is not None:
-        session = resolve(backend.load)(out)
+        engine = resolve(backend.load)(out)
         torch_acc = evaluate_accuracy(qmodel.model, data, forward=qmodel, progress=args.progress)
-        onnx_acc = session.evaluate(qmodel, data, progress=args.progress)
-        agreement = compare_onnx(qmodel, session, images_to_tensor(qmodel.model, data))
-        summary.update(agreement, dataset=data.spec, torch_top1=torch_acc["top1"], onnx_top1=onnx_acc["top1"])
+        engine_acc = engine.evaluate(qmodel, data, progress=args.progress)
+        agreement = resolve(backend.check)(qmodel, engine, images_to_tensor(qmodel.model, data))
+        summary.update(agreement, dataset=data.spec, torch_top1=torch_acc["top1"])
+        summary[f"{backend.name}_top1"] = engine_acc["top1"]
         if not quiet:
-            print(f"top-1 on {data.spec} ({onnx_acc['n']} images): PyTorch (simulated) {torch_acc['top1']:.2f}%  "
-                  f"ONNX Runtime {onnx_acc['top1']:.2f}%  (same prediction on "
+            print(f"top-1 on {data.spec} ({engine_acc['n']} images): PyTorch (simulated) {torch_acc['top1']:.2f}%  "
+                  f"{backend.runtime} {engine_acc['top1']:.2f}%  (same prediction on "
                   f"{100 * agreement['top1_agreement']:.2f}%, max logit difference "
                   f"{agreement['max_abs_logit_diff']:.3g})")
     write_json(args, summary)

@@ -8,9 +8,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..backends.registry import BACKENDS
+from ..deprecation import warn_deprecated
 from ..errors import ConfigError, PublishError
 from ..outputs import check_folder, reserve_folder
+from ..quant.placement import strictest
 from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
+from ..registry import resolve
 from ..synth.registry import SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
 from .numbers import SEED_MAX, count
@@ -97,9 +101,11 @@ def register(sub) -> None:
     parser.add_argument("--out", dest="out_dir", help="save the quantized model to this folder (a Hub model repo)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoint hub-dfq saved in --out (other files there are kept)")
-    parser.add_argument("--onnx", action="store_true",
-                        help="also write model.onnx (integer kernels in ONNX Runtime) to --out / the pushed repo, "
-                        "and report its top-1 next to the PyTorch model's")
+    parser.add_argument("--backend", dest="backends", action="append", choices=BACKENDS.names(), default=[],
+                        help="an integer inference backend (repeatable): quantize by its placement rules, add its "
+                        "file to --out / the pushed repo and report its top-1 next to the PyTorch model's; "
+                        + choices_help(BACKENDS))
+    parser.add_argument("--onnx", action="store_true", help="deprecated spelling of --backend onnx")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the quantized model to this Hub repo")
     parser.add_argument("--push-dataset", dest="dataset_repo", metavar="REPO",
                         help="also publish the synthetic calibration set to this Hub dataset repo (cards link both)")
@@ -153,9 +159,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.dataset_repo and not args.push_to_hub:
         raise ConfigError("`dataset_repo` needs `push_to_hub` (the dataset card links to the model)")
-    if args.onnx and not (args.out_dir or args.push_to_hub):
-        raise ConfigError("`onnx` adds model.onnx to the saved or published checkpoint: add `out_dir` or "
-                          "`push_to_hub` (or export a saved checkpoint later with `hub-dfq export`)")
+    backends = _backends(args)
+    if backends and not (args.out_dir or args.push_to_hub):
+        raise ConfigError(f"`backend` adds {', '.join(b.file_name for b in backends)} to the saved or published "
+                          "checkpoint: add `out_dir` or `push_to_hub` (or export a saved checkpoint later with "
+                          "`hub-dfq export`)")
     if args.dataset_repo and not is_synthetic(args.calibration):
         raise ConfigError("`dataset_repo` publishes synthetic calibration data; with real data "
                           f"({args.calibration}) there is nothing to publish")
@@ -175,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
                       first_last_bits=args.first_last_bits, residual_bits=args.residual_bits,
                       weight_observer=args.weight_observer, act_observer=args.act_observer,
                       overrides=dict(args.overrides), exclude=args.exclude, size_budget=args.size_budget,
-                      time_budget=args.time_budget, seed=args.seed, progress=args.progress)
+                      time_budget=args.time_budget, seed=args.seed, progress=args.progress,
+                      placement=strictest([b.placement for b in backends]) if backends else None)
     quant_seconds = time.perf_counter() - start
     summary = {
         "model": model.source.spec,
@@ -188,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         "algorithm": qmodel.algorithm,
         "preset": args.preset,
         "seed": args.seed,
+        "backends": args.backends,
         "fingerprint": qmodel.history.get("fingerprint"),
         "seconds": round(quant_seconds, 2),
         "fp_top1": None,
@@ -207,9 +217,9 @@ def _run(args: argparse.Namespace) -> int:
         summary.update(fp_top1=fp["top1"], quant_top1=quant["top1"], eval=eval_data.spec, eval_n=quant["n"])
         evaluation = {"dataset": eval_data.spec, "split": eval_data.split, "n": quant["n"], "fp_top1": fp["top1"],
                       "fp_top5": fp["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"]}
-        if args.onnx:
-            evaluation.update(_onnx_accuracy(qmodel, eval_data, progress=args.progress))
-            summary["onnx_top1"] = evaluation["onnx_top1"]
+        for backend in backends:
+            evaluation.update(_backend_accuracy(qmodel, eval_data, backend, progress=args.progress))
+            summary[f"{backend.name}_top1"] = evaluation[f"{backend.name}_top1"]
     else:
         summary["eval_note"] = ("no evaluation: the model's classes are not CIFAR-10's; pass --eval DATA (labelled "
                                 "images of its classes) to compare full-precision and quantized accuracy")
@@ -224,18 +234,26 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_accuracy(qmodel, data, *, progress: bool) -> dict:
-    """Top-1/top-5 of the exported integer graph in ONNX Runtime (export is deterministic: the saved file is the
-    same)."""
-    from ..backends.onnx import (  # why: onnx and onnxruntime load only when asked for
-        export_onnx,
-        load_onnx,
-    )
+def _backends(args: argparse.Namespace) -> list:
+    """The ``--backend`` descriptors (with the deprecated ``--onnx``), their packages checked before any work."""
+    names = list(args.backends)
+    if args.onnx:
+        warn_deprecated("--onnx", "--backend onnx", stacklevel=1)
+        names.append("onnx")
+    backends = [BACKENDS.get(name) for name in dict.fromkeys(names)]
+    for backend in backends:
+        backend.require()
+    args.backends = [b.name for b in backends]
+    return backends
 
-    with tempfile.TemporaryDirectory(prefix="hub-dfq-onnx-") as tmp:
-        session = load_onnx(export_onnx(qmodel, Path(tmp) / "model.onnx"))
-        result = session.evaluate(qmodel, data, progress=progress)
-    return {"onnx_top1": result["top1"], "onnx_top5": result["top5"]}
+
+def _backend_accuracy(qmodel, data, backend, *, progress: bool) -> dict:
+    """Top-1/top-5 of the exported integer model in the backend's engine (export is deterministic: the saved file
+    is the same)."""
+    with tempfile.TemporaryDirectory(prefix=f"hub-dfq-{backend.name}-") as tmp:
+        engine = resolve(backend.load)(resolve(backend.export)(qmodel, Path(tmp) / backend.file_name))
+        result = engine.evaluate(qmodel, data, progress=progress)
+    return {f"{backend.name}_top1": result["top1"], f"{backend.name}_top5": result["top5"]}
 
 
 def _publish(args: argparse.Namespace, qmodel, evaluation: dict | None, summary: dict) -> None:
@@ -246,7 +264,7 @@ def _publish(args: argparse.Namespace, qmodel, evaluation: dict | None, summary:
     )
 
     command = "hub-dfq " + shlex.join(getattr(args, "argv", None) or ["quantize", args.model])
-    card_args = {"evaluation": evaluation, "command": command, "onnx": args.onnx}
+    card_args = {"evaluation": evaluation, "command": command, "backends": args.backends}
     if args.out_dir:
         save_pretrained(qmodel, args.out_dir, repo_id=args.push_to_hub, calibration_repo=args.dataset_repo,
                         overwrite=args.overwrite, **card_args)
@@ -276,8 +294,8 @@ def _render(summary: dict, qmodel) -> str:
         drop = summary["fp_top1"] - summary["quant_top1"]
         lines.append(f"top-1 on {summary['eval']} ({summary['eval_n']} images): full precision "
                      f"{summary['fp_top1']:.2f}%  quantized {summary['quant_top1']:.2f}%  ({-drop:+.2f} points)"
-                     + (f"  ONNX Runtime int8 {summary['onnx_top1']:.2f}%"
-                        if summary.get("onnx_top1") is not None else ""))
+                     + "".join(f"  {BACKENDS.get(name).runtime} int8 {summary[name + '_top1']:.2f}%"
+                               for name in summary.get("backends", []) if summary.get(name + "_top1") is not None))
     if summary.get("size_budget"):
         bits = list(summary["layer_bits"].values())
         lines.append(f"size budget {summary['size_budget']['budget']:,} bytes: checkpoint tensors "

@@ -21,6 +21,12 @@ def _flags(entry, names: tuple[str, ...]) -> str:
     return ", ".join(name.replace("_", " ") for name in names if getattr(entry, name)) or "-"
 
 
+def _placement(rules) -> str:
+    if not rules.output_quantizers:
+        return "no output quantizers (its kernels dequantize their own output)"
+    return "output quantizers where a float op reads a layer, after " + ", ".join(rules.fused_activations)
+
+
 def tables() -> dict[str, tuple[list[str], list[list[str]]]]:
     """Title -> (header, rows) of every registry."""
     return {
@@ -40,8 +46,8 @@ def tables() -> dict[str, tuple[list[str], list[list[str]]]]:
               "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in s.items()) for k, s in p.algorithms.items())]
              for p in PRESETS]),
         "Backends (`hub-dfq export --backend`)": (
-            ["name", "what it writes", "file", "extra"],
-            [[b.name, b.summary, f"`{b.file_name}`", b.requires or "-"] for b in BACKENDS]),
+            ["name", "what it writes", "file", "extra", "placement rules"],
+            [[b.name, b.summary, f"`{b.file_name}`", b.requires or "-", _placement(b.placement)] for b in BACKENDS]),
         "Audit divergences (`hub-dfq audit --metric`)": (
             ["name", "per channel"], [[d.name, f"`{d.formula}`"] for d in DIVERGENCES]),
         "Model adapters": (["name", "reads"], [[a.name, a.summary] for a in detection_order()]),

@@ -8,7 +8,8 @@ A quantized checkpoint folder is a Hub model repo:
   ``zero_point``; every tensor that stays in floating point.
 - ``config.json``: the base model's config plus ``quantization_config`` (``quant_method: hub_dfq``).
 - ``README.md``: the model card; ``preprocessor_config.json`` for transformers models.
-- optional backend files, e.g. ``model.onnx`` (the same integer model for ONNX Runtime).
+- optional backend files, e.g. ``model.onnx`` (the same integer model for ONNX Runtime) or
+  ``openvino_model.xml``/``.bin`` (for OpenVINO): one per ``backends=`` entry (:mod:`hub_dfq.backends.registry`).
 
 Reloading rebuilds the float architecture from the config, folds and prepares it with the same
 :class:`~hub_dfq.quant.config.QuantConfig` (deterministic: same graph, same names) and loads the state.
@@ -17,6 +18,7 @@ Reloading rebuilds the float architecture from the config, folds and prepares it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +30,7 @@ from safetensors.torch import save as safetensors_save
 
 from .. import __version__
 from ..backends.registry import BACKENDS
+from ..deprecation import warn_deprecated
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
 from ..locks import hold
 from ..models.checks import check_finite
@@ -38,6 +41,7 @@ from ..quant.config import QuantConfig
 from ..quant.model import WEIGHT_INT_SUFFIX, QuantizedModel
 from ..quant.modules import act_quantizers, quant_layers
 from ..quant.packing import container_bits
+from ..quant.placement import strictest
 from ..registry import resolve
 from ..runtime import place_model
 from ..synth.card import write_card
@@ -50,6 +54,8 @@ from .model_card import calibration_source, render_model_card
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WEIGHTS_NAME", "QuantizedCheckpoint", "save_pretrained", "push_to_hub",
            "from_pretrained", "load_quantized_folder", "quantization_config", "is_quantized_checkpoint",
            "read_tensors", "safetensors_bytes", "write_safetensors"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: the config records its quantized-graph version (QuantConfig.graph_version)
 WEIGHTS_NAME = "model.safetensors"
@@ -141,14 +147,20 @@ class QuantizedCheckpoint(HubMixin):
         evaluation: accuracy of the float and quantized models (see :func:`render_model_card`).
         command: the command line that made it, for the card.
         calibration_repo: Hub dataset repo of the published synthetic calibration set.
-        backends: inference backends whose files to add (``"onnx"`` writes ``model.onnx``).
+        backends: inference backends whose files to add (``"onnx"`` writes ``model.onnx``; see
+            :data:`hub_dfq.backends.registry.BACKENDS`).
+
+    Raises:
+        ConfigError: an unknown backend name.
+        DependencyError: a backend whose packages are not installed (the message names the pip command).
     """
 
     def __init__(self, qmodel: QuantizedModel, *, repo_id: str | None = None, evaluation: dict[str, Any] | None = None,
                  command: str | None = None, calibration_repo: str | None = None, backends: Sequence[str] = ()):
         _check_quantized(qmodel, "QuantizedCheckpoint")
+        backends = tuple(dict.fromkeys([backends] if isinstance(backends, str) else backends))
         for name in backends:
-            BACKENDS.get(name)
+            BACKENDS.get(name).require()  # before minutes of export, and with the pip command
         self.qmodel = qmodel
         self.repo_id = repo_id
         self.evaluation = evaluation
@@ -172,15 +184,36 @@ class QuantizedCheckpoint(HubMixin):
             shutil.copyfile(source_dir / "preprocessor_config.json", folder / "preprocessor_config.json")
         for name in self.backends:
             backend = BACKENDS.get(name)
+            _warn_misplaced(qmodel, backend)
             resolve(backend.export)(qmodel, folder / backend.file_name)
         size = {"bytes": (folder / WEIGHTS_NAME).stat().st_size, "fp32_bytes": _fp32_bytes(qmodel)}
         card = render_model_card(qmodel, repo_id=self.repo_id, evaluation=self.evaluation, command=self.command,
-                                 calibration_repo=self.calibration_repo, size=size, onnx="onnx" in self.backends)
+                                 calibration_repo=self.calibration_repo, size=size, backends=self.backends)
         card.save(folder / "README.md")
 
     @classmethod
     def _from_pretrained(cls, folder: Path, *, source: ModelSource) -> "QuantizedCheckpoint":
         return cls(_load(folder, source, _read_config(folder)))
+
+
+def _warn_misplaced(qmodel: QuantizedModel, backend: Any) -> None:
+    """Say so when ``backend`` needs quantizers the model's graph was not built with: it runs, partly in float."""
+    rules = qmodel.config.placement
+    if strictest([rules, backend.placement]) != rules:
+        logger.warning("the model was quantized for %r placement rules, %s needs %r: some layers will run in float "
+                       "there; quantize with placement=hub_dfq.BACKENDS.get(%r).placement (CLI: --backend %s) for "
+                       "integer kernels everywhere", rules.name, backend.runtime, backend.placement.name, backend.name,
+                       backend.name)
+
+
+def _backend_names(backends: Sequence[str] | str, onnx: bool | None) -> tuple[str, ...]:
+    """``backends`` plus the deprecated ``onnx=True`` spelling of ``backends=["onnx"]``."""
+    names = [backends] if isinstance(backends, str) else list(backends)
+    if onnx is not None:
+        warn_deprecated("onnx", 'backends=["onnx"]', stacklevel=3)
+        if onnx and "onnx" not in names:
+            names.append("onnx")
+    return tuple(names)
 
 
 def _load(folder: Path, source: ModelSource, config: dict[str, Any]) -> QuantizedModel:
@@ -301,7 +334,8 @@ def save_pretrained(
     command: str | None = None,
     calibration_repo: str | None = None,
     overwrite: bool = False,
-    onnx: bool = False,
+    backends: Sequence[str] = (),
+    onnx: bool | None = None,
 ) -> Path:
     """Write ``qmodel`` as a Hub model repo folder: integer safetensors, config, model card.
 
@@ -318,7 +352,9 @@ def save_pretrained(
         command: the command line that made it, for the card.
         calibration_repo: Hub dataset repo of the published synthetic calibration set.
         overwrite: replace a checkpoint hub-dfq saved there earlier.
-        onnx: also write ``model.onnx`` (the integer model for ONNX Runtime, see :mod:`hub_dfq.backends.onnx`).
+        backends: integer inference backends whose files to add, e.g. ``["onnx"]`` (``model.onnx`` for ONNX
+            Runtime) or ``["onnx", "openvino"]`` (see ``hub-dfq list``).
+        onnx: deprecated spelling of ``backends=["onnx"]``.
 
     Returns:
         The folder.
@@ -330,14 +366,16 @@ def save_pretrained(
         UnsafeOutputError: ``out_dir`` is the current folder, a parent of it, the home folder or a root.
         OutputWriteError: the folder cannot be written (read-only, disk full); nothing was changed.
         OutputLockedError: another hub-dfq process is writing ``out_dir``.
+        ConfigError: an unknown backend.
+        DependencyError: a backend's packages are not installed.
 
     Example:
         >>> qmodel = hub_dfq.quantize("default", weights=4, activations=8)  # doctest: +SKIP
-        >>> hub_dfq.save_pretrained(qmodel, "resnet20-w4a8")  # doctest: +SKIP
+        >>> hub_dfq.save_pretrained(qmodel, "resnet20-w4a8", backends=["onnx"])  # doctest: +SKIP
     """
     _check_quantized(qmodel, "save_pretrained")
     checkpoint = QuantizedCheckpoint(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
-                                     calibration_repo=calibration_repo, backends=("onnx",) if onnx else ())
+                                     calibration_repo=calibration_repo, backends=_backend_names(backends, onnx))
     return checkpoint.save_pretrained(out_dir, overwrite=overwrite)
 
 
@@ -352,7 +390,8 @@ def push_to_hub(
     command: str | None = None,
     calibration_folder: str | os.PathLike[str] | None = None,
     dataset_repo: str | None = None,
-    onnx: bool = False,
+    backends: Sequence[str] = (),
+    onnx: bool | None = None,
 ) -> PushResult:
     """Publish ``qmodel`` as a Hub model repo in one commit (and its calibration set, if asked).
 
@@ -369,7 +408,8 @@ def push_to_hub(
         command: the command line that made it, for the card.
         calibration_folder: the synthetic calibration set's dataset folder, pushed to ``dataset_repo``.
         dataset_repo: Hub dataset repo for the calibration set; the two cards link to each other.
-        onnx: also publish ``model.onnx``.
+        backends: integer inference backends whose files to publish too (``["onnx"]``: ``model.onnx``).
+        onnx: deprecated spelling of ``backends=["onnx"]``.
 
     Returns:
         Where the model landed.
@@ -380,6 +420,7 @@ def push_to_hub(
         PublishError: no token, no write access or a failed upload.
     """
     _check_quantized(qmodel, "push_to_hub")
+    names = _backend_names(backends, onnx)
     if dataset_repo:
         if calibration_folder is None:
             raise ConfigError("`dataset_repo` needs synthetic calibration data (calibration='bns', 'bns+i', ...); "
@@ -389,7 +430,7 @@ def push_to_hub(
             write_card(Path(calibration_folder), manifest, repo_id=dataset_repo, model_repo=repo_id)
             push_dataset_folder(calibration_folder, dataset_repo, private=private, token=token)
     checkpoint = QuantizedCheckpoint(qmodel, repo_id=repo_id, evaluation=evaluation, command=command,
-                                     calibration_repo=dataset_repo, backends=("onnx",) if onnx else ())
+                                     calibration_repo=dataset_repo, backends=names)
     return checkpoint.push_to_hub(repo_id, private=private, token=token, revision=revision)
 
 

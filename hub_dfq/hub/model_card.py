@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from .. import __version__
+from ..backends.registry import BACKENDS
+from ..deprecation import warn_deprecated
 from ..quant.model import QuantizedModel
 from ..quant.registry import QUANT_ALGORITHMS
 from ..synth.registry import SYNTH_METHODS
@@ -108,7 +110,8 @@ def render_model_card(
     command: str | None = None,
     calibration_repo: str | None = None,
     size: dict[str, Any] | None = None,
-    onnx: bool = False,
+    backends: Sequence[str] = (),
+    onnx: bool | None = None,
 ) -> ModelCard:
     """Build the card of a quantized model.
 
@@ -120,15 +123,21 @@ def render_model_card(
         command: the command that made it (default: reconstructed from the config).
         calibration_repo: Hub dataset repo of the synthetic calibration set, when it was published.
         size: ``{"bytes": .., "fp32_bytes": ..}`` of the checkpoint.
-        onnx: the repo also holds ``model.onnx`` (evaluation may then carry ``onnx_top1``/``onnx_top5``).
+        backends: the integer backends whose files the repo also holds (``["onnx"]``: ``model.onnx``); the
+            evaluation may then carry ``{name}_top1``/``{name}_top5`` of each (``onnx_top1``).
+        onnx: deprecated spelling of ``backends=["onnx"]``.
     """
+    if onnx is not None:
+        warn_deprecated("onnx", 'backends=["onnx"]')
+        backends = [*backends, "onnx"] if onnx and "onnx" not in backends else backends
+    engines = [BACKENDS.get(name) for name in dict.fromkeys(backends)]
     cfg, source, cal = qmodel.config, qmodel.source, qmodel.calibration
     w, a = cfg.default.weights, cfg.default.activations
     scheme = f"W{w}A{a}"
     name = repo_id or f"{(source.repo_id or source.architecture or 'model').split('/')[-1]}-{scheme.lower()}-dfq"
     synthetic = cal.get("kind") == "synthetic"
     tags = ["hub-dfq", "quantized", "data-free" if synthetic else "post-training-quantization",
-            f"w{w}a{a}", f"{w}-bit", "image-classification", source.library, "onnx" if onnx else ""]
+            f"w{w}a{a}", f"{w}-bit", "image-classification", source.library, *(b.name for b in engines)]
     if synthetic:
         tags.append(f"calibration-{cal.get('method')}")
     datasets = [calibration_repo] if calibration_repo else None
@@ -172,10 +181,12 @@ def render_model_card(
             {"model": f"**{scheme} (this model)**", "top1": _pct(evaluation.get("quant_top1")),
              "top5": _pct(evaluation.get("quant_top5")), "n": evaluation.get("n", "?"), "dataset": ds},
         ]
-        if evaluation.get("onnx_top1") is not None:
-            rows.append({"model": f"{scheme}, `model.onnx` in ONNX Runtime (integer kernels)",
-                         "top1": _pct(evaluation.get("onnx_top1")), "top5": _pct(evaluation.get("onnx_top5")),
-                         "n": evaluation.get("n", "?"), "dataset": ds})
+        for backend in engines:
+            if evaluation.get(f"{backend.name}_top1") is not None:
+                rows.append({"model": f"{scheme}, `{backend.file_name}` in {backend.runtime} (integer kernels)",
+                             "top1": _pct(evaluation.get(f"{backend.name}_top1")),
+                             "top5": _pct(evaluation.get(f"{backend.name}_top5")), "n": evaluation.get("n", "?"),
+                             "dataset": ds})
     size_line = "n/a"
     if size and size.get("bytes"):
         size_line = f"{size['bytes'] / 1e6:.2f} MB" + (
@@ -209,7 +220,7 @@ def render_model_card(
         size_line=size_line,
         repo_ref=repo_id or "PATH/TO/FOLDER",
         library=source.library,
-        onnx=onnx,
+        backend_usages=[b.usage for b in engines],
         command=command or reproduce_command(qmodel),
         data_paragraph=data_paragraph,
         mixed=mixed,

@@ -28,6 +28,7 @@ from .allocate import allocate_bits, check_budget, parse_size
 from .config import QuantConfig, QuantScheme
 from .data import calibration_tensor, is_synthetic
 from .model import QuantizedModel
+from .placement import PlacementRules
 from .registry import PRESETS, QUANT_ALGORITHMS, Preset
 from .resume import load_quantizer_state, quantizer_state
 from .stages import AUTO, apply, calibrate, default_algorithm, freeze, prepare, quantization_fingerprint
@@ -140,6 +141,7 @@ def quantize(
     algorithm: str = AUTO,
     preset: str = "fast",
     quant_config: QuantConfig | None = None,
+    placement: PlacementRules | None = None,
     first_last_bits: int | None = 8,
     residual_bits: int | None = 8,
     weight_observer: str = "mse",
@@ -185,6 +187,8 @@ def quantize(
             below 8 bits (:func:`default_algorithm`).
         preset: a registered preset, ``"fast"`` or ``"best"``.
         quant_config: a full :class:`QuantConfig` (then the bit and observer arguments are ignored).
+        placement: the inference backend's placement rules (``hub_dfq.BACKENDS.get("openvino").placement``), over
+            the config's; default ONNX Runtime's.
         first_last_bits: bits of the first and last layers; ``None`` quantizes them like the rest.
         residual_bits: bits of residual-addition operands; ``None`` uses ``activations``.
         weight_observer: a registered weight observer, ``"mse"`` or ``"minmax"``.
@@ -230,6 +234,8 @@ def quantize(
     cfg = _resolve_config(quant_config, weights=weights, activations=activations, first_last_bits=first_last_bits,
                           residual_bits=residual_bits, weight_observer=weight_observer, act_observer=act_observer,
                           overrides=overrides, include=include, exclude=exclude)
+    if placement is not None:
+        cfg = replace(cfg, placement=placement)
     auto = algorithm == AUTO
     # unknown algorithms and settings fail before minutes of synthesis ("auto": its costliest candidate)
     settings_resolver(chosen, settings, seed=seed)("reconstruct" if auto else algorithm)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .placement import PlacementRules
 from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
 __all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS", "GRAPH_VERSION"]
@@ -112,6 +113,9 @@ class QuantConfig:
             convolution as an integer kernel; graph version 2 and later.
         graph_version: version of the rules that build the quantized graph (``GRAPH_VERSION``, the
             newest, by default); a checkpoint records it so that a reload builds the graph it was saved from.
+        placement: the inference backend's :class:`~hub_dfq.quant.placement.PlacementRules` (what its integer
+            kernels fuse, where they need output quantizers); the default is ONNX Runtime's. Pass a backend's
+            with ``hub_dfq.BACKENDS.get(name).placement``.
 
     Raises:
         ConfigError: a bit width outside 2-8, an unknown observer or override field.
@@ -130,6 +134,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     output_quantizers: bool = True
     graph_version: int = GRAPH_VERSION
+    placement: PlacementRules = field(default_factory=PlacementRules)
 
     def __post_init__(self) -> None:
         if isinstance(self.default, Mapping):
@@ -149,6 +154,10 @@ class QuantConfig:
             object.__setattr__(self, attr, value)
         if not isinstance(self.output_quantizers, bool):
             raise ConfigError(f"`output_quantizers` must be True or False, got {self.output_quantizers!r}")
+        if isinstance(self.placement, Mapping):
+            object.__setattr__(self, "placement", PlacementRules.from_dict(self.placement))
+        if not isinstance(self.placement, PlacementRules):
+            raise ConfigError(f"placement must be PlacementRules, got {type(self.placement).__name__}")
         if isinstance(self.graph_version, bool) or self.graph_version not in range(1, GRAPH_VERSION + 1):
             newer = isinstance(self.graph_version, int) and self.graph_version > GRAPH_VERSION
             hint = " (written by a newer hub-dfq: upgrade with `pip install -U hub-dfq`)" if newer else ""
@@ -183,6 +192,10 @@ class QuantConfig:
 
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        # why: the default (ONNX Runtime's) rules are left out, so checkpoints made for it keep their bytes and
+        # fingerprints, and ones written before backends had rules read back the same
+        default = dataclasses.replace(self.placement, name=PlacementRules().name) == PlacementRules()
+        placement = {} if default else {"placement": self.placement.to_dict()}
         return {
             "default": dataclasses.asdict(self.default),
             "first_last_bits": self.first_last_bits,
@@ -192,6 +205,7 @@ class QuantConfig:
             "exclude": list(self.exclude),
             "output_quantizers": self.output_quantizers,
             "graph_version": self.graph_version,
+            **placement,
         }
 
     @classmethod

@@ -15,7 +15,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -208,7 +208,8 @@ class QuantizedModel:
     # ---- on the Hub (the format is the Hub layer's: see hub_dfq.formats) ------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, repo_id: str | None = None,
                         evaluation: dict[str, Any] | None = None, command: str | None = None,
-                        calibration_repo: str | None = None, onnx: bool = False) -> Path:
+                        calibration_repo: str | None = None, backends: Sequence[str] = (),
+                        onnx: bool | None = None) -> Path:
         """Write this model as a Hub model repo folder: integer safetensors, ``config.json``, model card.
 
         The same code and bytes as :func:`hub_dfq.save_pretrained` ``(self, out_dir, ...)``, which documents
@@ -220,12 +221,12 @@ class QuantizedModel:
         """
         return hub_verb(self.hub_format, "save_pretrained")(
             self, out_dir, overwrite=overwrite, repo_id=repo_id, evaluation=evaluation, command=command,
-            calibration_repo=calibration_repo, onnx=onnx)
+            calibration_repo=calibration_repo, backends=backends, onnx=onnx)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
                     revision: str | None = None, evaluation: dict[str, Any] | None = None, command: str | None = None,
                     calibration_folder: str | os.PathLike[str] | None = None, dataset_repo: str | None = None,
-                    onnx: bool = False) -> "PushResult":
+                    backends: Sequence[str] = (), onnx: bool | None = None) -> "PushResult":
         """Publish this model as a Hub model repo in one commit (and its calibration set, with ``dataset_repo``).
 
         The same code and bytes as :func:`hub_dfq.push_to_hub` ``(self, repo_id, ...)``, which documents the
@@ -236,7 +237,7 @@ class QuantizedModel:
         """
         return hub_verb(self.hub_format, "push_to_hub")(
             self, repo_id, private=private, token=token, revision=revision, evaluation=evaluation, command=command,
-            calibration_folder=calibration_folder, dataset_repo=dataset_repo, onnx=onnx)
+            calibration_folder=calibration_folder, dataset_repo=dataset_repo, backends=backends, onnx=onnx)
 
     @classmethod
     def from_pretrained(cls, spec: str | os.PathLike[str], *, revision: str | None = None,

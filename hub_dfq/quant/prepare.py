@@ -29,6 +29,7 @@ from .float_parts import float_parts
 from .fold import CONV_TYPES, fold_batchnorms
 from .modules import QuantModule, qmodule_for
 from .padding import expand_same_padding, zero_pad_input
+from .placement import PlacementRules
 from .quantizers import ActQuantizer
 from .tracing import ConcreteTracer
 
@@ -302,27 +303,44 @@ def _absorbable_pad(node: fx.Node, layer: nn.Module, modules: dict[str, nn.Modul
     return zero_pad_input(node.args[0], modules, layer.weight.dim() - 2)
 
 
-# Activations an integer kernel applies on its way to a QuantizeLinear (ONNX Runtime drops a Relu/Clip
-# whose range the quantizer already enforces), and no-ops.
-_FUSABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
+# The spellings of each activation PlacementRules may name (module types, functions, tensor methods), and of
+# the no-ops every kernel passes through.
+_ACTIVATION_FORMS: dict[str, tuple[tuple[type, ...], tuple[Any, ...], tuple[str, ...]]] = {
+    "relu": ((nn.ReLU,), (F.relu, torch.relu), ("relu",)),
+    "relu6": ((nn.ReLU6,), (F.relu6,), ()),
+    "hardtanh": ((nn.Hardtanh,), (F.hardtanh,), ()),
+    "silu": ((nn.SiLU,), (F.silu,), ()),
+    "hardswish": ((nn.Hardswish,), (F.hardswish,), ()),
+    "sigmoid": ((nn.Sigmoid,), (torch.sigmoid, F.sigmoid), ("sigmoid",)),
+    "gelu": ((nn.GELU,), (F.gelu,), ()),
+}
+_NO_OP_FORMS = ((nn.Identity, nn.Dropout), (F.dropout,), ("contiguous",))
+
+
+def _fusable_forms(rules: PlacementRules) -> tuple[tuple[type, ...], tuple[Any, ...], tuple[str, ...]]:
+    """``(module types, functions, methods)`` an integer kernel applies on its way to its output quantizer."""
+    forms = [_ACTIVATION_FORMS[name] for name in rules.fused_activations] + [_NO_OP_FORMS]
+    return tuple(tuple(x for f in forms for x in f[i]) for i in range(3))
 
 
 def _is_quantizer(node: fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith(ACT_QUANTIZERS + ".")
 
 
-def _fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
-    """The tensor an integer kernel for ``node`` would produce: its output through single-use ReLU/ReLU6/no-ops."""
+def _fused_output(node: fx.Node, modules: dict[str, nn.Module], rules: PlacementRules) -> fx.Node:
+    """The tensor an integer kernel for ``node`` would produce: its output through the single-use activations
+    ``rules`` fuse, and no-ops."""
+    fusable_modules, fusable_functions, fusable_methods = _fusable_forms(rules)
     while len(node.users) == 1:
         user = next(iter(node.users))
         if user.op == "call_module":
             module = modules.get(user.target)
             parts = list(module) if isinstance(module, nn.Sequential) else [module]
-            fusable = all(isinstance(m, _FUSABLE_MODULES) for m in parts)
+            fusable = all(isinstance(m, fusable_modules) for m in parts)
         elif user.op == "call_function":
-            fusable = user.target in (F.relu, torch.relu, F.relu6, F.dropout)
+            fusable = user.target in fusable_functions
         else:
-            fusable = user.op == "call_method" and user.target in ("relu", "contiguous")
+            fusable = user.op == "call_method" and user.target in fusable_methods
         if not fusable or user.args[0] is not node:
             break
         node = user
@@ -345,16 +363,16 @@ def _new_quantizer(gm: fx.GraphModule, container: nn.Module, qname: str, source:
 
 def _add_output_point(gm: fx.GraphModule, conv: fx.Node, modules: dict[str, nn.Module], config: QuantConfig,
                       container: nn.Module, shared: dict, report: PrepareReport, blocks: set[str]) -> None:
-    """Quantize a layer's (activated) output where ONNX Runtime would otherwise run the layer in float.
+    """Quantize a layer's (activated) output where the backend (``config.placement``) would otherwise run it in float.
 
-    ONNX Runtime runs ``DequantizeLinear -> Conv -> QuantizeLinear`` as an integer kernel; a conv whose
-    output goes to a SiLU, a normalisation or a pooling first runs as a float ``Conv``. A linear layer
-    whose output no quantizer reads still runs integer (``MatMulIntegerToFloat``, ``QGemm`` with float
-    output), but not one read by a quantizer *and* a float op (a residual stream that also feeds a
-    LayerNorm). A quantizer on the output, at the residual width (8 bits by default, what the integer
-    kernel writes), makes both integer.
+    Under rules with ``output_quantizers`` (ONNX Runtime's), ``DequantizeLinear -> Conv -> QuantizeLinear`` is
+    an integer kernel, but a conv whose output goes to a SiLU, a normalisation or a pooling first runs as a
+    float ``Conv``. A linear layer whose output no quantizer reads still runs integer (``MatMulIntegerToFloat``,
+    ``QGemm`` with float output), but not one read by a quantizer *and* a float op (a residual stream that also
+    feeds a LayerNorm). A quantizer on the output, at the residual width (8 bits by default, what the integer
+    kernel writes), after the activations the kernel fuses, makes both integer.
     """
-    end = _fused_output(conv, modules)
+    end = _fused_output(conv, modules, config.placement)
     users = list(end.users)
     quantized = [_is_quantizer(u) for u in users]
     if not users or all(quantized) or any(u.op == "output" for u in users):
@@ -521,7 +539,7 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
             report.residual_adds.append(name)
             for i, operand in enumerate(operands):
                 add_point(node, operand, scheme, "residual", name, f"_in{i}")
-    if graph_version >= 2 and config.output_quantizers:
+    if graph_version >= 2 and config.output_quantizers and config.placement.output_quantizers:
         gm.graph.eliminate_dead_code()  # bypassed no-ops (Identity, Dropout) are not readers
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(modules.get(node.target), QuantModule):
