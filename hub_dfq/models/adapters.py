@@ -29,14 +29,19 @@ class TracingHints:
     Args:
         leaf_modules: module classes traced as one call, not through (timm's ``get_notrace_modules()``).
         leaf_functions: functions recorded as one call (timm's ``get_notrace_functions()``).
+        same_padded: layer classes that pad their own input TensorFlow-"same" at every call (timm's
+            ``Conv2dSame``): the quantized graph and the synthesis loop make those pads static
+            (:mod:`hub_dfq.models.same_padding`).
     """
 
     leaf_modules: tuple[type, ...] = ()
     leaf_functions: tuple[Callable[..., Any], ...] = ()
+    same_padded: tuple[type, ...] = ()
 
     def __or__(self, other: "TracingHints") -> "TracingHints":
         return TracingHints(tuple(dict.fromkeys(self.leaf_modules + other.leaf_modules)),
-                            tuple(dict.fromkeys(self.leaf_functions + other.leaf_functions)))
+                            tuple(dict.fromkeys(self.leaf_functions + other.leaf_functions)),
+                            tuple(dict.fromkeys(self.same_padded + other.same_padded)))
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from .fold import overrides_forward
 from .integer import IntegerLayer
 from .quantizers import ActQuantizer, WeightQuantizer, round_ste
 
-__all__ = ["register_qmodule", "unregister_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantModule",
-           "quant_layers", "act_quantizers"]
+__all__ = ["register_qmodule", "unregister_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear",
+           "QuantModule", "quant_layers", "act_quantizers"]
 
 _REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
 # Subclasses whose own ``forward`` computes exactly what their base's does (named, so that the

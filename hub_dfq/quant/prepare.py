@@ -452,7 +452,7 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
     if graph_version >= 2:  # static "same" pads need the traced shapes
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
-        report.same_padding = expand_same_padding(gm)
+        report.same_padding = expand_same_padding(gm, hints.same_padded)
     report.folded_bn, report.unfolded_bn = fold_batchnorms(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
