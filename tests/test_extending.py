@@ -191,15 +191,21 @@ def test_a_model_family_loads_and_quantizes_with_its_tracing_hints(tmp_path):
                                   tracing=lambda: TracingHints(leaf_modules=(SignGate,))))
     try:
         torch.manual_seed(0)
-        (tmp_path / "config.json").write_text(json.dumps({"toy_family": 1, "classes": 4}))
-        torch.save(ToyFamilyNet(4).state_dict(), tmp_path / "weights.pt")
-        model = hub_dfq.load_model(tmp_path)
+        folder = tmp_path / "fp"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"toy_family": 1, "classes": 4}))
+        torch.save(ToyFamilyNet(4).state_dict(), folder / "weights.pt")
+        model = hub_dfq.load_model(folder)
         assert model.source.library == "toyfam" and model.tracing_hints.leaf_modules == (SignGate,)
         qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=_data(), algorithm="calibrate")
         gates = [n for n in qmodel.module.graph.nodes if n.op == "call_module" and n.target == "gate"]
         assert len(gates) == 1  # kept whole: the branch is still taken per input
         bright = _data(1).abs() + 0.1
         assert torch.equal(qmodel(bright), qmodel(-bright))  # the gate flips the dark image back
+        # a checkpoint of the family rebuilds its graph with the same hints (the adapter builds the architecture)
+        reloaded = hub_dfq.from_pretrained(hub_dfq.save_pretrained(qmodel, tmp_path / "q"))
+        assert torch.equal(reloaded(-bright), qmodel(-bright))
+        assert [n.target for n in reloaded.module.graph.nodes if n.op == "call_module" and n.target == "gate"]
         # without the family's hints fx specialises the branch to the example input (zeros: "negate")
         traced = prepare(model.module, QuantConfig(), example_input=model.example_input(1), hints=TracingHints())
         assert not any(n.op == "call_module" and n.target == "gate" for n in traced.module.graph.nodes)
