@@ -12,6 +12,8 @@ from typing import Sequence
 
 from torch import nn
 
+from .adapters import tracing_hints
+
 __all__ = ["same_pads", "same_padded_types"]
 
 
@@ -29,9 +31,6 @@ def same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
 
 
 def same_padded_types() -> tuple[type[nn.Module], ...]:
-    """The layer classes that pad their own input "same" at every call (timm's ``Conv2dSame``)."""
-    try:  # why: timm takes seconds to import; it is already loaded when a model has its layers
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency, but the core does not require it
-        return ()
-    return (Conv2dSame,)
+    """The layer classes that pad their own input "same" at every call, in any registered model family
+    (each family's :class:`~hub_dfq.models.adapters.TracingHints`: timm's ``Conv2dSame``)."""
+    return tracing_hints().same_padded

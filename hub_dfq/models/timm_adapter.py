@@ -9,15 +9,25 @@ from typing import Any
 
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+from timm.layers import Conv2dSame
+from timm.models import get_notrace_functions, get_notrace_modules
 
 from ..errors import UnsupportedModelError
+from .adapters import TracingHints
 from .checkpoints import check_weights_present, unsafe_checkpoint_error, weights_error
 from .preprocess import Preprocess
 from .vision_model import ModelSource, VisionModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_timm_folder", "load_timm_name", "timm_labels"]
+__all__ = ["load_timm_folder", "load_timm_name", "timm_labels", "timm_tracing_hints"]
+
+
+def timm_tracing_hints() -> TracingHints:
+    """The layers and functions timm itself marks as untraceable by ``torch.fx`` (public names of
+    ``timm.models``), kept whole when a timm model is prepared for quantization, and its TF-"same" convolution."""
+    return TracingHints(leaf_modules=tuple(get_notrace_modules()), leaf_functions=tuple(get_notrace_functions()),
+                        same_padded=(Conv2dSame,))
 
 
 def timm_labels(model: Any, num_classes: int) -> list[str]:

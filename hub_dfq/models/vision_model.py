@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .adapters import TracingHints, tracing_hints
 from .preprocess import Preprocess
 
 __all__ = ["VisionModel", "ModelSource", "BN_TYPES", "bn_remainder", "find_bn_layers"]
@@ -129,6 +130,12 @@ class VisionModel:
         self.bn_layers = find_bn_layers(self.module, self.example_input(1))
 
     # ---- shape and inventory -------------------------------------------------------------------
+    @property
+    def tracing_hints(self) -> TracingHints:
+        """What ``torch.fx`` keeps whole in this model (its family's adapter says; see
+        :class:`~hub_dfq.models.adapters.TracingHints`)."""
+        return tracing_hints(self.source.library or None)
+
     @property
     def input_size(self) -> tuple[int, int, int]:
         return self.preprocess.input_size

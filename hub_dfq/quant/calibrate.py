@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..progress import progress_enabled
 from .modules import act_quantizers, quant_layers
-from .observers import ActObserver, activation_range, weight_scale
+from .observers import activation_range, new_collector, weight_scale
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def observe_activations(module: nn.Module, *, seed: int = 0) -> Iterator[None]:
     """
     quantizers = act_quantizers(module)
     for i, (_, q) in enumerate(quantizers):
-        q.observer = ActObserver(seed=seed + i)
+        q.observer = new_collector(q.observer_method, seed=seed + i)
     try:
         with torch.no_grad(), quant_mode(module, enabled=False):
             for _, q in quantizers:

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..formats import hub_verb
+from ..models.adapters import TracingHints
 from ..models.vision_model import VisionModel
 from .config import QuantConfig
 from .integer import ActivationGrid, IntegerLayer
@@ -201,7 +202,8 @@ class QuantizedModel:
         Raises:
             CheckpointError: the tensors do not match the architecture and config.
         """
-        gm, report = rebuild_module(model.module, config, tensors, model.example_input(1))
+        gm, report = rebuild_module(model.module, config, tensors, model.example_input(1),
+                                    hints=model.tracing_hints)
         return cls(gm, config, model, dict(calibration or {}), algorithm, dict(algorithm_config or {}), report,
                    dict(history or {}))
 
@@ -263,13 +265,15 @@ class QuantizedModel:
 
 
 def rebuild_module(float_module: nn.Module, config: QuantConfig, tensors: dict[str, torch.Tensor],
-                   example_input: torch.Tensor) -> tuple[fx.GraphModule, PrepareReport]:
-    """Prepare ``float_module`` with ``config`` and load :meth:`QuantizedModel.checkpoint_tensors` into it.
+                   example_input: torch.Tensor, *,
+                   hints: TracingHints | None = None) -> tuple[fx.GraphModule, PrepareReport]:
+    """Prepare ``float_module`` with ``config`` and load :meth:`QuantizedModel.checkpoint_tensors` into it
+    (``hints``: the model family's, see :func:`~hub_dfq.quant.prepare.prepare`).
 
     Raises:
         CheckpointError: the tensors do not match the architecture and config.
     """
-    prepared = prepare(float_module, config, example_input=example_input, strict=False)
+    prepared = prepare(float_module, config, example_input=example_input, strict=False, hints=hints)
     gm = prepared.module
     tensors = dict(tensors)
     try:

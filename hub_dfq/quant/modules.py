@@ -24,8 +24,8 @@ from .fold import overrides_forward
 from .integer import IntegerLayer
 from .quantizers import ActQuantizer, WeightQuantizer, round_ste
 
-__all__ = ["register_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantModule",
-           "quant_layers", "act_quantizers"]
+__all__ = ["register_qmodule", "unregister_qmodule", "qmodule_for", "QuantConv1d", "QuantConv2d", "QuantLinear",
+           "QuantModule", "quant_layers", "act_quantizers"]
 
 _REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
 # Subclasses whose own ``forward`` computes exactly what their base's does (named, so that the
@@ -41,6 +41,15 @@ def register_qmodule(float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], 
         return qcls
 
     return wrap
+
+
+def unregister_qmodule(float_cls: type[nn.Module]) -> type[nn.Module]:
+    """Forget the quantized class of ``float_cls`` (a plugin's, or a test's); returns it.
+
+    Raises:
+        KeyError: ``float_cls`` has none registered.
+    """
+    return _REGISTRY.pop(float_cls)
 
 
 def qmodule_for(module: nn.Module, *, graph_version: int = GRAPH_VERSION) -> type[nn.Module] | None:

@@ -4,7 +4,8 @@ Weights (per output channel, symmetric): ``minmax`` takes ``max|w|``; ``mse`` se
 ratio that minimises the squared rounding-plus-clipping error of each channel.
 Activations (per tensor): an :class:`ActObserver` streams batches, keeps the running min/max and a
 fixed-size random sample of values (seeded, so ranges are reproducible); ``minmax``,
-``percentile`` and ``mse`` are computed from those.
+``percentile`` and ``mse`` are computed from those. An activation observer may bring its own collector
+(``Observer.collector``: a histogram, say); :func:`new_collector` makes the one a quantizer's observer reads.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from ..registry import resolve
 from .quantizers import act_qrange, fake_quant, weight_qrange
 from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["weight_scale", "ActObserver", "activation_range", "minmax_weight_scale", "mse_weight_scale",
-           "minmax_range", "percentile_range", "mse_range"]
+__all__ = ["weight_scale", "ActObserver", "new_collector", "activation_range", "minmax_weight_scale",
+           "mse_weight_scale", "minmax_range", "percentile_range", "mse_range"]
 
 _GRID = 100  # clipping ratios tried by the MSE searches
 
@@ -100,6 +101,17 @@ class ActObserver:
 
     def values(self) -> torch.Tensor:
         return torch.cat(self.samples) if self.samples else torch.zeros(0)
+
+
+def new_collector(method: str, *, seed: int = 0):
+    """What the activation observer ``method`` collects its statistics in: its ``collector``, by default an
+    :class:`ActObserver` (seeded value sampling).
+
+    Raises:
+        ConfigError: unknown method.
+    """
+    factory = ACT_OBSERVERS.get(method).collector
+    return resolve(factory)(seed=seed) if factory is not None else ActObserver(seed=seed)
 
 
 def activation_range(observer: ActObserver, bits: int, *, signed: bool, method: str = "mse",

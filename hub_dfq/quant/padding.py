@@ -23,16 +23,17 @@ from ..models.same_padding import same_padded_types, same_pads
 __all__ = ["same_pads", "expand_same_padding", "zero_pad_input"]
 
 
-def expand_same_padding(gm: fx.GraphModule) -> list[str]:
+def expand_same_padding(gm: fx.GraphModule, types: tuple[type[nn.Module], ...] | None = None) -> list[str]:
     """Rewrite every "same"-padding convolution of ``gm`` into a static ``F.pad`` and a plain ``nn.Conv2d``.
 
     The graph's nodes must carry shapes (``ShapeProp``). The new convolution keeps the layer's qualified
-    name and parameters, so BN folding, overrides and checkpoints address it as before.
+    name and parameters, so BN folding, overrides and checkpoints address it as before. ``types``: the
+    "same"-padding classes of the model's family (``TracingHints.same_padded``); default every family's.
 
     Returns:
         Qualified names of the rewritten layers.
     """
-    types = same_padded_types()
+    types = same_padded_types() if types is None else types
     if not types:
         return []
     modules = dict(gm.named_modules())

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..models.adapters import TracingHints, tracing_hints
 from ..models.vision_model import BN_TYPES
 from .config import GRAPH_VERSION, QuantConfig
 from .float_parts import float_parts
@@ -116,21 +117,13 @@ class Prepared:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps BN, registered weight layers and timm's untraceable modules as leaves."""
+    """Keeps BN, registered weight layers and the model family's untraceable parts (``hints``) as leaves."""
 
-    def __init__(self, graph_version: int = GRAPH_VERSION) -> None:
+    def __init__(self, graph_version: int = GRAPH_VERSION, hints: TracingHints | None = None) -> None:
         self.graph_version = graph_version
-        functions: tuple = ()
-        self._notrace_modules: tuple = ()
-        # why: timm (with torchvision) takes seconds to import; the quantization core reads it only when tracing
-        try:  # timm knows which of its layers fx cannot trace (public names of timm.models)
-            from timm.models import get_notrace_functions, get_notrace_modules
-
-            functions = tuple(get_notrace_functions())
-            self._notrace_modules = tuple(get_notrace_modules())
-        except ImportError:  # pragma: no cover - a timm that cannot be imported: trace without its lists
-            pass
-        super().__init__(autowrap_functions=functions)
+        hints = hints if hints is not None else TracingHints()
+        self._notrace_modules: tuple = tuple(hints.leaf_modules)
+        super().__init__(autowrap_functions=tuple(hints.leaf_functions))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, BN_TYPES) or qmodule_for(m, graph_version=self.graph_version) is not None \
@@ -161,9 +154,10 @@ class _ConcreteTracer(ConcreteTracer, _Tracer):
     """The same leaf rules, answering shape questions with concrete values (transformers models)."""
 
 
-def _trace(module: nn.Module, example_input: torch.Tensor, graph_version: int = GRAPH_VERSION) -> fx.GraphModule:
+def _trace(module: nn.Module, example_input: torch.Tensor, graph_version: int = GRAPH_VERSION,
+           hints: TracingHints | None = None) -> fx.GraphModule:
     try:
-        tracer: fx.Tracer = _Tracer(graph_version)
+        tracer: fx.Tracer = _Tracer(graph_version, hints)
         graph = tracer.trace(module)
     except Exception as symbolic_error:  # noqa: BLE001 - fx raises many types on Python control flow
         # Retry knowing concrete shapes (models that branch on sizes, e.g. transformers), and say so.
@@ -171,7 +165,7 @@ def _trace(module: nn.Module, example_input: torch.Tensor, graph_version: int = 
                     type(symbolic_error).__name__, symbolic_error)
         # a batch of 2: the concrete tracer keeps a batch-sized first dimension symbolic (see .tracing)
         batch = torch.cat([example_input[:1]] * 2) if example_input.dim() else example_input
-        tracer = _ConcreteTracer(example_inputs=(batch,), graph_version=graph_version)
+        tracer = _ConcreteTracer(example_inputs=(batch,), graph_version=graph_version, hints=hints)
         try:
             graph = tracer.trace(module)
         except Exception as err:  # noqa: BLE001 - reported below with both failures
@@ -429,7 +423,8 @@ def check_recipe(config: QuantConfig, report: PrepareReport, layers: list[str]) 
                           "the checkpoint would be the float model: exclude fewer layers")
 
 
-def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tensor, strict: bool = True) -> Prepared:
+def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tensor, strict: bool = True,
+            hints: TracingHints | None = None) -> Prepared:
     """Trace a copy of ``module`` and make it a quantized graph (quantizers not yet calibrated).
 
     Args:
@@ -438,6 +433,8 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
         example_input: one input batch, used to tell tensors from other values in the graph.
         strict: refuse a recipe that matches nothing (see :func:`check_recipe`); off when a saved checkpoint is
             rebuilt (its recipe was accepted when it was made).
+        hints: what ``torch.fx`` keeps whole, from the model's family (``VisionModel.tracing_hints``); by default
+            every registered family's hints (a bare module of unknown origin).
 
     Returns:
         A :class:`Prepared` graph, its report and the block of every node.
@@ -449,12 +446,13 @@ def prepare(module: nn.Module, config: QuantConfig, *, example_input: torch.Tens
     float_module = copy.deepcopy(module).eval()
     blocks = block_paths(float_module)
     graph_version = config.graph_version
-    gm = _trace(float_module, example_input, graph_version)
+    hints = hints if hints is not None else tracing_hints()
+    gm = _trace(float_module, example_input, graph_version, hints)
     report = PrepareReport()
     if graph_version >= 2:  # static "same" pads need the traced shapes
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
-        report.same_padding = expand_same_padding(gm)
+        report.same_padding = expand_same_padding(gm, hints.same_padded)
     report.folded_bn, report.unfolded_bn = fold_batchnorms(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)

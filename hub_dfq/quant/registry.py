@@ -63,15 +63,21 @@ class Observer:
     Args:
         name: what users type (``weight_observer=`` / ``act_observer=``).
         kind: ``"weight"`` (``fn(weight_2d, bits) -> per-row scales``) or ``"activation"``
-            (``fn(observer, bits, signed=, percentile=) -> (low, high)``).
+            (``fn(collected, bits, signed=, percentile=) -> (low, high)``).
         summary: one line for the CLI help and the docs table.
         fn: the function, or its ``"module:attribute"`` path.
+        collector: (activations) what gathers the values ``fn`` reads: ``(seed=) -> object`` with
+            ``update(tensor)`` (every observed batch) and an ``empty`` property, made once per quantizer, or its
+            ``"module:attribute"`` path. The default, :class:`~hub_dfq.quant.observers.ActObserver`, keeps the
+            running min/max and a seeded sample of values; an observer that needs other statistics (a
+            histogram) brings its own.
     """
 
     name: str
     kind: str
     summary: str
     fn: Callable[..., Any] | str
+    collector: Callable[..., Any] | str | None = None
 
 
 @dataclass(frozen=True)

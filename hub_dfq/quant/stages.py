@@ -156,7 +156,7 @@ def prepare(model: VisionModel, config: QuantConfig | None = None) -> PreparedMo
         raise UnsupportedModelError(f"{model.source.spec} is already quantized: quantize its base model "
                                     f"({model.quantization_config.get('base_model', 'see its card')}) instead")
     config = config if config is not None else QuantConfig()
-    graph = prepare_graph(model.module, config, example_input=model.example_input(1))
+    graph = prepare_graph(model.module, config, example_input=model.example_input(1), hints=model.tracing_hints)
     return PreparedModel(model=model, config=config, module=graph.module, report=graph.report,
                          node_blocks=graph.node_blocks)
 
