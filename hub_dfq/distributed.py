@@ -326,9 +326,8 @@ def single_process() -> Iterator[Distributed]:
         _thread_scope.depth -= 1
 
 
-# why: the names before issue 20, still documented in earlier releases and called by hub_dfq.audit.core,
-# hub_dfq.quant.api and hub_dfq.cli.quantize, whose restructuring is under way elsewhere; those callers move
-# to process_group() once that lands, and these aliases stay for users' scripts
+# why: the names before issue 20, still documented in earlier releases: kept for users' scripts (hub-dfq's own
+# verbs reach the group through hub_dfq.runner.Runner)
 current = process_group
 local = single_process
 
