@@ -21,6 +21,7 @@ import torch
 import hub_dfq
 from hub_dfq.distributed import process_group
 from hub_dfq.errors import DivergedError
+from hub_dfq.runner import Runner
 
 AUDIT = dict(batch_size=32, score_batch=64, bootstrap=50, references="auto", reference_images=16,
              reference_iters=5, cache=False, progress=False)
@@ -77,8 +78,9 @@ def refusals(out: Path, base: str) -> dict:
             raise JobError("odd")
         return dist.rank
 
-    for key, step in (("main_error", lambda: dist.run_on_main(fail_on_main)),
-                      ("unknown_error", lambda: dist.run_on_every_rank(fail_on_rank_1))):
+    runner = Runner()
+    for key, step in (("main_error", lambda: runner.main_only(fail_on_main)),
+                      ("unknown_error", lambda: runner.every_rank(fail_on_rank_1))):
         try:
             step()
         except Exception as err:  # noqa: BLE001 - what each rank sees is the result

@@ -119,6 +119,15 @@ def test_a_record_left_by_another_rank_counts_on_resume(model, tmp_path):
     assert shard_bytes(out) == shard_bytes(tmp_path / "full") and not (out / RECORDS_DIR).exists()
 
 
+def test_the_runner_deals_items_round_robin_and_runs_steps_in_one_process():
+    from hub_dfq.runner import Runner
+
+    assert [Runner(_fake(rank, 3)).shards(range(8)) for rank in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    one = Runner(_fake(0, 1))
+    assert one.every_rank(lambda x: x + 1, 1) == [2] and one.main_only(max, 3, 4) == 4 and one.gather(5) == [5]
+    one.check_same("a test", seed=0)  # one process: nothing to compare
+
+
 def test_errors_cross_processes_as_data_and_keep_their_class():
     import pickle
 
