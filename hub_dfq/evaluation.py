@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 from .data import ImageData, check_labels, iter_batches, load_images
 from .errors import ConfigError, DatasetError
 from .models.vision_model import VisionModel
-from .partition import rank_part
 from .progress import progress_enabled
 from .runner import Runner
 from .runtime import place_model
@@ -103,7 +102,7 @@ def evaluate_accuracy(
     runner = Runner() if runner is None else runner
     runner.check_same("evaluation", dataset=data.spec, split=data.split, rows=data.num_rows, batch_size=batch_size,
                       model=model.source.spec)
-    part = rank_part(data, runner.group, block=batch_size)
+    part = runner.rows(data, block=batch_size)
     top1 = top5 = n = skipped = 0
     bar = tqdm(total=part.num_rows, desc="eval", unit="img", dynamic_ncols=True,
                disable=not progress_enabled(progress) or not runner.is_main)

@@ -4,7 +4,8 @@ A verb that can run over several processes is written as per-shard functions tha
 (they take the rows or shards they are given and return values) and one :class:`Runner` that decides who
 does what:
 
-- :meth:`Runner.shards` deals work items out over the processes (round robin);
+- :meth:`Runner.shards` deals work items out over the processes (round robin), :meth:`Runner.rows` the rows
+  of a dataset (whole blocks of batches, each row keeping its index);
 - :meth:`Runner.every_rank` runs a per-shard function on every process and returns every result, in rank
   order, for the caller to merge;
 - :meth:`Runner.main_only` runs a step on rank 0 alone (writing shared files, pushing) and returns its
@@ -29,11 +30,14 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence, TypeVar
 
 import torch
 
 from .distributed import Distributed, process_group
+
+if TYPE_CHECKING:
+    from .data import ImageData
 
 __all__ = ["Runner"]
 
@@ -74,6 +78,13 @@ class Runner:
     def shards(self, items: Sequence[T]) -> list[T]:
         """This process's share of ``items``: round robin (items ``rank``, ``rank + world_size``, ...)."""
         return list(items[self.rank::self.world_size])
+
+    def rows(self, data: ImageData, *, block: int) -> ImageData:
+        """This process's part of a dataset: whole blocks of ``block`` rows, each row keeping its index (see
+        :func:`hub_dfq.partition.rank_part`; all of ``data`` in one process)."""
+        from .partition import rank_part  # why: it imports `datasets`, which a runner over shards never needs
+
+        return rank_part(data, self.group, block=block)
 
     def every_rank(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> list[T]:
         """``fn(*args, **kwargs)`` on every process; every process's result in rank order, or every process

@@ -21,7 +21,7 @@ from ..models.checks import check_bn_statistics
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
-from ..partition import block_size, rank_part
+from ..partition import block_size
 from ..progress import progress_enabled
 from ..runner import Runner
 from ..runtime import place_model
@@ -143,7 +143,7 @@ def stream_data(model: VisionModel, layers, data: ImageData, *, name: str | None
     runner = Runner() if runner is None else runner
     skipped: list = []
     counter = [0]
-    part = rank_part(data, runner.group, block=block_size(batch_size, score_batch))
+    part = runner.rows(data, block=block_size(batch_size, score_batch))
     batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress,
                              show=runner.is_main)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
