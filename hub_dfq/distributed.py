@@ -18,7 +18,6 @@ reference measurement, a card) and that calls verbs which would otherwise wait f
 
 from __future__ import annotations
 
-import builtins
 import logging
 import os
 import secrets
@@ -33,8 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
-from . import errors as _errors
-from .errors import ConfigError, DistributedError, SharedFilesystemError
+from .errors import ConfigError, ErrorRecord, SharedFilesystemError
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +110,10 @@ class Distributed:
         """Run ``fn`` on rank 0 only and return its result on every rank.
 
         ``fn`` sees a single-process view (:func:`single_process`): verbs it calls do not wait for the other
-        ranks. If ``fn`` raises on rank 0, every rank raises the same error (the same class for
-        hub-dfq's and Python's own errors), so no rank waits forever for a rank that failed.
+        ranks. If ``fn`` raises on rank 0, every rank raises the same error, sent as an
+        :class:`~hub_dfq.errors.ErrorRecord` (the same class for the classes of
+        :data:`~hub_dfq.errors.ERROR_TYPES`, a :class:`~hub_dfq.errors.DistributedError` naming the original
+        class otherwise), so no rank waits forever for a rank that failed.
         """
         if not self.enabled:
             return fn()
@@ -123,15 +123,15 @@ class Distributed:
             try:
                 with single_process():
                     outcome = (True, fn())
-            except Exception as err:  # noqa: BLE001 - re-raised below on this rank and rebuilt on the others
+            except Exception as err:  # noqa: BLE001 - re-raised below on this rank, sent as data to the others
                 failure = err
-                outcome = (False, _describe(err))
+                outcome = (False, ErrorRecord.of(err, rank=0))
         outcome = self.broadcast(outcome)
         if failure is not None:
             raise _everywhere(failure)
         ok, value = outcome
         if not ok:
-            raise _rebuild(value, rank=0)
+            raise _everywhere(value.to_error())
         return value
 
     def run_on_every_rank(self, fn: Callable[[], T]) -> list[T]:
@@ -148,12 +148,13 @@ class Distributed:
             result = fn()
         except Exception as err:  # noqa: BLE001 - re-raised below once every rank has finished its part
             failure = err
-        outcomes = self.all_gather((True, result) if failure is None else (False, _describe(failure)))
+        mine = (True, result) if failure is None else (False, ErrorRecord.of(failure, rank=self.rank))
+        outcomes = self.all_gather(mine)
         if failure is not None:
             raise _everywhere(failure)
-        for rank, (ok, value) in enumerate(outcomes):
+        for ok, value in outcomes:
             if not ok:
-                raise _rebuild(value, rank=rank)
+                raise _everywhere(value.to_error())
         return [value for _, value in outcomes]
 
     def check_same(self, what: str, values: Mapping[str, Any]) -> None:
@@ -325,9 +326,8 @@ def single_process() -> Iterator[Distributed]:
         _thread_scope.depth -= 1
 
 
-# why: the names before issue 20, still documented in earlier releases and called by hub_dfq.audit.core,
-# hub_dfq.quant.api and hub_dfq.cli.quantize, whose restructuring is under way elsewhere; those callers move
-# to process_group() once that lands, and these aliases stay for users' scripts
+# why: the names before issue 20, still documented in earlier releases: kept for users' scripts (hub-dfq's own
+# verbs reach the group through hub_dfq.runner.Runner)
 current = process_group
 local = single_process
 
@@ -348,24 +348,6 @@ def _everywhere(err: BaseException) -> BaseException:
     """Mark an error that every rank raises (the CLI prints it once, from rank 0, and the ranks exit together)."""
     err.raised_on_every_rank = True
     return err
-
-
-def _describe(err: BaseException) -> tuple[str, str, str]:
-    return type(err).__module__, type(err).__qualname__, str(err)
-
-
-def _rebuild(description: tuple[str, str, str], *, rank: int) -> Exception:
-    """The error another rank raised, as the same class where it is one of ours or Python's."""
-    module, name, message = description
-    message = f"rank {rank}: {message}"
-    source = {"hub_dfq.errors": _errors, "builtins": builtins}.get(module)
-    cls = getattr(source, name, None) if source is not None else None
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            return _everywhere(cls(message))
-        except TypeError:  # an exception class whose constructor wants more than a message
-            pass
-    return _everywhere(DistributedError(f"{message} ({module}.{name})"))
 
 
 def _wait_for(condition: Callable[[], bool]) -> bool:

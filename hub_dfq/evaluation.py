@@ -9,11 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageData, check_labels, iter_batches, load_images
-from .distributed import process_group
 from .errors import ConfigError, DatasetError
 from .models.vision_model import VisionModel
-from .partition import rank_part
 from .progress import progress_enabled
+from .runner import Runner
 from .runtime import place_model
 
 logger = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ def evaluate_accuracy(
     progress: bool | None = None,
     token: str | bool | None = None,
     device: str | torch.device | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy (in percent) of ``model`` on the labelled images of ``data``.
 
@@ -80,6 +80,8 @@ def evaluate_accuracy(
         token: Hub token, when ``data`` is a Hub dataset id.
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is.
+        runner: how the work is shared out over processes (default: :class:`~hub_dfq.runner.Runner` over the
+            process group of the environment).
 
     Returns:
         ``{"top1": .., "top5": .., "n": .., "skipped": ..}``.
@@ -97,13 +99,13 @@ def evaluate_accuracy(
     forward = forward or model.module
     device = model.device  # where forward computes (a quantized model lives with its float model)
     k = min(5, model.num_classes)
-    dist = process_group()
-    dist.check_same("evaluation", {"dataset": data.spec, "split": data.split, "rows": data.num_rows,
-                                   "batch_size": batch_size, "model": model.source.spec})
-    part = rank_part(data, dist, block=batch_size)
+    runner = Runner() if runner is None else runner
+    runner.check_same("evaluation", dataset=data.spec, split=data.split, rows=data.num_rows, batch_size=batch_size,
+                      model=model.source.spec)
+    part = runner.rows(data, block=batch_size)
     top1 = top5 = n = skipped = 0
     bar = tqdm(total=part.num_rows, desc="eval", unit="img", dynamic_ncols=True,
-               disable=not progress_enabled(progress) or not dist.is_main)
+               disable=not progress_enabled(progress) or not runner.is_main)
     for batch in iter_batches(part, model.preprocess, batch_size=batch_size):
         skipped += len(batch.skipped)
         bar.update(len(batch.indices) + len(batch.skipped))
@@ -118,8 +120,8 @@ def evaluate_accuracy(
         n += len(labels)
         bar.set_postfix(top1=f"{100.0 * top1 / n:.2f}")
     bar.close()
-    if dist.enabled:
-        totals = dist.all_reduce([torch.tensor([top1, top5, n, skipped], dtype=torch.int64)])[0].tolist()
+    if runner.enabled:
+        totals = runner.sum([torch.tensor([top1, top5, n, skipped], dtype=torch.int64)])[0].tolist()
         top1, top5, n, skipped = (int(v) for v in totals)
     if n == 0:
         raise DatasetError(f"{data.spec}: no readable images to evaluate ({skipped} skipped)")

@@ -20,6 +20,8 @@ import torch
 
 import hub_dfq
 from hub_dfq.distributed import process_group
+from hub_dfq.errors import DivergedError
+from hub_dfq.runner import Runner
 
 AUDIT = dict(batch_size=32, score_batch=64, bootstrap=50, references="auto", reference_images=16,
              reference_iters=5, cache=False, progress=False)
@@ -54,6 +56,10 @@ def measure(out: Path, parquet: str) -> dict:
             "wrote_report": (audit_dir / "audit.json").is_file()}
 
 
+class JobError(Exception):
+    """An exception hub-dfq does not know."""
+
+
 def refusals(out: Path, base: str) -> dict:
     """Bad input: different arguments per rank, an output folder only rank 0 sees, more ranks than shards, and
     how the CLI reports an error every rank raises."""
@@ -63,6 +69,22 @@ def refusals(out: Path, base: str) -> dict:
     dist = process_group()
     base_dir = Path(base)
     seen: dict = {}
+
+    def fail_on_main() -> None:
+        raise DivergedError(f"the loss became nan on rank {dist.rank}")
+
+    def fail_on_rank_1() -> int:
+        if dist.rank == 1:
+            raise JobError("odd")
+        return dist.rank
+
+    runner = Runner()
+    for key, step in (("main_error", lambda: runner.main_only(fail_on_main)),
+                      ("unknown_error", lambda: runner.every_rank(fail_on_rank_1))):
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - what each rank sees is the result
+            seen[key] = [type(err).__name__, str(err)]
     model = hub_dfq.load_model("default")
     try:  # rank 1 asks for another seed
         synthesize_folder(model, "gaussian", 8, seed=dist.rank, out_dir=base_dir / "mixed", progress=False)

@@ -119,17 +119,37 @@ def test_a_record_left_by_another_rank_counts_on_resume(model, tmp_path):
     assert shard_bytes(out) == shard_bytes(tmp_path / "full") and not (out / RECORDS_DIR).exists()
 
 
-def test_errors_of_another_rank_keep_their_class_and_name_the_rank():
-    from hub_dfq.distributed import _rebuild
-    from hub_dfq.errors import DistributedError, DivergedError
+def test_the_runner_deals_items_round_robin_and_runs_steps_in_one_process():
+    from hub_dfq.runner import Runner
 
-    err = _rebuild(("hub_dfq.errors", "DivergedError", "the loss became nan"), rank=1)
-    assert isinstance(err, DivergedError) and str(err) == "rank 1: the loss became nan"
-    assert err.raised_on_every_rank  # the CLI prints it once, from rank 0
-    assert isinstance(_rebuild(("builtins", "KeyError", "x"), rank=0), KeyError)
-    other = _rebuild(("somelib.errors", "WeirdError", "odd"), rank=2)
-    assert isinstance(other, DistributedError)
-    assert "rank 2: odd" in str(other) and "somelib.errors.WeirdError" in str(other)
+    assert [Runner(_fake(rank, 3)).shards(range(8)) for rank in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    one = Runner(_fake(0, 1))
+    assert one.every_rank(lambda x: x + 1, 1) == [2] and one.main_only(max, 3, 4) == 4 and one.gather(5) == [5]
+    one.check_same("a test", seed=0)  # one process: nothing to compare
+
+
+def test_errors_cross_processes_as_data_and_keep_their_class():
+    import pickle
+
+    from hub_dfq.errors import ERROR_TYPES, ConfigError, DistributedError, DivergedError, ErrorRecord
+
+    record = ErrorRecord.of(DivergedError("the loss became nan"), rank=1)
+    assert record == pickle.loads(pickle.dumps(record)) == ErrorRecord.from_dict(record.to_dict())
+    assert record.kind == "hub_dfq.errors.DivergedError"
+    err = record.to_error()
+    assert type(err) is DivergedError and str(err) == "rank 1: the loss became nan"
+    assert type(ErrorRecord.of(KeyError("x")).to_error()) is KeyError
+    assert set(ERROR_TYPES.values()) >= {ConfigError, DistributedError, ValueError}
+
+    class WeirdError(Exception):
+        pass
+
+    class MyConfigError(ConfigError):  # a subclass hub-dfq does not know: its nearest hub-dfq class
+        pass
+
+    other = ErrorRecord.of(WeirdError("odd"), rank=2).to_error()
+    assert type(other) is DistributedError and "rank 2: odd" in str(other) and "WeirdError" in str(other)
+    assert type(ErrorRecord.of(MyConfigError("bad")).to_error()) is ConfigError
 
 
 def test_one_process_never_starts_accelerate(tmp_path):
@@ -325,6 +345,13 @@ def test_bad_launches_fail_clearly_and_idle_ranks_return(model, tmp_path):
         kind, message = result["unshared_folder"]
         assert kind == "SharedFilesystemError" and "rank(s) 1" in message and "share" in message
         assert "`out_dir`" in message
+    # an error raised on one rank reaches the others as data: the same class and message (naming the rank), an
+    # unknown exception as DistributedError naming its class; the failing rank raises its own
+    assert ranks[0]["main_error"] == ["DivergedError", "the loss became nan on rank 0"]
+    assert ranks[1]["main_error"] == ["DivergedError", "rank 0: the loss became nan on rank 0"]
+    assert ranks[1]["unknown_error"] == ["JobError", "odd"]
+    kind, message = ranks[0]["unknown_error"]
+    assert kind == "DistributedError" and message.startswith("rank 1: odd") and "JobError" in message
     assert not (base / "mixed").exists()  # refused before anything was written
     assert not (base / "cwd-0" / "unshared").exists() and not (base / "cwd-1" / "unshared").exists()
     synthesize(model, "gaussian", 8, shard_size=8, out_dir=tmp_path / "one", progress=False)

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from ..bnstats import bn_layers_with_stats, running_moments
 from ..data import ImageData, iter_batches, load_images
-from ..distributed import current
 from ..errors import ArgumentTypeError, DatasetError, HubDfqError, UnsupportedModelError
 from ..fingerprint import weights_sha256
 from ..locks import hold
@@ -22,8 +21,9 @@ from ..models.checks import check_bn_statistics
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
-from ..partition import block_size, rank_part
+from ..partition import block_size
 from ..progress import progress_enabled
+from ..runner import Runner
 from ..runtime import place_model
 from . import references as refs
 from .config import AuditConfig
@@ -112,9 +112,9 @@ def _image_view(acc: MomentAccumulator) -> dict[str, Any] | None:
 
 
 def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skipped: list, counter: list[int],
-                   progress: bool) -> Iterator[tuple[torch.Tensor, list[int]]]:
+                   progress: bool, show: bool = True) -> Iterator[tuple[torch.Tensor, list[int]]]:
     bar = tqdm(total=data.num_rows, desc=f"audit {data.spec}"[:40], unit="img", dynamic_ncols=True, leave=False,
-               disable=not progress_enabled(progress) or not current().is_main)
+               disable=not progress_enabled(progress) or not show)
     try:
         for batch in iter_batches(data, model.preprocess, batch_size=batch_size):
             counter[0] += len(batch.skipped)
@@ -130,25 +130,27 @@ def _image_batches(model: VisionModel, data: ImageData, *, batch_size: int, skip
 
 def stream_data(model: VisionModel, layers, data: ImageData, *, name: str | None, what: str, batch_size: int,
                 score_batch: int, metric: str, bootstrap: int, seed: int, image_metric: str | None,
-                progress: bool | None) -> tuple[MomentAccumulator, list[dict[str, Any]], int]:
+                progress: bool | None,
+                runner: Runner | None = None) -> tuple[MomentAccumulator, list[dict[str, Any]], int]:
     """Stream ``data`` (this process's whole score batches of it) into an accumulator that keeps per-image scores.
 
-    Returns the accumulator merged over the processes, the unreadable rows (first ones, every process's) and
-    their count.
+    Returns the accumulator merged over the processes of ``runner`` (default: the environment's), the unreadable
+    rows (first ones, every process's) and their count.
 
     Raises:
         DatasetError: the dataset has no rows at all, or none of its images can be read.
     """
-    dist = current()
+    runner = Runner() if runner is None else runner
     skipped: list = []
     counter = [0]
-    part = rank_part(data, dist, block=block_size(batch_size, score_batch))
-    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress)
+    part = runner.rows(data, block=block_size(batch_size, score_batch))
+    batches = _image_batches(model, part, batch_size=batch_size, skipped=skipped, counter=counter, progress=progress,
+                             show=runner.is_main)
     acc = _accumulate(model, layers, batches, score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
                       per_image=True, image_metric=image_metric)
-    acc.merge(dist)
-    if dist.enabled:
-        everyone = dist.all_gather((counter[0], skipped))
+    acc.merge(runner.group)
+    if runner.enabled:
+        everyone = runner.gather((counter[0], skipped))
         counter[0] = sum(n for n, _ in everyone)
         skipped = sorted((s for _, part_skipped in everyone for s in part_skipped), key=lambda s: s["index"])
     if acc.n_images == 0 and counter[0] == 0:
@@ -162,7 +164,7 @@ def stream_data(model: VisionModel, layers, data: ImageData, *, name: str | None
 
 def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None, batch_size: int = 64,
                  score_batch: int = 64, metric: str = "kl", bootstrap: int = 200, seed: int = 0,
-                 progress: bool = False) -> CandidateResult:
+                 progress: bool = False, runner: Runner | None = None) -> CandidateResult:
     """Stream ``data`` through ``model`` and score its BN-input moments (no reference points).
 
     In a multi-process run (see :mod:`hub_dfq.distributed`) every process reads whole score batches
@@ -176,7 +178,7 @@ def measure_data(model: VisionModel, data: ImageData, *, name: str | None = None
     layers = _check_model(model)
     acc, skipped, n_skipped = stream_data(model, layers, data, name=name, what="audit", batch_size=batch_size,
                                           score_batch=score_batch, metric=metric, bootstrap=bootstrap, seed=seed,
-                                          image_metric=IMAGE_METRIC, progress=progress)
+                                          image_metric=IMAGE_METRIC, progress=progress, runner=runner)
     return _summarise(name or data.spec, acc, running_moments(layers), metric=metric, skipped=skipped,
                       n_skipped=n_skipped, split=data.split)
 
@@ -295,6 +297,7 @@ def audit(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
+    runner: Runner | None = None,
     **settings: Any,
 ) -> AuditReport:
     """Score how close each candidate dataset is to the data the model was trained on.
@@ -321,6 +324,8 @@ def audit(
         revision: Hub revision of the model, when ``model`` is a spec.
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is. Moments are accumulated in float64 on that device.
+        runner: how the work is shared out over processes (default: :class:`~hub_dfq.runner.Runner` over the
+            process group of the environment).
         **settings: fields of :class:`~hub_dfq.AuditConfig`, where each is described (``limit``, ``metric``,
             ``references``, ``bootstrap``, ...); ``reference_steps`` is the deprecated spelling of ``reference_iters``.
 
@@ -341,8 +346,8 @@ def audit(
         >>> hub_dfq.audit("default", "default", AuditConfig(references="gaussian", bootstrap=0))
     """
     config = _config(config, settings)
-    dist = current()
-    if out_dir is not None and dist.is_main:  # checked, and locked, before any work: a refused folder costs nothing
+    runner = Runner() if runner is None else runner
+    if out_dir is not None and runner.is_main:  # checked, and locked, before any work: a refused folder costs nothing
         reservation = reserve_folder(out_dir, kind="audit", overwrite=overwrite)
     else:  # no report, or another rank's: rank 0 alone writes it
         reservation = contextlib.nullcontext()
@@ -364,10 +369,9 @@ def audit(
             if seen[name] > 1:
                 opened[i] = (f"{name} #{seen[name]}", d)
 
-        if dist.enabled:  # before any work: processes that audit different things would combine nonsense
-            dist.check_same("audit", {"weights": weights_sha256(model.module), "datasets": [n for n, _ in opened],
-                                      "rows": [d.num_rows for _, d in opened], **config.to_dict(),
-                                      "out_dir": out_dir})
+        if runner.enabled:  # before any work: processes that audit different things would combine nonsense
+            runner.check_same("audit", weights=weights_sha256(model.module), datasets=[n for n, _ in opened],
+                              rows=[d.num_rows for _, d in opened], **config.to_dict(), out_dir=out_dir)
         common = dict(score_batch=config.score_batch, metric=config.metric, bootstrap=config.bootstrap,
                       seed=config.seed)
         references, budget = config.references, config.reference_budget_gmacs
@@ -395,7 +399,7 @@ def audit(
                         for kind in kinds}
 
             # Rank 0 alone measures the reference points (or reads them from its cache); every rank gets them.
-            reference_info.update(dist.run_on_main(measure_references))
+            reference_info.update(runner.main_only(measure_references))
         far = (reference_info["far"] or {}).get("divergence")
         near = (reference_info["near"] or {}).get("divergence")
         near_failed = (reference_info["near"] or {}).get("error")
@@ -410,7 +414,8 @@ def audit(
 
         results = []
         for name, d in opened:
-            result = measure_data(model, d, name=name, batch_size=config.batch_size, progress=progress, **common)
+            result = measure_data(model, d, name=name, batch_size=config.batch_size, progress=progress, runner=runner,
+                                  **common)
             results.append(result)
         for r in results + [reference_info[k] for k in ("far", "near") if isinstance(reference_info[k], dict)]:
             _attach_similarity(r, far=far, near=near)
@@ -426,7 +431,7 @@ def audit(
             candidates=results,
         )
         if out_dir is not None:  # rank 0 writes; every rank returns the same report
-            dist.run_on_main(lambda: report.save(out_dir, overwrite=overwrite))
+            runner.main_only(report.save, out_dir, overwrite=overwrite)
         return report
 
 

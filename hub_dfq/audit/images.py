@@ -28,11 +28,11 @@ import torch
 
 from ..budget import shrink
 from ..data import ImageData, load_images
-from ..distributed import process_group
 from ..errors import ConfigError, DatasetError
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import reserve_folder
+from ..runner import Runner
 from ..runtime import place_model
 from . import references as refs
 from .core import MAX_LISTED_SKIPPED, _accumulate, _check_model, _image_batches, stream_data
@@ -143,6 +143,7 @@ def score_images(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
+    runner: Runner | None = None,
 ) -> ImageScores:
     """Score every image of a dataset against what the model's BN layers remember (see the module docstring).
 
@@ -173,6 +174,8 @@ def score_images(
         progress: show progress bars (``None``: on a terminal).
         token, revision: Hub token (model, data, push) and model revision.
         device: where to run (``None``: where the model is).
+        runner: how the work is shared out over processes (default: :class:`~hub_dfq.runner.Runner` over the
+            process group of the environment); rank 0 alone calibrates the threshold, writes and pushes.
 
     Returns:
         An :class:`ImageScores`.
@@ -200,11 +203,11 @@ def score_images(
     if private and not push_to_hub:
         raise ConfigError("`private` only applies with `push_to_hub`")
 
-    dist = process_group()
+    runner = Runner() if runner is None else runner
     temporary = tempfile.TemporaryDirectory(prefix="hub-dfq-score-") if push_to_hub and out_dir is None else None
     target = out_dir if out_dir is not None else (os.path.join(temporary.name, "scored") if temporary else None)
     try:
-        with (reserve_folder(target, kind="scores", overwrite=overwrite) if target is not None and dist.is_main
+        with (reserve_folder(target, kind="scores", overwrite=overwrite) if target is not None and runner.is_main
               else contextlib.nullcontext()):
             if not isinstance(model, VisionModel):
                 model = load_model(model, token=token, revision=revision)
@@ -218,15 +221,15 @@ def score_images(
             start = time.perf_counter()
             acc, skipped, n_skipped = stream_data(model, layers, images, name=None, what="score", batch_size=batch_size,
                                                   score_batch=64, metric=metric, bootstrap=0, seed=0,
-                                                  image_metric=None, progress=progress)
+                                                  image_metric=None, progress=progress, runner=runner)
             wall = time.perf_counter() - start
             rows, layer_scores = acc.image_layer_scores()
             scores = acc.image_scores()[1].numpy()
             threshold = None
             if fpr is not None and not (isinstance(calibration, str) and calibration == "none"):
-                threshold = dist.run_on_main(lambda: calibrate_threshold(
-                    model, fpr, calibration=calibration, metric=metric, images=calibration_images,
-                    iters=calibration_iters, seed=seed, batch_size=batch_size, progress=progress))
+                threshold = runner.main_only(calibrate_threshold, model, fpr, calibration=calibration, metric=metric,
+                                             images=calibration_images, iters=calibration_iters, seed=seed,
+                                             batch_size=batch_size, progress=progress)
                 threshold["flagged"] = int((scores > threshold["value"]).sum())
             result = ImageScores(
                 model={**model.source.__dict__, "url": model.source.url, "bn_layers": [n for n, _ in layers],
@@ -236,9 +239,9 @@ def score_images(
                 skipped=skipped[:MAX_LISTED_SKIPPED], threshold=threshold,
                 selection=_select(scores, keep_fraction=keep_fraction, max_score=max_score, threshold=threshold),
                 timing={"wall_time_s": wall, "images_per_s": (len(rows) + n_skipped) / max(wall, 1e-9)}, data=images)
-            if target is not None and dist.is_main:
+            if target is not None and runner.is_main:
                 result.save_pretrained(target, overwrite=overwrite, shard_size=shard_size, repo_id=push_to_hub)
-        if push_to_hub and dist.is_main:
+        if push_to_hub and runner.is_main:
             result.timing["pushed_to"] = push_scored_folder(target, push_to_hub, private=private, token=token)
         return result
     finally:

@@ -151,11 +151,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` (and a launching process) free of torch, timm and datasets
     from ..data import load_images
-    from ..distributed import current
     from ..evaluation import check_eval_labels, evaluate_accuracy
     from ..models.loader import load_model
     from ..quant.api import quantize
     from ..quant.data import is_synthetic
+    from ..runner import Runner
 
     if args.dataset_repo and not args.push_to_hub:
         raise ConfigError("`dataset_repo` needs `push_to_hub` (the dataset card links to the model)")
@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
         summary["eval_note"] = ("no evaluation: the model's classes are not CIFAR-10's; pass --eval DATA (labelled "
                                 "images of its classes) to compare full-precision and quantized accuracy")
     if args.out_dir or args.push_to_hub:  # rank 0 alone saves and pushes; every rank learns whether it worked
-        summary = current().run_on_main(lambda: _publish(args, qmodel, evaluation, summary) or summary)
+        summary = Runner().main_only(lambda: _publish(args, qmodel, evaluation, summary) or summary)
     summary["total_seconds"] = round(time.perf_counter() - start, 2)
     if not is_main_process():
         return 0

@@ -16,6 +16,7 @@ from torch import fx
 
 from ..errors import ConfigError
 from ..registry import resolve
+from ..runner import Runner
 from .registry import QUANT_ALGORITHMS, Preset, QuantAlgorithm
 from .resume import RunState
 
@@ -106,6 +107,8 @@ class AlgorithmContext:
         state: where to save progress and resume from (``None``: no resuming).
         settings_of: the settings another algorithm gets in this run (e.g. distillation that starts
             from a reconstructed model).
+        runner: the processes that share the run (``None``: :class:`~hub_dfq.runner.Runner` over the process
+            group of the environment).
     """
 
     module: fx.GraphModule
@@ -116,6 +119,7 @@ class AlgorithmContext:
     progress: bool | None
     state: RunState | None
     settings_of: Callable[[str], Any]
+    runner: Runner | None = None
 
     def run(self, name: str) -> dict[str, Any]:
         """Run another registered algorithm on this context's model and data (with its settings in this run)."""

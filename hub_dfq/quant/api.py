@@ -17,10 +17,10 @@ import torch
 
 from ..budget import REFERENCE_GFLOPS, BudgetPlan, device_speed, parse_duration, plan_budget
 from ..deprecation import MovedInto, renamed_arguments
-from ..distributed import current
 from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..registry import resolve
+from ..runner import Runner
 from ..runtime import place_model
 from ..synth.registry import SYNTH_METHODS
 from .algorithms import algorithm_settings, settings_resolver
@@ -77,14 +77,12 @@ def _size_plan(prepared, cfg: QuantConfig, model: VisionModel, size_budget: Any)
 
 def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, calibration_images: int | None,
                settings: Mapping[str, Any], synth_options: Mapping[str, Any] | None, time_budget: Any,
-               seed: int) -> BudgetPlan:
+               seed: int, runner: Runner) -> BudgetPlan:
     """The ladder scale of ``preset`` whose expected time on the model's device fits the time budget."""
     target = parse_duration(time_budget) if time_budget is not None else \
         preset.seconds * (CALIBRATE_SHARE if algorithm == "calibrate" else 1.0)
-    dist = current()
     # every process plans from rank 0's measurement: the same counts everywhere
-    speed = device_speed(model) if dist.is_main else None
-    speed = dist.broadcast(speed) if dist.enabled else speed
+    speed = runner.main_only(device_speed, model)
     spec = QUANT_ALGORITHMS.get(algorithm)
     fixed_images = len(calibration) if isinstance(calibration, torch.Tensor) else None
     synthetic = is_synthetic(calibration) and SYNTH_METHODS.get(calibration.lower()).loss is not None
@@ -121,11 +119,10 @@ def _calibration_data(model: VisionModel, calibration: Any, *, images: int | Non
     return data.to(model.device), provenance
 
 
-def _share_main_model(qmodel: QuantizedModel) -> None:
+def _share_main_model(qmodel: QuantizedModel, runner: Runner) -> None:
     """Every process goes on with rank 0's model (GPU kernels need not be deterministic)."""
-    dist = current()
-    if dist.enabled:
-        load_quantizer_state(qmodel.module, dist.broadcast(quantizer_state(qmodel.module) if dist.is_main else None))
+    if runner.enabled:
+        load_quantizer_state(qmodel.module, runner.main_only(quantizer_state, qmodel.module))
 
 
 @renamed_arguments(method="algorithm", calibration_size="calibration_images", config="quant_config",
@@ -159,6 +156,7 @@ def quantize(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
+    runner: Runner | None = None,
 ) -> QuantizedModel:
     """Quantize a classifier to ``weights``/``activations`` bits, calibrated without its training data.
 
@@ -214,6 +212,9 @@ def quantize(
         revision: Hub revision of the model, when ``model`` is a spec.
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is. Reconstruction and distillation compute in float32 everywhere.
+        runner: the processes that share the run (default: :class:`~hub_dfq.runner.Runner` over the process group
+            of the environment): rank 0 measures the device for the time plan, distillation splits each batch,
+            and every process returns rank 0's model.
 
     Returns:
         A :class:`QuantizedModel`.
@@ -231,6 +232,7 @@ def quantize(
     """
     settings = dict(settings or {})
     chosen = PRESETS.get(preset)
+    runner = Runner() if runner is None else runner
     cfg = _resolve_config(quant_config, weights=weights, activations=activations, first_last_bits=first_last_bits,
                           residual_bits=residual_bits, weight_observer=weight_observer, act_observer=act_observer,
                           overrides=overrides, include=include, exclude=exclude)
@@ -249,7 +251,7 @@ def quantize(
     budget_plan = None
     if time_budget is not None or model.gflops() > REFERENCE_GFLOPS:
         budget_plan = _time_plan(model, chosen, algorithm, calibration, calibration_images, settings,
-                                 synth_options, time_budget, seed)
+                                 synth_options, time_budget, seed, runner=runner)
         chosen = chosen.scaled(budget_plan.scale)
     settings_resolver(chosen, settings, seed=seed)(algorithm)  # what this run uses, also checked before synthesis
     if size_budget is not None:
@@ -268,10 +270,11 @@ def quantize(
             algorithm = default_algorithm(prepared.report)
     calibrate(prepared, data, seed=seed, progress=progress, source=source)
     timings["calibrate"] = time.perf_counter() - start - timings["data"] - timings.get("allocate", 0.0)
-    apply(prepared, algorithm, data, settings=settings, preset=chosen, seed=seed, progress=progress, resume=resume)
+    apply(prepared, algorithm, data, settings=settings, preset=chosen, seed=seed, progress=progress, resume=resume,
+          runner=runner)
     prepared.history["seconds"] = timings  # before the fingerprint freeze() adds, as always
     qmodel = freeze(prepared)
-    _share_main_model(qmodel)
+    _share_main_model(qmodel, runner)
     timings["total"] = time.perf_counter() - start
     if allocation is not None:
         qmodel.history["allocation"] = allocation.to_dict()

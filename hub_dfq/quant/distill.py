@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import process_group
 from ..errors import ConfigError, DivergedError
 from ..progress import progress_enabled
+from ..runner import Runner
 from .calibrate import act_quantizers, quant_layers, quant_mode
 from .parallel import data_parallel, local_rows
 from .reconstruct import cost as reconstruct_cost
@@ -77,7 +77,7 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
 
 
 def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progress: bool | None = None,
-            state: RunState | None = None) -> list[float]:
+            state: RunState | None = None, runner: Runner | None = None) -> list[float]:
     """Fine-tune a calibrated quantized model to match its own full-precision outputs on ``data``.
 
     Under ``accelerate launch`` every process computes the loss on its share of each batch and the
@@ -89,6 +89,8 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
         cfg: distillation settings.
         progress: show a progress bar.
         state: where to save progress every ``SAVE_EVERY`` steps and resume from (the same bytes as one run).
+        runner: the processes that share each batch (default: :class:`~hub_dfq.runner.Runner` over the process
+            group of the environment).
 
     Returns:
         The loss every 50 steps.
@@ -123,7 +125,8 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
     optimizer = torch.optim.Adam(weight_groups + [{"params": scale_params, "lr": cfg.lr_scale}])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
-    dist = process_group()
+    runner = Runner() if runner is None else runner
+    dist = runner.group  # DDP and the row split work on the group itself
     batch = min(cfg.batch_size, len(data))
     mine = local_rows(batch, dist)
     student = data_parallel(module, dist)
@@ -154,7 +157,7 @@ def distill(module: nn.Module, data: torch.Tensor, cfg: DistillConfig, *, progre
             if dist.enabled:
                 # DDP averages gradients over processes: weigh each share so the average is the whole batch's
                 loss = loss * (len(x) * dist.world_size / batch)
-                value = dist.all_reduce([loss.detach()])[0] / dist.world_size  # the whole batch's loss, everywhere
+                value = runner.sum([loss.detach()])[0] / dist.world_size  # the whole batch's loss, everywhere
             if not torch.isfinite(value):
                 raise DivergedError(f"distillation diverged at step {step} (loss {value.item()}): lower lr_weight")
             optimizer.zero_grad(set_to_none=True)
@@ -200,5 +203,5 @@ def run_distill(context) -> dict[str, Any]:
     if context.settings.init == "reconstruct":
         history.update(context.run("reconstruct"))
     history["distill_loss"] = distill(context.module, context.data, context.settings, progress=context.progress,
-                                      state=context.state)
+                                      state=context.state, runner=context.runner)
     return history

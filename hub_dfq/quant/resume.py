@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..cache import cache_root, record_entry, record_path
-from ..distributed import process_group
 from ..fingerprint import fingerprint
 from ..locks import hold
 from ..outputs import temp_path
+from ..runner import Runner
 from .modules import quant_layers
 
 logger = logging.getLogger(__name__)
@@ -39,15 +39,22 @@ class RunState:
 
     Args:
         folder: where the stages are kept.
+        runner: the processes that share the run: rank 0 reads and writes the state, every rank gets what it read
+            (default: :class:`~hub_dfq.runner.Runner` over the process group of the environment when used).
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, runner: Runner | None = None):
         self.folder = Path(folder)
+        self._runner = runner
+
+    @property
+    def runner(self) -> Runner:
+        return Runner() if self._runner is None else self._runner
 
     @classmethod
-    def for_run(cls, *, version: int, **parts: Any) -> "RunState":
+    def for_run(cls, *, version: int, runner: Runner | None = None, **parts: Any) -> "RunState":
         """The state folder of the run that ``parts`` determine (see :func:`hub_dfq.fingerprint.fingerprint`)."""
-        return cls(cache_root("quantize") / fingerprint("quantize", version=version, **parts))
+        return cls(cache_root("quantize") / fingerprint("quantize", version=version, **parts), runner=runner)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["RunState"]:
@@ -67,7 +74,7 @@ class RunState:
 
         In a multi-process run rank 0 reads it and every rank gets rank 0's, so all resume alike.
         """
-        return process_group().run_on_main(lambda: self._read(stage))
+        return self.runner.main_only(self._read, stage)
 
     def _read(self, stage: str) -> dict[str, Any] | None:
         path = self._file(stage)
@@ -87,7 +94,7 @@ class RunState:
         A failed save (disk full) is logged and the run goes on: it only loses the chance to resume. In a
         multi-process run only rank 0 writes (every rank holds the same state).
         """
-        if not process_group().is_main:
+        if not self.runner.is_main:
             return
         path = self._file(stage)
         partial = temp_path(path)  # per process: a concurrent run never removes ours
@@ -108,7 +115,7 @@ class RunState:
 
     def clear(self) -> None:
         """Delete the saved stages (rank 0 only, in a multi-process run)."""
-        if process_group().is_main:
+        if self.runner.is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
             record_path(self.folder).unlink(missing_ok=True)
 

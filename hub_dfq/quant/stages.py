@@ -26,6 +26,7 @@ from ..errors import ArgumentTypeError, ConfigError, DatasetError, UnsupportedMo
 from ..fingerprint import fingerprint, weights_sha256
 from ..models.vision_model import VisionModel
 from ..progress import progress_enabled
+from ..runner import Runner
 from .algorithms import AlgorithmContext, recorded_settings, run_algorithm, settings_resolver
 from .calibrate import calibrate_weights, freeze_weights, observe_activations
 from .config import QuantConfig
@@ -246,7 +247,7 @@ def _start_digest(prepared: PreparedModel, data: torch.Tensor, seed: int) -> str
 
 def apply(prepared: PreparedModel, algorithm: str, batches: torch.Tensor | Iterable[torch.Tensor], *,
           settings: Any = None, preset: str | Preset = "fast", seed: int = 0, progress: bool | None = None,
-          resume: bool = False) -> PreparedModel:
+          resume: bool = False, runner: Runner | None = None) -> PreparedModel:
     """Run a registered quantization algorithm on the calibrated model (in place).
 
     Args:
@@ -261,6 +262,8 @@ def apply(prepared: PreparedModel, algorithm: str, batches: torch.Tensor | Itera
         progress: show progress bars (``None``: on a terminal).
         resume: save the progress of a resumable algorithm in the cache and continue an interrupted run of the
             same inputs where it stopped.
+        runner: the processes that share the run (default: :class:`~hub_dfq.runner.Runner` over the process
+            group of the environment): distillation splits each batch over them, rank 0 saves the progress.
 
     Returns:
         ``prepared``, with ``algorithm``, ``algorithm_config``, ``history`` and ``fingerprint`` set;
@@ -290,10 +293,10 @@ def apply(prepared: PreparedModel, algorithm: str, batches: torch.Tensor | Itera
     run = quantization_fingerprint(weights=weights_sha256(model.module), config=prepared.config, algorithm=algorithm,
                                    settings=config, data=data, seed=seed, device_type=model.device.type,
                                    start=_start_digest(prepared, data, seed))
-    state = RunState.for_run(version=PIPELINE_VERSION, run=run) if resume and spec.resumable else None
+    state = RunState.for_run(version=PIPELINE_VERSION, run=run, runner=runner) if resume and spec.resumable else None
     context = AlgorithmContext(module=prepared.module, node_blocks=prepared.node_blocks, data=data,
                                settings=run_settings, seed=seed, progress=progress, state=state,
-                               settings_of=settings_of)
+                               settings_of=settings_of, runner=runner)
     with state.locked() if state is not None else contextlib.nullcontext():
         history = run_algorithm(algorithm, context)
         if state is not None:

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -20,7 +20,6 @@ from .. import __version__
 from ..budget import shrink
 from ..cache import cache_root, record_entry
 from ..deprecation import renamed_arguments
-from ..distributed import process_group
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..fingerprint import fingerprint, weights_sha256
 from ..locks import hold
@@ -28,6 +27,7 @@ from ..models.loader import load_model
 from ..models.vision_model import VisionModel
 from ..outputs import declare, reserve_folder, staged
 from ..progress import progress_bar, progress_enabled
+from ..runner import Runner
 from ..runtime import place_model, resolve_device, resolve_precision
 from .card import write_card, write_preview
 from .config import Regularizers, SynthConfig
@@ -110,7 +110,7 @@ def _summary(layers: dict[str, float]) -> dict[str, Any] | None:
 def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
                     overwrite: bool = False, progress: bool | None = None, repo_id: str | None = None,
                     stop_after_shards: int | None = None, on_shard: Callable[[int], None] | None = None,
-                    owned: bool = False) -> dict[str, Any]:
+                    owned: bool = False, runner: Runner | None = None) -> dict[str, Any]:
     """Generate (or finish) the dataset folder of one run; returns its manifest (``generation.json``).
 
     A new or empty folder is written in place, shard by shard, so an interrupted run can be continued
@@ -135,6 +135,8 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
         stop_after_shards: generate at most this many new shards (per process) and return (for tests of resuming).
         on_shard: called with the index of each shard after it is written.
         owned: ``out_dir`` is a hub-dfq cache entry (ours by construction, marker or not).
+        runner: how the work is shared out over processes (default: :class:`~hub_dfq.runner.Runner` over the
+            process group of the environment).
 
     Raises:
         ConfigError: ``resume`` with ``overwrite``, or ``stop_after_shards`` with ``overwrite``.
@@ -144,126 +146,158 @@ def generate_folder(model: VisionModel, config: SynthConfig, out_dir: str | os.P
     if resume and overwrite:
         raise ConfigError("`resume=True` and `overwrite=True` exclude each other: pick one")
     check_model_supports(model, config.method)
-    dist = process_group()
+    runner = Runner() if runner is None else runner
     weights = weights_sha256(model.module)
     identity = run_identity(model, config, weights=weights)
-    dist.check_same("synthesis", _same_everywhere(identity, out_dir=os.fspath(out_dir), resume=resume,
-                                                  overwrite=overwrite, repo_id=repo_id,
-                                                  stop_after_shards=stop_after_shards))
-    dist.check_shared_folder(Path(out_dir), argument="out_dir")
-    run = dict(model=model, config=config, identity=identity, weights=weights, progress=progress, repo_id=repo_id,
-               stop_after_shards=stop_after_shards, on_shard=on_shard, dist=dist)
+    runner.check_same("synthesis", **_same_everywhere(identity, out_dir=os.fspath(out_dir), resume=resume,
+                                                      overwrite=overwrite, repo_id=repo_id,
+                                                      stop_after_shards=stop_after_shards))
+    runner.check_shared_folder(out_dir, argument="out_dir")
     with contextlib.ExitStack() as held:  # rank 0's lock (and staging folder) for the whole run
-
-        def reserve() -> tuple[str, bool, dict[str, Any] | None]:
-            """Rank 0: lock and check the folder; where to write, whether it replaces a dataset, what to resume."""
-            out = held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume,
-                                                    owned=owned))
-            if out.holds_result and overwrite:
-                if stop_after_shards is not None:
-                    raise ConfigError("`stop_after_shards` cannot be combined with `overwrite=True` (a replacement "
-                                      "is swapped in only when it is complete)")
-                return str(held.enter_context(staged(out))), True, None
-            previous = resume_manifest(out.path, identity) if out.holds_result else None
-            declare(out.path, "dataset", planned_files(config.num_shards))
-            remove_stale_temporaries(out.path)
-            return str(out.path), False, previous
-
-        folder, replacing, previous = dist.run_on_main(reserve)
+        folder, replacing, previous = runner.hold_on_main(
+            held, _reserved, out_dir, identity=identity, num_shards=config.num_shards, overwrite=overwrite,
+            resume=resume, owned=owned, stop_after_shards=stop_after_shards)
         try:
-            return _generate(folder=Path(folder), previous=previous, **run)
+            return _generate(model=model, config=config, folder=Path(folder), previous=previous, identity=identity,
+                             weights=weights, progress=progress, repo_id=repo_id,
+                             stop_after_shards=stop_after_shards, on_shard=on_shard, runner=runner)
         except OutputWriteError as err:
             if replacing:
                 raise
             raise OutputWriteError(f"{err} (the finished shards are kept: continue with `resume=True`)") from err
 
 
+@contextlib.contextmanager
+def _reserved(out_dir: str | os.PathLike[str], *, identity: dict[str, Any], num_shards: int, overwrite: bool,
+              resume: bool, owned: bool, stop_after_shards: int | None) -> Iterator[tuple[str, bool, dict | None]]:
+    """Lock and check the folder (rank 0); yields where to write, whether it replaces a dataset, what to resume."""
+    with reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume, owned=owned) as out:
+        if out.holds_result and overwrite:
+            if stop_after_shards is not None:
+                raise ConfigError("`stop_after_shards` cannot be combined with `overwrite=True` (a replacement "
+                                  "is swapped in only when it is complete)")
+            with staged(out) as staging:
+                yield str(staging), True, None
+            return
+        previous = resume_manifest(out.path, identity) if out.holds_result else None
+        declare(out.path, "dataset", planned_files(num_shards))
+        remove_stale_temporaries(out.path)
+        yield str(out.path), False, previous
+
+
 def _generate(*, model: VisionModel, config: SynthConfig, folder: Path, previous: dict[str, Any] | None,
               identity: dict[str, Any], weights: str, progress: bool | None, repo_id: str | None,
-              stop_after_shards: int | None, on_shard: Callable[[int], None] | None, dist) -> dict[str, Any]:
+              stop_after_shards: int | None, on_shard: Callable[[int], None] | None,
+              runner: Runner) -> dict[str, Any]:
     total = config.num_shards
     run_key = synth_fingerprint(identity)
-
-    def prepare() -> dict[str, Any]:
-        if previous is None:
-            clear_records(folder)  # records of a replaced run
-        # shards recorded in the manifest, or (after a killed multi-process run) by the rank that made them
-        records = merge_records((previous or {}).get("shards", []), read_records(folder, fingerprint=run_key))
-        done = finished_shards(folder, {"shards": records})
-        manifest: dict[str, Any] = {
-            "format": MANIFEST_FORMAT,
-            "hub_dfq_version": __version__,
-            "torch_version": torch.__version__,
-            "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
-                      + (f" x {dist.world_size} processes" if dist.enabled else ""),
-            "model": _model_record(model, weights),
-            "arguments": config.to_dict(),
-            "label_names": unique_label_names(model.labels),
-            "input_size": list(model.input_size),
-            "num_rows": config.num_images,
-            "num_shards": total,
-            "fingerprint": run_key,
-            "algorithm": identity["algorithm"],
-            "device_type": identity["device_type"],
-            "complete": False,
-            "shards": [done[i] for i in sorted(done)],
-        }
-        if config.method_info.augment is not None:
-            manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
-        write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
-        return manifest
-
-    manifest = dist.run_on_main(prepare)
+    manifest = runner.main_only(_start_manifest, model, config, folder, previous=previous, identity=identity,
+                                weights=weights, processes=runner.world_size)
     done = {r["index"] for r in manifest["shards"]}
-    todo = [i for i in range(total) if i not in done]
-    mine = todo[dist.rank::dist.world_size]  # round robin: shards take about the same time each
-    if dist.enabled:
-        logger.info("rank %d of %d generates shards %s", dist.rank, dist.world_size, mine or "none (nothing left)")
-    features = features_for(model.labels)
-    generator = BatchGenerator(model, config) if mine else None
+    mine = runner.shards([i for i in range(total) if i not in done])  # round robin: shards take about as long
+    if runner.enabled:
+        logger.info("rank %d of %d generates shards %s", runner.rank, runner.world_size,
+                    mine or "none (nothing left)")
+    # Rank 0's bar counts its own images; in one process that is the whole run, as before.
+    if runner.enabled:
+        bar = _progress(config, 0, progress, total=sum(len(config.shard_rows(i)) for i in mine)) \
+            if runner.is_main else None
+    else:
+        bar = _progress(config, sum(len(config.shard_rows(i)) for i in done), progress)
+    log = _ShardLog(folder, manifest, run_key, is_main=runner.is_main, read_others=runner.enabled,
+                    on_shard=on_shard)
+    try:
+        made_by_rank = runner.every_rank(
+            _make_shards, BatchGenerator(model, config) if mine else None, config, mine, folder=folder,
+            features=features_for(model.labels), bar=bar, num_classes=model.num_classes,
+            stop_after_shards=stop_after_shards, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
+    return runner.main_only(_close_run, folder, manifest, made_by_rank, config=config, repo_id=repo_id)
 
-    def work() -> list[dict[str, Any]]:
-        # Rank 0's bar counts its own images; in one process that is the whole run, as before.
-        if dist.enabled:
-            bar = _progress(config, 0, progress, total=sum(len(config.shard_rows(i)) for i in mine)) \
-                if dist.is_main else None
+
+def _start_manifest(model: VisionModel, config: SynthConfig, folder: Path, *, previous: dict[str, Any] | None,
+                    identity: dict[str, Any], weights: str, processes: int) -> dict[str, Any]:
+    """The manifest of the run before its new shards, written to ``folder`` (rank 0)."""
+    if previous is None:
+        clear_records(folder)  # records of a replaced run
+    run_key = synth_fingerprint(identity)
+    # shards recorded in the manifest, or (after a killed multi-process run) by the rank that made them
+    records = merge_records((previous or {}).get("shards", []), read_records(folder, fingerprint=run_key))
+    done = finished_shards(folder, {"shards": records})
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "hub_dfq_version": __version__,
+        "torch_version": torch.__version__,
+        "device": f"{model.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+                  + (f" x {processes} processes" if processes > 1 else ""),
+        "model": _model_record(model, weights),
+        "arguments": config.to_dict(),
+        "label_names": unique_label_names(model.labels),
+        "input_size": list(model.input_size),
+        "num_rows": config.num_images,
+        "num_shards": config.num_shards,
+        "fingerprint": run_key,
+        "algorithm": identity["algorithm"],
+        "device_type": identity["device_type"],
+        "complete": False,
+        "shards": [done[i] for i in sorted(done)],
+    }
+    if config.method_info.augment is not None:
+        manifest["jitter"] = BatchGenerator.resolve_jitter(model, config)
+    write_manifest(folder, manifest)  # first: a run killed before its first shard can still be resumed
+    return manifest
+
+
+class _ShardLog:
+    """Records each shard as soon as it is written, so that a killed run can be resumed: rank 0 in
+    ``generation.json`` (with the records the other ranks left so far), any other rank in its record file."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], run_key: str, *, is_main: bool, read_others: bool,
+                 on_shard: Callable[[int], None] | None) -> None:
+        self.folder, self.run_key, self.is_main, self.read_others = folder, run_key, is_main, read_others
+        self.manifest = dict(manifest)  # rank 0's running copy; the run's manifest is merged at the end
+        self.on_shard = on_shard
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            others = read_records(self.folder, fingerprint=self.run_key) if self.read_others else []
+            self.manifest["shards"] = merge_records(self.manifest["shards"], [record], others)
+            write_manifest(self.folder, self.manifest)
         else:
-            bar = _progress(config, sum(len(config.shard_rows(i)) for i in done), progress)
-        made: list[dict[str, Any]] = []
-        try:
-            for index in mine:
-                if stop_after_shards is not None and len(made) >= stop_after_shards:
-                    break
-                record = _generate_shard(generator, config, index, total, folder, features, bar, model.num_classes)
-                made.append(record)
-                if dist.is_main:
-                    others = read_records(folder, fingerprint=run_key) if dist.enabled else []
-                    manifest["shards"] = merge_records(manifest["shards"], [record], others)
-                    write_manifest(folder, manifest)
-                else:
-                    write_record(folder, record, fingerprint=run_key)
-                if on_shard is not None:
-                    on_shard(index)
-        finally:
-            if bar is not None:
-                bar.close()
-        return made
+            write_record(self.folder, record, fingerprint=self.run_key)
+        if self.on_shard is not None:
+            self.on_shard(record["index"])
 
-    made_by_rank = dist.run_on_every_rank(work)
 
-    def finish() -> dict[str, Any]:
-        manifest["shards"] = merge_records(manifest["shards"], *made_by_rank)
-        if len(manifest["shards"]) < total:
-            write_manifest(folder, manifest)
-            return manifest
-        _finish(manifest, config)
+def _make_shards(generator: BatchGenerator | None, config: SynthConfig, indices: list[int], *, folder: Path,
+                 features, bar, num_classes: int, stop_after_shards: int | None,
+                 log: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Generate and write the shards ``indices`` (one process's share); their records, each also given to ``log``."""
+    made: list[dict[str, Any]] = []
+    for index in indices:
+        if stop_after_shards is not None and len(made) >= stop_after_shards:
+            break
+        record = _generate_shard(generator, config, index, config.num_shards, folder, features, bar, num_classes)
+        made.append(record)
+        log(record)
+    return made
+
+
+def _close_run(folder: Path, manifest: dict[str, Any], made_by_rank: list[list[dict[str, Any]]], *,
+               config: SynthConfig, repo_id: str | None) -> dict[str, Any]:
+    """The manifest with every rank's new shards, written (rank 0); a complete run also gets its preview and card."""
+    manifest = {**manifest, "shards": merge_records(manifest["shards"], *made_by_rank)}
+    if len(manifest["shards"]) < config.num_shards:
         write_manifest(folder, manifest)
-        write_preview(folder, manifest)
-        write_card(folder, manifest, repo_id=repo_id)
-        clear_records(folder)  # all of them are in generation.json now
         return manifest
-
-    return dist.run_on_main(finish)
+    _finish(manifest, config)
+    write_manifest(folder, manifest)
+    write_preview(folder, manifest)
+    write_card(folder, manifest, repo_id=repo_id)
+    clear_records(folder)  # all of them are in generation.json now
+    return manifest
 
 
 def _progress(config: SynthConfig, initial: int, enabled: bool | None, *, total: int | None = None):
@@ -397,6 +431,7 @@ def synthesize_folder(
     token: str | bool | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
+    runner: Runner | None = None,
 ) -> Path:
     """Generate ``num_images`` calibration images from the model alone ("The Knowledge Within").
 
@@ -437,6 +472,8 @@ def synthesize_folder(
         device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is moved there.
             ``None``: where the model is (the CPU for a spec). ``precision="auto"`` picks bf16 where it is
             natively fast on that device (a GPU with bf16, a CPU with AVX512-BF16/AMX).
+        runner: how the work is shared out over processes (default: :class:`~hub_dfq.runner.Runner` over the
+            process group of the environment).
 
     Returns:
         The finished folder (the cache folder when ``out_dir`` is ``None``).
@@ -465,11 +502,10 @@ def synthesize_folder(
     config = SynthConfig(method=method, num_images=num_images, iters=iters, batch_size=batch_size, loss=loss, lr=lr,
                          seed=seed, shard_size=shard_size, precision=precision,
                          regularizers=regularizers or Regularizers(), warmup=warmup)
-    dist = process_group()
+    runner = Runner() if runner is None else runner
     with contextlib.ExitStack() as held:
         if out_dir is not None:  # checked, and locked (by rank 0), before the model is even loaded
-            dist.run_on_main(lambda: held.enter_context(reserve_folder(out_dir, kind="dataset", overwrite=overwrite,
-                                                                       resume=resume)) and None)
+            runner.hold_on_main(held, _checked, out_dir, overwrite=overwrite, resume=resume)
         if not isinstance(model, VisionModel):
             model = load_model(model, revision=revision, token=token)
         place_model(model, run_device)
@@ -478,49 +514,58 @@ def synthesize_folder(
             config = dataclasses.replace(config, iters=shrink(config.iters, model.gflops(), floor=50))
         identity = run_identity(model, config)
         # before anything is written: processes given different arguments would write one folder of two runs
-        dist.check_same("synthesis", _same_everywhere(identity, out_dir=None if out_dir is None else os.fspath(out_dir),
-                                                      resume=resume, overwrite=overwrite, push_to_hub=push_to_hub,
-                                                      private=private))
-        run = dict(progress=progress, repo_id=push_to_hub)
+        runner.check_same("synthesis", **_same_everywhere(
+            identity, out_dir=None if out_dir is None else os.fspath(out_dir), resume=resume, overwrite=overwrite,
+            push_to_hub=push_to_hub, private=private))
+        run = dict(progress=progress, repo_id=push_to_hub, runner=runner)
         if out_dir is None:
             folder = synth_cache_dir() / f"{config.method.replace('+', '-plus-')}-{synth_fingerprint(identity)[:20]}"
-            dist.check_shared_folder(folder, what="the synthesis cache folder",
-                                     hint=" (set HUB_DFQ_CACHE to one, or pass `out_dir`)")
-            dist.run_on_main(lambda: held.enter_context(hold(folder, what="synthetic-data cache entry")) and None)
-            _cached(model, config, identity, folder, dist=dist, **run)
+            runner.check_shared_folder(folder, what="the synthesis cache folder",
+                                       hint=" (set HUB_DFQ_CACHE to one, or pass `out_dir`)")
+            runner.hold_on_main(held, hold, folder, what="synthetic-data cache entry")
+            _cached(model, config, identity, folder, **run)
         else:
             folder = Path(out_dir)
-            dist.check_shared_folder(folder, argument="out_dir")
-            existing = dist.run_on_main(lambda: _reusable(folder, identity)) if resume else None
+            runner.check_shared_folder(folder, argument="out_dir")
+            existing = runner.main_only(_reusable, folder, identity) if resume else None
             if existing is None:
                 generate_folder(model, config, folder, resume=resume, overwrite=overwrite, **run)
             elif push_to_hub:
-                dist.run_on_main(lambda: write_card(folder, existing, repo_id=push_to_hub))
+                runner.main_only(write_card, folder, existing, repo_id=push_to_hub)
         if push_to_hub:  # rank 0 alone pushes: one commit
-            dist.run_on_main(lambda: push_dataset_folder(folder, push_to_hub, private=private, token=token))
+            runner.main_only(push_dataset_folder, folder, push_to_hub, private=private, token=token)
     return folder
 
 
-def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], folder: Path, *, dist,
+@contextlib.contextmanager
+def _checked(out_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool) -> Iterator[None]:
+    """``out_dir`` checked and locked (rank 0, until the run ends)."""
+    with reserve_folder(out_dir, kind="dataset", overwrite=overwrite, resume=resume):
+        yield
+
+
+def _cached(model: VisionModel, config: SynthConfig, identity: dict[str, Any], folder: Path, *, runner: Runner,
             progress: bool | None, repo_id: str | None) -> None:
     """Reuse, finish or (if damaged) regenerate the cache entry ``folder`` (call with its lock held by rank 0)."""
-
-    def check() -> bool:
-        existing = _reusable(folder, identity)
-        if existing is not None:
-            if repo_id:
-                write_card(folder, existing, repo_id=repo_id)
-            return True
-        if folder.exists():
-            try:
-                resume_manifest(folder, identity)
-            except OutputExistsError as err:  # a damaged entry of our own cache: made again, not a user's problem
-                logger.warning("the cache entry %s is damaged (%s); generating it again", folder, err)
-                shutil.rmtree(folder)
-        return False
-
     # first (also for an entry written before records existed): `hub-dfq cache clear` deletes only recorded ones
-    dist.run_on_main(lambda: record_entry("synth", folder))
-    if dist.run_on_main(check):
+    runner.main_only(record_entry, "synth", folder)
+    if runner.main_only(_reuse_entry, folder, identity, repo_id=repo_id):
         return
-    generate_folder(model, config, folder, resume=True, owned=True, progress=progress, repo_id=repo_id)
+    generate_folder(model, config, folder, resume=True, owned=True, progress=progress, repo_id=repo_id,
+                    runner=runner)
+
+
+def _reuse_entry(folder: Path, identity: dict[str, Any], *, repo_id: str | None) -> bool:
+    """Whether the cache entry ``folder`` is complete (its card then names ``repo_id``); a damaged one is removed."""
+    existing = _reusable(folder, identity)
+    if existing is not None:
+        if repo_id:
+            write_card(folder, existing, repo_id=repo_id)
+        return True
+    if folder.exists():
+        try:
+            resume_manifest(folder, identity)
+        except OutputExistsError as err:  # a damaged entry of our own cache: made again, not a user's problem
+            logger.warning("the cache entry %s is damaged (%s); generating it again", folder, err)
+            shutil.rmtree(folder)
+    return False
