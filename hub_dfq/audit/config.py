@@ -57,7 +57,7 @@ class AuditConfig:
             similarity uses the one-point scale against noise.
         image_column: column holding the images (auto-detected).
         streaming: stream Hub datasets instead of downloading them.
-        cache: read and write reference points in :func:`hub_dfq.audit.references.cache_dir`.
+        cache: read and write reference points in :func:`hub_dfq.audit.references.reference_cache_dir`.
 
     Raises:
         ConfigError: a value out of range or an unknown metric or reference mode.

@@ -43,9 +43,6 @@ def reference_cache_dir() -> Path:
     return cache_root("audit")
 
 
-# why: hub_dfq.audit.core's docstring still names this; it moves to reference_cache_dir once the restructuring
-# of that module under way elsewhere lands, and this alias can go then
-cache_dir = reference_cache_dir
 
 
 def near_config(*, n: int, seed: int, iters: int, device) -> SynthConfig:

@@ -28,8 +28,8 @@ def calibration_source(calibration: dict[str, Any]) -> str:
 
 
 def _synthetic_origin(method: str) -> str:
-    spec = SYNTH_METHODS.get(method) if method in SYNTH_METHODS else None
-    return f"synthetic images generated from the model itself ({spec.summary})" if spec else "synthetic images"
+    info = SYNTH_METHODS.get(method) if method in SYNTH_METHODS else None
+    return f"synthetic images generated from the model itself ({info.summary})" if info else "synthetic images"
 
 
 def _algorithm_description(name: str) -> str:

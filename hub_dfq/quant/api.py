@@ -83,7 +83,7 @@ def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, cal
         preset.seconds * (CALIBRATE_SHARE if algorithm == "calibrate" else 1.0)
     # every process plans from rank 0's measurement: the same counts everywhere
     speed = runner.main_only(device_speed, model)
-    spec = QUANT_ALGORITHMS.get(algorithm)
+    algorithm_info = QUANT_ALGORITHMS.get(algorithm)
     fixed_images = len(calibration) if isinstance(calibration, torch.Tensor) else None
     synthetic = is_synthetic(calibration) and SYNTH_METHODS.get(calibration.lower()).loss is not None
 
@@ -96,11 +96,11 @@ def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, cal
             counts["synthesis steps"] = int({**sized.synth, **dict(synth_options or {})}.get("iters", 0))
             passes += SYNTH_STEP_PASSES * counts["synthesis steps"] * images
         of = lambda name: algorithm_settings(QUANT_ALGORITHMS.get(name), sized, settings.get(name), seed=seed)  # noqa: E731
-        if spec.cost is not None:
+        if algorithm_info.cost is not None:
             run = of(algorithm)
             if getattr(run, "iters", None):
                 counts[f"{algorithm} steps"] = run.iters
-            passes += resolve(spec.cost)(run, images, of)
+            passes += resolve(algorithm_info.cost)(run, images, of)
         return passes, counts
 
     return plan_budget(cost, speed=speed, target_seconds=target, strict=time_budget is not None)
