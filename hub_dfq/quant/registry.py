@@ -155,7 +155,8 @@ register_algorithm(QuantAlgorithm(
                 "against the full-precision blocks",
     run="hub_dfq.quant.reconstruct:run_reconstruct", settings="hub_dfq.quant.reconstruct:ReconstructConfig",
     cost="hub_dfq.quant.reconstruct:cost",
-    resumable=True, version=3))  # 2: learned steps kept inside a ReLU6's range; 3: GPTQ start, QDrop mask bytes
+    resumable=True, version=4))  # 2: learned steps kept inside a ReLU6's range; 3: GPTQ start, QDrop mask bytes;
+# 4: the GPTQ start damped 0.3
 register_algorithm(QuantAlgorithm(
     "distill", summary="knowledge distillation from the full-precision model on the calibration images",
     description="knowledge distillation from the full-precision model (straight-through estimator, learned step "
