@@ -23,6 +23,11 @@ class EngineClassifier:
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each engine has its own
         raise NotImplementedError
 
+    @staticmethod
+    def engine_input(pixel_values: torch.Tensor):
+        """The batch as the contiguous float32 numpy array engines take."""
+        return pixel_values.detach().to(torch.float32).cpu().contiguous().numpy()
+
     def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float | int]:
         """Accuracy on a labelled dataset, with ``model``'s preprocessing (see :func:`hub_dfq.evaluate_accuracy`)."""
         return evaluate_accuracy(getattr(model, "model", model), data, forward=self, **kwargs)

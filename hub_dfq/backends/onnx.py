@@ -258,7 +258,7 @@ class OnnxClassifier(EngineClassifier):
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised NCHW batch."""
-        array = pixel_values.detach().to(torch.float32).cpu().contiguous().numpy()
+        array = self.engine_input(pixel_values)
         (logits,) = self.session.run(["logits"], {"pixel_values": array})
         return torch.from_numpy(logits)
 

@@ -113,7 +113,7 @@ class OpenVINOClassifier(EngineClassifier):
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised NCHW batch."""
-        array = pixel_values.detach().to(torch.float32).cpu().contiguous().numpy()
+        array = self.engine_input(pixel_values)
         return torch.from_numpy(self.compiled(array)[0].copy())
 
 
