@@ -22,7 +22,7 @@ W4A8 = QuantConfig(default=QuantScheme(weights=4, activations=8))
 def images(model):
     from hub_dfq.quant.data import images_to_tensor
 
-    return images_to_tensor(model, hub_dfq.load_images("default", limit=96))
+    return images_to_tensor(model, hub_dfq.load_images("default", limit=48))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def test_a_calibration_loop_of_ones_own_then_gptq_gives_quantizes_model(model, i
     prepared = hub_dfq.prepare(model, W4A8)
     assert prepared.stage == "prepared" and prepared.config == expected.config
     with hub_dfq.calibrating(prepared) as module:  # the caller's own data loop
-        for start in range(0, len(images), 64):
+        for start in range(0, len(images), 64):  # quantize's observing batch
             module(images[start:start + 64])
-    hub_dfq.apply(prepared, "gptq", [images[:50], images[50:]])  # batches are joined: the same data
+    hub_dfq.apply(prepared, "gptq", [images[:20], images[20:]])  # batches are joined: the same data
     qmodel = hub_dfq.freeze(prepared)
     assert _same(qmodel.integer_state(), expected.integer_state())
     with torch.no_grad():
