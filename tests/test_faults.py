@@ -1664,7 +1664,8 @@ def _(s):
     bad = [((*GAUSSIAN, "--calibration-images", str(10**12)), "--calibration-images is 1,000,000,000,000"),
            ((*SYNTH, "--out", "d", "--num-images", str(10**14)), "--num-images"),
            ((*SYNTH, "--out", "d", "--iters", "-5"), "--iters"), ((*score, "--seed", "-1"), "--seed"),
-           ((*score, "--max-score", "nan"), "--max-score"), ((*score, "--calibration-iters", "0"), "--calibration-iters"),
+           ((*score, "--max-score", "nan"), "--max-score"),
+           ((*score, "--calibration-iters", "0"), "--calibration-iters"),
            ((*score, "--shard-size", "0"), "--shard-size")]
     for argv, flag in bad:
         s.check(s.cli(*argv), code=2, message=flag, before=before)

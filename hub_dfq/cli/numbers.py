@@ -30,8 +30,8 @@ def count(low: int = 1, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < low or (high is not None and value > high):
-            span = "a positive whole number" if low == 1 and high is None else f"{low} or more" if high is None \
-                else f"{low} to {high}"
+            span = ("a positive whole number" + ("" if high is None else f" (at most {high:,})") if low == 1
+                    else f"{low} or more" if high is None else f"{low} to {high}")
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 

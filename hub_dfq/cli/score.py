@@ -26,7 +26,7 @@ def register(sub) -> None:
     parser.add_argument("--metric", choices=DIVERGENCES.names(), default="reverse_kl",
                         help="per-channel divergence (default reverse_kl: KL(image || running statistics))")
     parser.add_argument("--batch-size", type=count(1), default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--fpr", type=number(0.0, strict=True),
+    parser.add_argument("--fpr", type=float,
                         help="calibrate a threshold that flags this share of in-distribution images, on the model's "
                         "own BNS synthetic images (no real data); without --keep-fraction/--max-score it filters")
     parser.add_argument("--calibration", default="bns",
@@ -40,7 +40,7 @@ def register(sub) -> None:
                         help="BNS steps for the calibration images (default 200, fewer for costly models: 64 for "
                         "EfficientNet-Lite0 at 224 px)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--keep-fraction", type=number(0.0, strict=True), help="keep the lowest-scoring share of images, in (0, 1]")
+    group.add_argument("--keep-fraction", type=float, help="keep the lowest-scoring share of images, in (0, 1]")
     group.add_argument("--max-score", type=number(-math.inf), help="keep images scoring at most this")
     parser.add_argument("--seed", type=count(0, SEED_MAX), default=0, help="seed of the calibration images (default 0)")
     parser.add_argument("--out", dest="out_dir", help="write the scored dataset as this Hub dataset folder")
