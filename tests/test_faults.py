@@ -1651,7 +1651,8 @@ def _(s):
 @fault("cli-numbers-out-of-range-2", area="hang",
        what="`quantize --calibration gaussian --calibration-images 10^12` and `synth --num-images 10^14` (planned "
        "for ever), `synth --method gaussian --iters -5`, `score --seed -1`, `--max-score nan` (kept no image, "
-       "exit 0), `--calibration-iters 0`, `--shard-size 0`; `synthesize(n=10^12)`, `score_images(max_score=nan)`",
+       "exit 0), `--calibration-iters 0`, `--shard-size 0`; `synthesize(n=10^12)`, `score_images(max_score=nan)`, "
+       "`score_images(batch_size='64')` (TypeError)",
        expected="exit 2 with one line naming the flag or argument, at once, every one")
 def _(s):
     before = s.snapshot()
@@ -1659,6 +1660,8 @@ def _(s):
             code=2, message="more than hub-dfq generates", before=before)
     s.check(s.api(lambda: hub_dfq.score_images("default", "default", limit=8, max_score=float("nan")),
                   builtin=ValueError), code=2, message="`max_score` must be a finite number", before=before)
+    s.check(s.api(lambda: hub_dfq.score_images("default", "default", limit=8, batch_size="64"), builtin=ValueError),
+            code=2, message="must be positive", before=before)
     no_work(s)
     score = ["score", "default", "default", "--limit", "8", "--no-progress"]
     bad = [((*GAUSSIAN, "--calibration-images", str(10**12)), "--calibration-images is 1,000,000,000,000"),

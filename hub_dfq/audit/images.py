@@ -200,7 +200,8 @@ def score_images(
         raise ConfigError("pass either `keep_fraction` or `max_score`, not both")
     if fpr is not None and not 0.0 < fpr < 1.0:
         raise ConfigError(f"`fpr` must be in (0, 1) (the share of in-distribution images to flag), got {fpr!r}")
-    if batch_size < 1 or shard_size < 1:
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (batch_size, shard_size)) \
+            or batch_size < 1 or shard_size < 1:  # why: a string failed with a bare TypeError at the comparison
         raise ConfigError(f"`batch_size` and `shard_size` must be positive, got {batch_size}, {shard_size}")
     DIVERGENCES.get(metric)
     if private and not push_to_hub:
