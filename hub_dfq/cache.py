@@ -48,6 +48,15 @@ def cache_base() -> Path:
     return Path(base).expanduser() / "hub_dfq"
 
 
+def _checked_base() -> Path:
+    """:func:`cache_base`, refused if it exists but is not a folder (``HUB_DFQ_CACHE=notes.txt``): listing it said
+    "0 entries in notes.txt", as if a file were an empty cache."""
+    base = cache_base()
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"the cache location {base} is not a folder: point HUB_DFQ_CACHE (or HF_HOME) at a folder")
+    return base
+
+
 def cache_root(kind: str) -> Path:
     """Cache folder of one kind of entry (see the module docstring)."""
     return cache_base() / kind
@@ -135,7 +144,12 @@ def _describe(kind: str, path: Path) -> str | None:
 
 
 def list_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS) -> list[CacheEntry]:
-    """The entries hub-dfq wrote, newest first."""
+    """The entries hub-dfq wrote, newest first.
+
+    Raises:
+        ConfigError: the cache location is a file.
+    """
+    _checked_base()
     entries = []
     for kind in kinds:
         root = cache_root(kind)
@@ -165,6 +179,7 @@ def clear_cache(kinds: tuple[str, ...] | list[str] = CACHE_KINDS, *,
     if older_than_days is not None and not (isinstance(older_than_days, (int, float))
                                             and 0 <= older_than_days < float("inf")):
         raise ConfigError(f"`older_than_days` must be a number of days, 0 or more, got {older_than_days!r}")
+    _checked_base()
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     removed = []
     for entry in list_cache(kinds):

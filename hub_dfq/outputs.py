@@ -177,9 +177,30 @@ class OutputFolder:
         return self.state == "ours"
 
 
+# Longest name of one path component on Linux, macOS and Windows file systems (bytes).
+NAME_MAX = 255
+
+
+def _named(path: str | os.PathLike[str], argument: str) -> Path:
+    """The absolute path of an output, refused if it names nothing or a component is too long to exist.
+
+    why: an empty name would be skipped by callers that test ``if out_dir`` (no output, no error), and a
+    300-character name fails deep in ``stat`` with ENAMETOOLONG, an internal error instead of a usage error.
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise UnsafeOutputError(f"`{argument}` is empty: name a file or folder")
+    target = _abs(path)
+    long = next((part for part in target.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise OutputWriteError(f"the name {long[:40]}... in `{argument}` is {len(os.fsencode(long))} bytes long, more "
+                               f"than file systems allow ({NAME_MAX}): choose a shorter `{argument}`")
+    return target
+
+
 def _check_location(path: str | os.PathLike[str], argument: str) -> Path:
     """What does not depend on the folder's content: a safe place, not a file, room beside it. Returns the path."""
-    target = _abs(path)
+    target = _named(path, argument)
     _refuse_unsafe(target, argument)
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} is a file: `{argument}` must name a folder (new, empty, or one hub-dfq "
@@ -265,7 +286,10 @@ def check_file(path: str | os.PathLike[str], *, overwrite: bool = False, argumen
         OutputExistsError: ``path`` is a folder, or exists and ``overwrite`` is false.
         OutputWriteError: the file cannot be created there.
     """
-    target = _abs(path)
+    target = _named(path, argument)
+    if str(os.fspath(path)).endswith(("/", os.sep)):  # `--out newdir/` means a folder: never a file named newdir
+        raise OutputExistsError(f"{os.fspath(path)} ends with a '/', so it names a folder: `{argument}` must name a "
+                                "file (drop the '/')")
     if target.is_symlink():
         raise UnsafeOutputError(f"{target} is a symbolic link: hub-dfq never writes through or replaces links; name "
                                 f"a regular file as `{argument}`")

@@ -6,6 +6,7 @@ pushing is a separate, all-or-nothing step, so a failed upload never loses or ha
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,20 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from .errors import PublishError
 from .outputs import UPLOAD_IGNORE
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The request-error base classes of the HTTP clients huggingface_hub may use (httpx, or its httpx2 fork)."""
+    found = []
+    for name in ("httpx", "httpx2"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        base = getattr(module, "HTTPError", None)
+        if isinstance(base, type) and issubclass(base, Exception):
+            found.append(base)
+    return tuple(found)
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +114,9 @@ def push_folder(
             raise PublishError(f"this token cannot write to {where}: use a token with write access to its "
                                f"namespace{keep}") from err
         raise PublishError(f"uploading {where} failed ({status or 'no status'}); nothing was committed{keep}") from err
-    except (OSError, ValueError, RuntimeError) as err:
-        # huggingface_hub wraps failed LFS uploads in RuntimeError; the commit never happened.
+    except (OSError, ValueError, RuntimeError, *_transport_errors()) as err:
+        # huggingface_hub wraps failed LFS uploads in RuntimeError; the commit never happened. An unreachable
+        # endpoint raises its HTTP client's own error (httpx's ConnectError is not an OSError).
         cause = err.__cause__ or err
         raise PublishError(f"uploading {where} failed ({cause}); nothing was committed{keep}") from err
     prefix = "datasets/" if repo_type == "dataset" else ""

@@ -759,10 +759,10 @@ def _(s):
 
 
 @fault("synth-iters-0", area="silent acceptance", what="`synth --method bns --iters 0`",
-       expected="exit 2 '--iters must be a positive integer'; nothing written")
+       expected="exit 2 '--iters: must be a positive whole number' (when the command line is read); nothing written")
 def _(s):
     before = s.snapshot()
-    s.check(s.cli(*BNS, "--iters", "0", "--out", "d"), code=2, message="--iters must be a positive integer",
+    s.check(s.cli(*BNS, "--iters", "0", "--out", "d"), code=2, message="--iters: must be a positive whole number",
             before=before)
     assert not s.path("d").exists()
 
@@ -1596,6 +1596,204 @@ def _(s):
     for mode in ("P", "PA", "LA", "La", "RGBa", "1", "I;16B", "YCbCr", "HSV", "LAB"):
         assert unit(Image.new(mode, (32, 32))).shape == (3, 32, 32), mode
     s.steps.append("exit 0")
+
+
+# ==== the second trial of bad inputs (issue #19): docs/reliability-trial.md ==========================
+
+@fault("flags-that-do-nothing", area="silent acceptance",
+       what="`quantize --out ''`, `--json ''`, `--eval ''` (each skipped its output or evaluation, exit 0) and "
+       "`--private` without `--push-to-hub`",
+       expected="exit 2 'is empty' / 'only applies with --push-to-hub', before any work, every one")
+def _(s):
+    no_work(s)
+    before = s.snapshot()
+    for flag in ("--out", "--json", "--eval"):
+        s.check(s.cli(*QUANT, flag, ""), code=2, message=f"{flag} is empty", before=before)
+    s.check(s.cli(*QUANT, "--private"), code=2, message="--private only applies with --push-to-hub", before=before)
+
+
+@fault("output-names-odd", area="traceback",
+       what="`quantize --out` and `--json` naming a 300-character file (exit 1, ENAMETOOLONG), and "
+       "`export q --out newdir/` (wrote a file named newdir)",
+       expected="exit 2 'more than file systems allow' / 'names a folder'; nothing written")
+def _(s):
+    ours(s, "checkpoint", "q")
+    before = s.snapshot()
+    s.check(s.cli(*QUANT, "--out", "x" * 300), code=2, message="more than file systems allow", before=before)
+    s.check(s.cli("info", "default", "--json", "y" * 300 + ".json"), code=2, message="more than file systems allow",
+            before=before)
+    s.check(s.cli("export", "q", "--out", "newdir/"), code=2, message="names a folder", before=before)
+    assert not s.path("newdir").exists()
+
+
+@fault("json-overwrite-after-work", area="work thrown away",
+       what="`score default default --json r.json --overwrite` where r.json exists (refused after the scoring: its "
+       "second check forgot --overwrite)", expected="exit 0; r.json replaced by the report")
+def _(s):
+    s.path("r.json").write_text("old\n")
+    s.check(s.cli("score", "default", "default", "--limit", "8", "--no-progress", "--json", "r.json", "--overwrite"),
+            code=0)
+    assert json_file(s.path("r.json"))["dataset"] == "default"
+
+
+@fault("export-labels-before-write", area="work thrown away",
+       what="`export q --out m.onnx --dataset p.parquet` whose labels go up to 99 (m.onnx written, then exit 2)",
+       expected="exit 2 'has label 99' before the ONNX file is written; no m.onnx")
+def _(s):
+    ours(s, "checkpoint", "q")
+    labelled_parquet(s.path("p.parquet"), [3, 1, 99, 2])
+    before = s.snapshot()
+    s.check(s.cli("export", "q", "--out", "m.onnx", "--dataset", "p.parquet"), code=2, message="has label 99",
+            before=before)
+    assert not s.path("m.onnx").exists()
+
+
+@fault("cli-numbers-out-of-range-2", area="hang",
+       what="`quantize --calibration gaussian --calibration-images 10^12` and `synth --num-images 10^14` (planned "
+       "for ever), `synth --method gaussian --iters -5`, `score --seed -1`, `--max-score nan` (kept no image, "
+       "exit 0), `--calibration-iters 0`, `--shard-size 0`; `synthesize(n=10^12)`, `score_images(max_score=nan)`, "
+       "`score_images(batch_size='64')` (TypeError)",
+       expected="exit 2 with one line naming the flag or argument, at once, every one")
+def _(s):
+    before = s.snapshot()
+    s.check(s.api(lambda: hub_dfq.synthesize("default", "gaussian", 10**12, progress=False), builtin=ValueError),
+            code=2, message="more than hub-dfq generates", before=before)
+    s.check(s.api(lambda: hub_dfq.score_images("default", "default", limit=8, max_score=float("nan")),
+                  builtin=ValueError), code=2, message="`max_score` must be a finite number", before=before)
+    s.check(s.api(lambda: hub_dfq.score_images("default", "default", limit=8, batch_size="64"), builtin=ValueError),
+            code=2, message="must be positive", before=before)
+    no_work(s)
+    score = ["score", "default", "default", "--limit", "8", "--no-progress"]
+    bad = [((*GAUSSIAN, "--calibration-images", str(10**12)), "--calibration-images is 1,000,000,000,000"),
+           ((*SYNTH, "--out", "d", "--num-images", str(10**14)), "--num-images"),
+           ((*SYNTH, "--out", "d", "--iters", "-5"), "--iters"), ((*score, "--seed", "-1"), "--seed"),
+           ((*score, "--max-score", "nan"), "--max-score"),
+           ((*score, "--calibration-iters", "0"), "--calibration-iters"),
+           ((*score, "--shard-size", "0"), "--shard-size")]
+    for argv, flag in bad:
+        s.check(s.cli(*argv), code=2, message=flag, before=before)
+
+
+@fault("config-preprocessing-damaged", area="silent non-finite",
+       what="`eval m` where config.json's std is 0, NaN or negative (inputs of Inf/NaN, an accuracy printed, exit 0), "
+       "mean has 2 values, crop_pct -1 or 'big', interpolation 'sharpest', crop_mode 'diagonal', 8 label_names for "
+       "10 classes (exit 0 or 1 before)", expected="exit 2 naming the key and what it must be, every one")
+def _(s):
+    m = float_copy(s)
+    original = json_file(m / "config.json")
+    cases = [("std", [0.0, 0.224, 0.225], "above 0"), ("std", [float("nan"), 0.2, 0.2], "std is [nan"),
+             ("std", [-0.229, 0.224, 0.225], "above 0"), ("mean", [0.5, 0.5], "3 finite numbers"),
+             ("crop_pct", -1.0, "crop_pct is -1.0"), ("crop_pct", "big", "crop_pct is 'big'"),
+             ("interpolation", "sharpest", "must be one of nearest"), ("crop_mode", "diagonal", "center, squash"),
+             ("label_names", list("abcdefgh"), "a list of 10 class names")]
+    for key, value, message in cases:
+        config = json.loads(json.dumps(original))
+        config["pretrained_cfg"][key] = value
+        (m / "config.json").write_text(json.dumps(config))
+        s.check(s.cli("eval", "m", "--limit", "8"), code=2, message=message)
+
+
+@fault("config-wrong-json-types", area="traceback",
+       what="`info m` with architecture 42, pretrained_cfg a list, quantization_config a string, id2label keys "
+       "'x'/'y', and a config.json nested 100,000 deep (AttributeError, RecursionError: exit 1 before)",
+       expected="exit 2 naming the key (or 'is not valid JSON'), every one")
+def _(s):
+    m = float_copy(s)
+    original = json_file(m / "config.json")
+    for key, value, message in [("architecture", 42, "architecture is 42"),
+                                ("pretrained_cfg", [1, 2, 3], "must be a JSON object"),
+                                ("quantization_config", "w8a8", "quantization_config is 'w8a8'"),
+                                ("id2label", {"x": "cat", "y": "dog"}, "a mapping from class indices")]:
+        (m / "config.json").write_text(json.dumps({**original, key: value}))
+        s.check(s.cli("info", "m"), code=2, message=message)
+    (m / "config.json").write_text("[" * 100000 + "]" * 100000)
+    s.check(s.cli("info", "m"), code=2, message="is not valid JSON")
+
+
+@fault("weights-stored-as-integers", area="silent acceptance",
+       what="`eval m` where model.safetensors stores every float tensor as int32 (loaded as whole numbers, an "
+       "accuracy printed, exit 0)", expected="exit 2 'stores ... as I32, but it is a floating-point weight'")
+def _(s):
+    import torch
+
+    float_copy(s, edit=lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if v.is_floating_point()}))
+    s.check(s.cli("eval", "m", "--limit", "8"), code=2, message="as I32, but it is a floating-point weight")
+
+
+@fault("weights-overflow-float32", area="traceback",
+       what="`quantize m` where one conv weight is 3e38 (finite, so loaded; the activations overflow: exit 1, "
+       "FloatingPointError)", expected="exit 2 'overflow float32'; no q")
+def _(s):
+    float_copy(s, edit=lambda t: t["layer1.0.conv1.weight"].view(-1).__setitem__(3, 3e38))
+    before = s.snapshot()
+    s.check(s.cli(*GAUSSIAN[:1], "m", *GAUSSIAN[2:], "--out", "q"), code=2, message="overflow float32", before=before)
+    assert not s.path("q").exists()
+
+
+@fault("push-endpoint-unreachable", area="traceback",
+       what="`push_folder` of a checkpoint to a Hub endpoint nothing listens on (httpx's ConnectError: exit 1)",
+       expected="PublishError (exit 2) 'uploading ... failed ... nothing was committed'")
+def _(s):
+    from huggingface_hub import constants
+
+    from hub_dfq.publish import push_folder
+
+    q = ours(s, "checkpoint", "q")
+    s.mp.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    s.mp.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    before = s.snapshot()
+    s.check(s.api(lambda: push_folder(q, "me/m", token="hf_x")), code=2, message="nothing was committed",
+            before=before)
+
+
+@fault("cache-location-is-file", area="silent acceptance",
+       what="`cache list` and `cache clear` with HUB_DFQ_CACHE naming the user's notes.txt ('0 entries in notes.txt', "
+       "exit 0)", expected="exit 2 'is not a folder'; notes.txt intact")
+def _(s):
+    s.mp.setenv("HUB_DFQ_CACHE", str(s.path("notes.txt")))
+    before = s.snapshot()
+    for action in ("list", "clear"):
+        s.check(s.cli("cache", action), code=2, message="is not a folder", before=before)
+
+
+@fault("sigterm-cleans-up", area="SIGTERM",
+       what="`synth --method bns --out d` sent SIGTERM mid-run (died where it stood, its lock file left beside d), "
+       "then `--resume`", expected="exit 143 'terminated', no lock or temporary left; the rerun gives the bytes of an "
+                                   "uninterrupted run")
+def _(s):
+    started = s.root / "started"
+    child = s.fork(*BNS, "--iters", "40", "--out", "d", wait=False,
+                   setup=lambda: _touch_when("hub_dfq.synth.api:synthesize_folder", started))
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGTERM)
+    child.wait()
+    result = child.result  # 143 and one 'terminated' line; 0 if the run was over before the signal
+    assert result.code in (143, 0) and "Traceback" not in result.err, result.err[-2000:]
+    assert result.code == 0 or result.message == "hub-dfq synth: terminated", result.err[-2000:]
+    assert not litter(s.root), litter(s.root)
+    s.steps.append("exit 143: “terminated”" if result.code == 143 else "finished before the signal")
+    before = s.snapshot()
+    s.check(s.fork(*BNS, "--iters", "40", "--out", "d", "--resume").result, code=0, before=before,
+            changed=("d/generation.json", "d/.hub-dfq.json", "d/README.md", "d/preview.png"))
+    assert dataset_bytes(s.path("d")) == reference(s, BNS + ["--iters", "40", "--out", "d"], "d")
+
+
+def _touch_when(target: str, path: Path) -> None:
+    """(In a child) create ``path`` when ``module:attribute`` is first called: the run has really started."""
+    import importlib
+
+    module_name, _, name = target.partition(":")
+    module = importlib.import_module(module_name)
+    original = getattr(module, name)
+
+    def touching(*args, **kwargs):
+        path.touch()
+        return original(*args, **kwargs)
+
+    setattr(module, name, touching)
 
 
 def test_table_renders():

@@ -193,11 +193,15 @@ def score_images(
     """
     if keep_fraction is not None and not (isinstance(keep_fraction, (int, float)) and 0.0 < keep_fraction <= 1.0):
         raise ConfigError(f"`keep_fraction` must be in (0, 1] (the share of images to keep), got {keep_fraction!r}")
+    if max_score is not None and not (isinstance(max_score, (int, float)) and math.isfinite(max_score)):
+        # why: every comparison with NaN is false, so `max_score=nan` kept no image and said nothing
+        raise ConfigError(f"`max_score` must be a finite number, got {max_score!r}")
     if keep_fraction is not None and max_score is not None:
         raise ConfigError("pass either `keep_fraction` or `max_score`, not both")
     if fpr is not None and not 0.0 < fpr < 1.0:
         raise ConfigError(f"`fpr` must be in (0, 1) (the share of in-distribution images to flag), got {fpr!r}")
-    if batch_size < 1 or shard_size < 1:
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (batch_size, shard_size)) \
+            or batch_size < 1 or shard_size < 1:  # why: a string failed with a bare TypeError at the comparison
         raise ConfigError(f"`batch_size` and `shard_size` must be positive, got {batch_size}, {shard_size}")
     DIVERGENCES.get(metric)
     if private and not push_to_hub:

@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import NoReturn, Sequence
 
 from .. import __version__
@@ -27,7 +29,7 @@ from . import registries as list_cmd
 from . import score as score_cmd
 from . import synth as synth_cmd
 from .launch import world_rank
-from .options import check_json_path, check_repo_ids, cli_message
+from .options import check_json_path, check_no_empty, check_repo_ids, cli_message
 
 __all__ = ["main", "build_parser"]
 
@@ -120,9 +122,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     world, rank = world_rank()
+    previous = _terminate_like_interrupt(world)
+    try:
+        return _call(args, world, rank)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler), raised where the process is, like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> NoReturn:
+    raise _Terminated()
+
+
+def _terminate_like_interrupt(world: int):
+    """Make SIGTERM unwind like Ctrl-C: locks released, temporaries and staging folders removed, exit code 143.
+
+    why: by default SIGTERM killed the process where it stood, leaving lock files beside the user's outputs.
+    Not in a launched process (a rank blocked in a collective would never see the exception; the launcher
+    handles its own signals) nor off the main thread (only it may set handlers). Returns the handler it replaced.
+    """
+    if world > 1 or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _call(args: argparse.Namespace, world: int, rank: int) -> int:
+    """Run the command: its exit code, every error as one line."""
     # In a multi-process run an error every rank raises is printed once, by rank 0; others name their rank.
     where = f"[rank {rank}] " if rank else ""
     try:
+        check_no_empty(args)  # `--out ''` would silently mean no output
         check_json_path(args)  # every command writes it last: refuse a bad path first
         check_repo_ids(args)  # an upload comes last too
         return int(args.func(args) or 0)
@@ -136,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if everywhere:
             _settle()
         return 2
-    except KeyboardInterrupt:
-        print(f"hub-dfq {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, _Terminated)
+        print(f"hub-dfq {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except BrokenPipeError:  # the reader went away (`hub-dfq list | head`): nothing left to say
         sys.stdout = open(os.devnull, "w")
         return 0

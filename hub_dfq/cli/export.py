@@ -45,7 +45,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     # why: keeps `hub-dfq --help` free of torch and the engines
     from ..data import load_images
-    from ..evaluation import evaluate_accuracy
+    from ..evaluation import check_eval_labels, evaluate_accuracy
     from ..hub.checkpoint import from_pretrained
     from ..quant.data import images_to_tensor
 
@@ -60,10 +60,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.path or backend.file_name)
     # before the checkpoint is even read; never over the checkpoint or the images it reads
     inputs = [a.removeprefix("local-dir:").removeprefix("parquet:") for a in (args.checkpoint, args.dataset) if a]
-    for file in (out, *(out.with_suffix(suffix) for suffix in backend.sidecars)):
+    # `--out newdir/` is checked as typed: Path() drops the '/' that says a folder was meant
+    for file in (args.path or out, *(out.with_suffix(suffix) for suffix in backend.sidecars)):
         check_file(file, overwrite=args.overwrite, argument="path", inputs=inputs)
     data = load_images(args.dataset, **dataset_kwargs(args)) if args.dataset else None
     qmodel = from_pretrained(args.checkpoint, revision=args.revision, token=args.token)
+    if data is not None:  # labels the model cannot predict fail before the file is written, not after
+        check_eval_labels(qmodel.model, data)
     resolve(backend.export)(qmodel, out, overwrite=args.overwrite,
                             **{k: v for k, v in options.items() if v is not None})
     summary = {"checkpoint": args.checkpoint, "backend": args.backend, "out": str(out), "bytes": out.stat().st_size}

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["SEED_MAX", "count", "number"]
+__all__ = ["MAX_IMAGES", "SEED_MAX", "count", "number"]
 
 SEED_MAX = 2**32 - 1  # numpy's generators take seeds below 2^32
+# why: more images than any dataset hub-dfq makes (ImageNet's training set is 1.3 million); a typo of 10^12 planned
+# shards and counters for ever before the first image, a hang rather than a long run
+MAX_IMAGES = 100_000_000
 
 
 def count(low: int = 1, high: int | None = None):
@@ -27,8 +30,8 @@ def count(low: int = 1, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < low or (high is not None and value > high):
-            span = "a positive whole number" if low == 1 and high is None else f"{low} or more" if high is None \
-                else f"{low} to {high}"
+            span = ("a positive whole number" + ("" if high is None else f" (at most {high:,})") if low == 1
+                    else f"{low} or more" if high is None else f"{low} to {high}")
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
@@ -45,8 +48,8 @@ def number(low: float = 0.0, *, strict: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'above' if strict else 'of at least'} "
-                                             f"{low:g}, got {text}")
+            bound = "" if low == -math.inf else f" {'above' if strict else 'of at least'} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text}")
         return value
 
     parse.__name__ = "number"

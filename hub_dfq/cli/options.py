@@ -20,7 +20,7 @@ from .launch import world_rank
 from .numbers import count
 
 __all__ = ["add_model_arguments", "add_dataset_options", "add_common_options", "dataset_kwargs", "model_kwargs",
-           "write_json", "cli_message", "choices_help", "check_repo_ids"]
+           "write_json", "cli_message", "choices_help", "check_repo_ids", "check_no_empty"]
 
 
 def choices_help(registry, default: str | None = None) -> str:
@@ -141,6 +141,17 @@ def write_json(args: argparse.Namespace | str | None, payload: dict[str, Any]) -
         return
     check_json_path(args)
     write_text(path, text)
+
+
+def check_no_empty(args: argparse.Namespace) -> None:
+    """Refuse an option given as an empty string (``--out ''``, ``--json ''``, ``--eval ''``): commands test
+    ``if args.out_dir``, so it would silently mean "no output" (or no evaluation) instead of a mistake."""
+    for action in getattr(args, "parser", argparse.ArgumentParser())._actions:
+        values = getattr(args, action.dest, None) if action.dest != "token" else None  # `--token ''`: no token
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and not value.strip():
+                name = action.dest if action.option_strings else action.metavar or action.dest
+                raise ConfigError(f"`{name}` is empty: give a value, or leave the option out")
 
 
 def check_repo_ids(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OB
 from ..registry import resolve
 from ..synth.registry import SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
-from .numbers import SEED_MAX, count
+from .numbers import MAX_IMAGES, SEED_MAX, count
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -131,6 +131,8 @@ def _eval_spec(args: argparse.Namespace, model) -> str | None:
 def _check_count(value: int | None, name: str, what: str) -> None:
     if value is not None and value <= 0:
         raise ConfigError(f"`{name}` must be a positive number of {what}, got {value}")
+    if value is not None and value > MAX_IMAGES:  # 10^12 synthetic images were planned for ever: a hang
+        raise ConfigError(f"`{name}` is {value:,}, more than hub-dfq handles ({MAX_IMAGES:,} {what})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +161,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.dataset_repo and not args.push_to_hub:
         raise ConfigError("`dataset_repo` needs `push_to_hub` (the dataset card links to the model)")
+    if args.private and not args.push_to_hub:  # as synth and score: a flag that would do nothing is a mistake
+        raise ConfigError("`private` only applies with `push_to_hub`")
     backends = _backends(args)
     if backends and not (args.out_dir or args.push_to_hub):
         raise ConfigError(f"`backend` adds {', '.join(b.file_name for b in backends)} to the saved or published "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..audit.registry import DIVERGENCES
 from ..errors import ConfigError
 from ..outputs import check_folder
+from .numbers import MAX_IMAGES, SEED_MAX, count, number
 from .options import add_common_options, add_dataset_options, add_model_arguments, model_kwargs, write_json
 
 
@@ -23,7 +25,7 @@ def register(sub) -> None:
     add_dataset_options(parser, flag=None)
     parser.add_argument("--metric", choices=DIVERGENCES.names(), default="reverse_kl",
                         help="per-channel divergence (default reverse_kl: KL(image || running statistics))")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--batch-size", type=count(1), default=64, help="images per forward pass (default 64)")
     parser.add_argument("--fpr", type=float,
                         help="calibrate a threshold that flags this share of in-distribution images, on the model's "
                         "own BNS synthetic images (no real data); without --keep-fraction/--max-score it filters")
@@ -31,19 +33,19 @@ def register(sub) -> None:
                         help="what --fpr is calibrated on: bns (the model's own synthetic images, no real data; "
                         "they score lower than real images, so the rate comes out high) or a dataset of trusted "
                         "in-distribution images (default bns)")
-    parser.add_argument("--calibration-images", type=int,
+    parser.add_argument("--calibration-images", type=count(2, MAX_IMAGES),
                         help="calibration images for --fpr (default: 64 BNS images, fewer for models that cost more "
                         "than the CIFAR ResNets, 20 for EfficientNet-Lite0; all rows of a --calibration dataset)")
-    parser.add_argument("--calibration-iters", type=int,
+    parser.add_argument("--calibration-iters", type=count(1),
                         help="BNS steps for the calibration images (default 200, fewer for costly models: 64 for "
                         "EfficientNet-Lite0 at 224 px)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--keep-fraction", type=float, help="keep the lowest-scoring share of images, in (0, 1]")
-    group.add_argument("--max-score", type=float, help="keep images scoring at most this")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration images (default 0)")
+    group.add_argument("--max-score", type=number(-math.inf), help="keep images scoring at most this")
+    parser.add_argument("--seed", type=count(0, SEED_MAX), default=0, help="seed of the calibration images (default 0)")
     parser.add_argument("--out", dest="out_dir", help="write the scored dataset as this Hub dataset folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a scored dataset hub-dfq wrote in --out")
-    parser.add_argument("--shard-size", type=int, default=1000, help="rows per parquet shard (default 1000)")
+    parser.add_argument("--shard-size", type=count(1), default=1000, help="rows per parquet shard (default 1000)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push the folder to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--top", type=int, default=5, help="least typical rows to print (default 5)")
@@ -95,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"scored dataset written to {args.out_dir} (README.md, scores.json, data/)")
         if args.push_to_hub:
             print(f"pushed to dataset repo {args.push_to_hub}")
-    write_json(args.json, json_safe({**result.to_dict(), "out": args.out_dir, "push_to_hub": args.push_to_hub}))
+    write_json(args, json_safe({**result.to_dict(), "out": args.out_dir, "push_to_hub": args.push_to_hub}))
     return 0

@@ -8,7 +8,7 @@ from ..errors import ConfigError
 from ..outputs import check_folder, reserve_folder
 from ..synth.registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
-from .numbers import SEED_MAX, count, number
+from .numbers import MAX_IMAGES, SEED_MAX, count, number
 from .options import (
     add_common_options,
     add_model_arguments,
@@ -27,8 +27,9 @@ def register(sub) -> None:
     add_model_arguments(parser)
     parser.add_argument("--method", choices=SYNTH_METHODS.names(), default="bns",
                         help="generation method: " + choices_help(SYNTH_METHODS, "bns"))
-    parser.add_argument("--num-images", "--n", dest="num_images", type=count(1), required=True, help="number of images")
-    parser.add_argument("--iters", type=int,
+    parser.add_argument("--num-images", "--n", dest="num_images", type=count(1, MAX_IMAGES), required=True,
+                        help="number of images")
+    parser.add_argument("--iters", type=count(1),
                         help="optimisation steps per batch (default: the method's, 200; fewer for models that cost "
                         "more than the CIFAR ResNets: 64 for EfficientNet-Lite0 at 224 px)")
     parser.add_argument("--batch-size", type=count(1), default=64, help="images optimised together (default 64)")

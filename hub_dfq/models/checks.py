@@ -8,6 +8,7 @@ bad tensor.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["check_finite", "check_bn_statistics", "check_model_numbers"]
+__all__ = ["check_finite", "check_bn_statistics", "check_model_numbers", "check_stored_dtypes"]
 
 
 def _first_bad(tensor: torch.Tensor) -> tuple[int, float] | None:
@@ -67,3 +68,32 @@ def check_model_numbers(module: nn.Module, *, spec: str) -> None:
     """:func:`check_bn_statistics` then :func:`check_finite` over every weight and buffer of ``module``."""
     check_bn_statistics(module, spec=spec)
     check_finite(module, spec=spec)
+
+
+def check_stored_dtypes(folder: Path, module: nn.Module, *, spec: str) -> None:
+    """Refuse a ``.safetensors`` file that stores a floating-point weight of ``module`` as integers or booleans.
+
+    why: ``load_state_dict`` casts silently, so weights saved as int32 (a conversion script gone wrong) loaded as
+    whole numbers, mostly 0, and every accuracy computed from them looked like a real, bad result.
+
+    Raises:
+        CheckpointError: naming the tensor and the stored dtype.
+    """
+    from safetensors import safe_open  # why: only folders with safetensors files pay for the import
+
+    expected = {name: tensor for name, tensor in module.state_dict().items() if tensor.is_floating_point()}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if name not in expected:
+                        continue
+                    stored = handle.get_slice(name).get_dtype()
+                    if not stored.startswith(("F", "BF")):  # F16, F32, F64, BF16, F8_*
+                        raise CheckpointError(f"{spec}: {file.name} stores {name} as {stored}, but it is a "
+                                              "floating-point weight: the file was converted wrongly; download or "
+                                              "save the model again")
+        except CheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - unreadable files were refused (or loaded) by the adapter already
+            continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from importlib import resources
@@ -28,7 +29,7 @@ from ..errors import ModelNotFoundError, ModelSpecError, UnsupportedModelError
 from ..registry import resolve
 from ..runtime import place_model, resolve_device
 from .adapters import ModelAdapter, detection_order
-from .checks import check_model_numbers
+from .checks import check_model_numbers, check_stored_dtypes
 from .download import commit_of, download_model_repo
 from .timm_adapter import load_timm_name
 from .vision_model import ModelSource, VisionModel
@@ -86,11 +87,13 @@ def _read_config(folder: Path) -> dict:
         raise ModelNotFoundError(f"{folder} has no config.json: point at a folder saved by timm or transformers")
     try:
         config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # nested 100,000 deep: RecursionError
         raise UnsupportedModelError(f"{config_file} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{config_file} does not hold a JSON object")
     _check_sizes(config, config_file)
+    _check_kinds(config, config_file)
+    _check_preprocessing(config, config_file)
     return config
 
 
@@ -142,6 +145,67 @@ def _check_sizes(config: dict, config_file: Path) -> None:
                   f"a mapping of at most {MAX_CLASSES:,} class names")
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _damaged(config_file: Path, key: str, value: object, expected: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{config_file}: {key} is {value!r}, but it must be {expected}: the config is "
+                                 "damaged or hand-edited; fix it or download the model again")
+
+
+def _check_kinds(config: dict, config_file: Path) -> None:
+    """Refuse sections of the wrong JSON type (an architecture of 42, a pretrained_cfg list), which failed deep in
+    timm or hub-dfq with an AttributeError."""
+    for key, kind, name in (("architecture", str, "a model name"), ("model_type", str, "a model type name"),
+                            ("pretrained_cfg", dict, "a JSON object"), ("quantization_config", dict,
+                                                                       "a JSON object")):
+        value = config.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise _damaged(config_file, key, value, name)
+    labels = config.get("id2label")
+    if isinstance(labels, dict) and not all(str(k).lstrip("-").isdigit() for k in labels):
+        raise _damaged(config_file, "id2label", labels, "a mapping from class indices ('0', '1', ...) to names")
+
+
+# Crop modes timm knows, and the resampling filters torchvision's resize takes.
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _check_preprocessing(config: dict, config_file: Path) -> None:
+    """Refuse preprocessing no model was trained with: a standard deviation of 0, negative or NaN divides every
+    pixel into Inf or NaN, and the accuracy computed from it was printed as if it meant something.
+
+    Raises:
+        UnsupportedModelError: naming the key, its value and what it must be.
+    """
+    cfg = config.get("pretrained_cfg") or {}
+    size = cfg.get("input_size")
+    channels = size[0] if isinstance(size, list) and size else 3
+    for key in ("mean", "std"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if len(values) != channels or not all(_number(v) for v in values) or (
+                key == "std" and not all(v > 0 for v in values)):
+            raise _damaged(config_file, f"pretrained_cfg.{key}", value,
+                           f"{channels} finite numbers" + (" above 0" if key == "std" else ""))
+    crop_pct = cfg.get("crop_pct")
+    if crop_pct is not None and not (_number(crop_pct) and 0 < crop_pct <= 10):
+        raise _damaged(config_file, "pretrained_cfg.crop_pct", crop_pct, "a fraction above 0 (1.0: no crop margin)")
+    if cfg.get("interpolation") and cfg["interpolation"] not in INTERPOLATIONS:
+        raise _damaged(config_file, "pretrained_cfg.interpolation", cfg["interpolation"],
+                       f"one of {', '.join(INTERPOLATIONS)}")
+    if cfg.get("crop_mode") is not None and cfg["crop_mode"] not in CROP_MODES:
+        raise _damaged(config_file, "pretrained_cfg.crop_mode", cfg["crop_mode"], f"one of {', '.join(CROP_MODES)}")
+    names, classes = cfg.get("label_names"), cfg.get("num_classes", config.get("num_classes"))
+    if names is not None and (not isinstance(names, list) or (_whole(classes) and classes and len(names) != classes)):
+        raise _damaged(config_file, "pretrained_cfg.label_names", f"{len(names)} names" if isinstance(names, list)
+                       else names, f"a list of {classes} class names (num_classes)")
+
+
 def _with_library(folder: Path, source: ModelSource, config: dict, library: str) -> ModelSource:
     license_ = _card_license(folder) or (config.get("pretrained_cfg") or {}).get("license")
     return ModelSource(spec=source.spec, library=library,
@@ -161,6 +225,7 @@ def load_model_folder(folder: Path, source: ModelSource, *, trust_remote_code: b
     model = resolve(adapter.load)(folder, _with_library(folder, source, config, library),
                                   trust_remote_code=trust_remote_code, pretrained=pretrained)
     if pretrained:  # loaded numbers, checked once here (random ones are finite by construction)
+        check_stored_dtypes(folder, model.module, spec=source.spec)
         check_model_numbers(model.module, spec=source.spec)
     return model
 

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import DivergedError
 from .integer import ActivationGrid
 
 __all__ = [
@@ -285,7 +286,11 @@ class ActQuantizer(nn.Module):
         if not self.signed:
             low = 0.0
         if not math.isfinite(low) or not math.isfinite(high):
-            raise FloatingPointError(f"activation range [{low}, {high}] is not finite")
+            # why: finite but huge weights (3e38) overflow float32 in the forward pass; a bare FloatingPointError
+            # was reported as an internal error
+            raise DivergedError(f"activation range [{low}, {high}] is not finite: the model's activations overflow "
+                                "float32 on the calibration images, so its weights (or the images) hold values far "
+                                "outside what training produces; check the model, or download it again")
         scale = max((high - low) / (self.qmax - self.qmin), 1e-8)
         zero_point = 0 if not self.signed else int(min(max(round(-low / scale), self.qmin), self.qmax))
         self.scale.fill_(scale)

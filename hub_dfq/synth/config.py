@@ -16,6 +16,10 @@ from ..errors import ConfigError
 from ..runtime import fast_bf16
 from .registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS, SynthMethod
 
+# why: planning 10^12 images (their shard names, their seeds) ran for ever before the first image: a typo, not a
+# long run. ImageNet's training set is 1.3 million images. The CLI's numbers.MAX_IMAGES is the same bound.
+MAX_IMAGES = 100_000_000
+
 __all__ = ["SynthConfig", "Regularizers", "Priors"]
 
 
@@ -95,10 +99,16 @@ class SynthConfig:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images <= 0:
             raise ConfigError(f"`num_images` must be a positive integer, got {self.num_images!r}")
+        if self.num_images > MAX_IMAGES:
+            raise ConfigError(f"`num_images` is {self.num_images:,}, more than hub-dfq generates ({MAX_IMAGES:,}): "
+                              "ask for fewer images")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ConfigError(f"`batch_size` must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.shard_size, int) or self.shard_size <= 0:
             raise ConfigError(f"`shard_size` must be a positive integer, got {self.shard_size!r}")
+        if self.iters is not None and (isinstance(self.iters, bool) or not isinstance(self.iters, int)
+                                       or self.iters <= 0):  # why: methods that optimise nothing ignored it silently
+            raise ConfigError(f"`iters` must be a positive integer, got {self.iters!r}")
         iters = method.iters if self.iters is None else self.iters
         lr = method.lr if self.lr is None else float(self.lr)
         if not method.optimised:
