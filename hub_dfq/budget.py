@@ -112,8 +112,8 @@ def device_speed(model, *, batch_size: int | None = None, repeats: int = 3) -> D
     import torch  # why: `import hub_dfq` (which reads the presets) stays free of torch
 
     from .cache import cache_root, record_entry
-    from .outputs import write_text
     from .fingerprint import fingerprint
+    from .outputs import write_text
 
     device = model.device
     name = _device_name(device)
