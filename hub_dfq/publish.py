@@ -6,7 +6,7 @@ pushing is a separate, all-or-nothing step, so a failed upload never loses or ha
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +20,17 @@ from .outputs import UPLOAD_IGNORE
 
 def _transport_errors() -> tuple[type[Exception], ...]:
     """The request-error base classes of the HTTP clients huggingface_hub may use (httpx, or its httpx2 fork)."""
-    found = []
-    for name in ("httpx", "httpx2"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        base = getattr(module, "HTTPError", None)
-        if isinstance(base, type) and issubclass(base, Exception):
-            found.append(base)
+    found: list[type[Exception]] = []
+    # why inside: huggingface_hub 1.x talks through httpx and 2.x through httpx2; only an installed one is imported
+    with contextlib.suppress(ImportError):
+        import httpx
+        found.append(httpx.HTTPError)
+    # why inside: as above, for huggingface_hub 2.x's fork
+    with contextlib.suppress(ImportError):
+        import httpx2
+        found.append(httpx2.HTTPError)
     return tuple(found)
+
 
 logger = logging.getLogger(__name__)
 
