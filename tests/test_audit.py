@@ -24,7 +24,7 @@ from hub_dfq.errors import DatasetError, UnsupportedModelError
 from hub_dfq.models.preprocess import Preprocess
 from hub_dfq.models.vision_model import ModelSource, VisionModel
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FEATURES = datasets.Features({"img": datasets.Image()})
 

@@ -10,7 +10,6 @@ import math
 import datasets
 import numpy as np
 import pytest
-import torch
 from hub_server import WRITE_TOKEN
 from PIL import Image
 from torch import nn
@@ -21,7 +20,7 @@ from hub_dfq.errors import ConfigError, DatasetError, OutputExistsError, Unsuppo
 from hub_dfq.models.preprocess import Preprocess
 from hub_dfq.models.vision_model import ModelSource, VisionModel
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FEATURES = datasets.Features({"img": datasets.Image()})
 
