@@ -84,16 +84,19 @@ class DeviceSpeed:
     Attributes:
         device: the device, in words (``"cpu (2 threads)"``, ``"cuda (NVIDIA H100 80GB HBM3)"``).
         seconds_per_image: seconds of one forward+backward pass of one image at the model's input size.
+        synthesis_step: seconds of one synthesis step of one image, where a run synthesises its calibration images
+            (:func:`hub_dfq.synth.speed.synthesis_step_seconds`); ``None`` otherwise.
     """
 
     device: str
     seconds_per_image: float
+    synthesis_step: float | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-_SPEEDS: dict[str, DeviceSpeed] = {}
+_SPEEDS: dict[str, float] = {}  # measurements this process took or read
 
 
 def _device_name(device) -> str:
@@ -106,29 +109,61 @@ def _device_name(device) -> str:
     return device.type
 
 
+def measured_once(what: str, model, measure: Callable[[], float], *, field: str, **key: object) -> float:
+    """``measure()`` (seconds of some unit of work of ``model`` where it is), measured once per ``what``, model shape,
+    device, thread count and ``key``; then read from the cache, so that the same machine plans the same counts (and
+    so the same bytes) every time.
+
+    Args:
+        what: the measurement, in words (``"device speed"``); the cache entry's ``kind``.
+        model: a :class:`~hub_dfq.models.VisionModel`, on the device to measure.
+        measure: takes the measurement (positive seconds).
+        field: the name the value is saved under (``"seconds_per_image"``).
+        key: what else the measurement depends on (a synthesis method, a precision).
+    """
+    # why here: `import hub_dfq` reads this module (the presets' ladder) and stays free of the cache's writers
+    from .cache import cache_root, record_entry
+    from .fingerprint import fingerprint
+    from .outputs import write_text
+
+    name = _device_name(model.device)
+    cache_key = fingerprint(what.replace(" ", "-"), version=1, device=name, architecture=model.source.architecture,
+                            parameters=model.num_parameters(), input_size=list(model.input_size), **key)
+    if cache_key in _SPEEDS:
+        return _SPEEDS[cache_key]
+    path = cache_root("speed") / f"{cache_key}.json"
+    try:
+        value = float(json.loads(path.read_text())[field])
+    except (OSError, ValueError, KeyError, TypeError):
+        value = math.nan
+    if not value > 0:  # also NaN: absent, unreadable or damaged
+        value = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record_entry("speed", path)  # first: `hub-dfq cache clear` deletes only what it has a record of
+            write_text(path, json.dumps({"kind": what, "device": name, field: value,
+                                         "architecture": model.source.architecture, **key}) + "\n")
+        except OSError as err:  # a read-only cache only costs a re-measurement next time
+            logger.debug("could not save the %s to %s: %s", what, path, err)
+    _SPEEDS[cache_key] = value
+    return value
+
+
+def median_seconds(times: list[float]) -> float:
+    """The median of ``times`` (the upper one of an even count): one slow pass does not move a plan."""
+    ordered = sorted(times)
+    return ordered[len(ordered) // 2]
+
+
 def device_speed(model, *, batch_size: int | None = None, repeats: int = 3) -> DeviceSpeed:
     """Measure (once per model shape, device and thread count; then read from the cache) what one image's
     forward+backward pass costs ``model`` (a :class:`~hub_dfq.models.VisionModel`) where it is."""
     import torch  # why: `import hub_dfq` (which reads the presets) stays free of torch
 
-    from .cache import cache_root, record_entry
-    from .fingerprint import fingerprint
-    from .outputs import write_text
-
     device = model.device
-    name = _device_name(device)
-    key = fingerprint("device-speed", version=1, device=name, architecture=model.source.architecture,
-                      parameters=model.num_parameters(), input_size=list(model.input_size))
-    if key in _SPEEDS:
-        return _SPEEDS[key]
-    path = cache_root("speed") / f"{key}.json"
-    try:
-        saved = json.loads(path.read_text())
-        speed = DeviceSpeed(saved["device"], float(saved["seconds_per_image"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        speed = None
-    if speed is None or not speed.seconds_per_image > 0:
-        batch = batch_size or (32 if device.type == "cuda" else 8)
+    batch = batch_size or (32 if device.type == "cuda" else 8)
+
+    def measure() -> float:
         x = model.example_input(batch).normal_(generator=torch.Generator(device).manual_seed(0))
         times = []
         for _ in range(repeats + 1):  # the first pass pays for allocation and kernel selection
@@ -141,16 +176,10 @@ def device_speed(model, *, batch_size: int | None = None, repeats: int = 3) -> D
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         model.module.zero_grad(set_to_none=True)
-        speed = DeviceSpeed(name, sorted(times[1:])[len(times[1:]) // 2] / batch)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            record_entry("speed", path)  # first: `hub-dfq cache clear` deletes only what it has a record of
-            write_text(path, json.dumps({"kind": "device speed", **speed.to_dict(),
-                                         "architecture": model.source.architecture}) + "\n")
-        except OSError as err:  # a read-only cache only costs a re-measurement next time
-            logger.debug("could not save the device speed to %s: %s", path, err)
-    _SPEEDS[key] = speed
-    return speed
+        return median_seconds(times[1:]) / batch
+
+    seconds = measured_once("device speed", model, measure, field="seconds_per_image")
+    return DeviceSpeed(_device_name(device), seconds)
 
 
 @dataclass(frozen=True)
@@ -175,8 +204,10 @@ class BudgetPlan:
         counts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         shrunk = "" if self.scale >= 1.0 else \
             f" (x{self.scale:.2g} of the written counts to fit {_minutes(self.target_seconds)})"
+        synthesis = "" if self.speed.synthesis_step is None else \
+            f", {1e3 * self.speed.synthesis_step:.1f} ms per image synthesis step"
         return (f"budget: {counts}{shrunk}; expected about {_minutes(self.expected_seconds)} on {self.speed.device} "
-                f"({1e3 * self.speed.seconds_per_image:.1f} ms per image forward+backward)")
+                f"({1e3 * self.speed.seconds_per_image:.1f} ms per image forward+backward{synthesis})")
 
     def to_dict(self) -> dict[str, object]:
         return {"scale": self.scale, "counts": dict(self.counts), "expected_seconds": round(self.expected_seconds, 1),

@@ -5,7 +5,8 @@ Four kinds of entries, each keyed on :func:`hub_dfq.fingerprint.fingerprint` of 
 - ``synth/<method>-<key>/``: synthetic calibration datasets (a Hub dataset folder with ``generation.json``);
 - ``audit/<key>.json``: audit reference points;
 - ``quantize/<key>/``: saved progress of an interrupted ``reconstruct``/``distill`` run (``*.pt``);
-- ``speed/<key>.json``: a device's measured speed for one model shape (:func:`hub_dfq.budget.device_speed`).
+- ``speed/<key>.json``: a device's measured speed for one model shape (:func:`hub_dfq.budget.device_speed`) or
+  of one synthesis method on it (:func:`hub_dfq.synth.speed.synthesis_step_seconds`).
 
 Listing and clearing only ever touch entries the cache can prove it wrote: before an entry is first
 written, a record ``.<entry>.hub-dfq-entry`` (JSON: kind and entry name) is written beside it
@@ -137,6 +138,10 @@ def _describe(kind: str, path: Path) -> str | None:
         if entry.get("kind") == "device speed":
             return (f"speed of {entry.get('architecture', '?')} on {entry.get('device', '?')}: "
                     f"{1e3 * float(entry.get('seconds_per_image', 0)):.1f} ms per image")
+        if entry.get("kind") == "synthesis speed":
+            return (f"{entry.get('method', '?')} synthesis speed of {entry.get('architecture', '?')} on "
+                    f"{entry.get('device', '?')}: {1e3 * float(entry.get('seconds_per_image_step', 0)):.1f} ms per "
+                    "image-step")
         return None
     if kind == "quantize" and path.is_dir() and any(path.glob("*.pt")):
         return "saved progress of " + ", ".join(sorted(p.stem for p in path.glob("*.pt")))

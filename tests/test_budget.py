@@ -31,8 +31,10 @@ def test_parse_duration_rejects(value):
 
 @pytest.fixture
 def slow_device(monkeypatch):
-    """A device where one image's forward+backward pass takes 10 ms (a fixed speed: plans do not depend on load)."""
+    """A device where one image's forward+backward pass takes 10 ms and one synthesis step of one image 25 ms (fixed
+    speeds: plans do not depend on load)."""
     monkeypatch.setattr(api, "device_speed", lambda model: DeviceSpeed("test device", 0.01))
+    monkeypatch.setattr(api, "synthesis_step_seconds", lambda model, config: 0.025)
 
 
 def test_time_budget_shrinks_the_preset_to_fit(model, slow_device):
@@ -61,7 +63,7 @@ def test_cifar_models_keep_the_written_counts_without_a_time_budget(model, slow_
 
 
 def test_range_only_runs_plan_a_quarter_of_the_preset(model, slow_device, monkeypatch):
-    """An 8-bit run only calibrates ranges: it plans for a quarter of the preset's time (W8A8 is promised in minutes)."""
+    """An 8-bit run only calibrates ranges: it plans for a quarter of the preset's time (W8A8 is promised quickly)."""
     monkeypatch.setattr(api, "REFERENCE_GFLOPS", 0.0)  # plan as for a large model
     # the plan's target is what is checked: a few images (kept as given) spare the work the plan would size
     common = dict(calibration="gaussian", calibration_images=16, progress=False)
@@ -75,6 +77,52 @@ def test_reconstruct_cost_counts_its_steps_and_synthesis(model, slow_device):
     """Where synthesis and fitting steps are what costs, both shrink along the ladder (floors: 64 images, 50 steps)."""
     with pytest.raises(ConfigError, match=r"smallest budget \(images 64, synthesis steps 50, reconstruct steps 50\)"):
         hub_dfq.quantize(model, weights=4, activations=4, calibration="bns", time_budget="10s", progress=False)
+
+
+def test_synthesis_is_planned_at_its_measured_speed(model, slow_device, capsys):
+    """A synthesis step costs what the loop measured (25 ms here), not a fixed share of a forward+backward pass."""
+    q = hub_dfq.quantize(model, weights=8, activations=8, calibration="bns", calibration_images=16,
+                         synth_options={"iters": 4}, time_budget="1h", progress=False)
+    plan = q.history["budget"]
+    assert plan["counts"] == {"images": 16, "synthesis steps": 4}
+    assert plan["expected_seconds"] == pytest.approx(16 * (2 * 0.01 + 4 * 0.025), abs=0.05)
+    assert plan["speed"] == {"device": "test device", "seconds_per_image": 0.01, "synthesis_step": 0.025}
+    described = budget.BudgetPlan(1.0, plan["counts"], 1.9, 3600, DeviceSpeed(**plan["speed"])).describe()
+    assert described.endswith("(10.0 ms per image forward+backward, 25.0 ms per image synthesis step)")
+
+
+def test_a_size_budget_plans_for_its_sensitivity_measurement(model, slow_device):
+    """Measuring every layer's sensitivity is work no scale shrinks: the plan counts it before sizing the rest."""
+    common = dict(weights=4, activations=8, calibration="gaussian", algorithm="gptq", calibration_images=16,
+                  time_budget="1h", progress=False)
+    plain = hub_dfq.quantize(model, **common).history["budget"]["expected_seconds"]
+    sized = hub_dfq.quantize(model, size_budget="0.2x", **common)
+    layers = len(hub_dfq.prepare(model).report.quantized)
+    assert sized.history["budget"]["expected_seconds"] == pytest.approx(
+        plain + api.SENSITIVITY_PASSES_PER_LAYER * layers * 0.01, abs=0.05)
+    assert sized.history["allocation"]["bytes"] <= sized.history["allocation"]["budget"]
+
+
+def test_synthesis_speed_is_measured_on_the_loop_once_and_listed_in_the_cache(model, tmp_path, monkeypatch):
+    from hub_dfq.synth import speed
+    from hub_dfq.synth.config import SynthConfig
+
+    monkeypatch.setenv("HUB_DFQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(budget, "_SPEEDS", {})
+    batches = []
+    generate = speed.BatchGenerator.generate
+    monkeypatch.setattr(speed.BatchGenerator, "generate",
+                        lambda self, targets, *a, **k: batches.append((len(targets), self.config.iters))
+                        or generate(self, targets, *a, **k))
+    first = speed.synthesis_step_seconds(model, SynthConfig(method="bns"))
+    assert 0 < first < 1 and batches == [(8, 4)]  # a small batch, one warm-up step and three timed ones
+    monkeypatch.setattr(budget, "_SPEEDS", {})  # a new process reads the saved measurement
+    assert speed.synthesis_step_seconds(model, SynthConfig(method="bns")) == first and len(batches) == 1
+    speed.synthesis_step_seconds(model, SynthConfig(method="bns", loss="l2"))  # another loss is another loop
+    assert len(batches) == 2
+    descriptions = sorted(entry.description for entry in hub_dfq.cache.list_cache(["speed"]))
+    assert len(descriptions) == 2 and all(d.startswith("bns synthesis speed of ") for d in descriptions)
+    assert all("ms per image-step" in d for d in descriptions)
 
 
 def test_device_speed_is_measured_once_and_listed_in_the_cache(model, tmp_path, monkeypatch):

@@ -22,9 +22,11 @@ from ..models.vision_model import VisionModel
 from ..registry import resolve
 from ..runner import Runner
 from ..runtime import place_model
+from ..synth.config import SynthConfig
 from ..synth.registry import SYNTH_METHODS
+from ..synth.speed import synthesis_step_seconds
 from .algorithms import algorithm_settings, settings_resolver
-from .allocate import allocate_bits, check_budget, parse_size
+from .allocate import BIT_CHOICES, allocate_bits, check_budget, parse_size
 from .config import QuantConfig, QuantScheme
 from .data import calibration_tensor, is_synthetic
 from .model import QuantizedModel
@@ -38,12 +40,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["quantize", "quantization_fingerprint", "AUTO", "default_algorithm"]
 
 SENSITIVITY_IMAGES = 32  # calibration images a layer's sensitivity is measured on (size budgets)
+# what measuring one layer's sensitivity costs, in float forward+backward passes: each bit width reruns the model
+# from the layer's block on, half the model on average, forward only (a third of a pass). Lite0 (50 layers,
+# 2 threads): 74 s expected, 56 s measured.
+SENSITIVITY_PASSES_PER_LAYER = SENSITIVITY_IMAGES * len(BIT_CHOICES) / 2 / 3
 # what observing one calibration image costs, in float forward+backward passes of it (MSE range searches)
 CALIBRATE_PASSES = 2.0
-# what one synthesis step of one image costs, in float forward+backward passes as the speed probe measures them:
-# the synthesis loop is bf16 where the device has it and fused (measured on Lite0, CPU, 2 threads: 31 ms per
-# image-step against a 129 ms fp32 pass)
-SYNTH_STEP_PASSES = 0.25
 # the share of a preset's target time a range-only run plans for: ranges need few images (Lite0 W8A8 from 64 BNS
 # images x 64 steps is within float's noise, docs/imagenet.md) and an 8-bit run is promised in minutes
 CALIBRATE_SHARE = 0.25
@@ -77,24 +79,29 @@ def _size_plan(prepared, cfg: QuantConfig, model: VisionModel, size_budget: Any)
 
 def _time_plan(model: VisionModel, preset, algorithm: str, calibration: Any, calibration_images: int | None,
                settings: Mapping[str, Any], synth_options: Mapping[str, Any] | None, time_budget: Any,
-               seed: int, runner: Runner) -> BudgetPlan:
-    """The ladder scale of ``preset`` whose expected time on the model's device fits the time budget."""
+               seed: int, runner: Runner, fixed_passes: float = 0.0) -> BudgetPlan:
+    """The ladder scale of ``preset`` whose expected time on the model's device fits the time budget (with
+    ``fixed_passes`` of work that no scale changes, a size budget's sensitivity measurement)."""
     target = parse_duration(time_budget) if time_budget is not None else \
         preset.seconds * (CALIBRATE_SHARE if algorithm == "calibrate" else 1.0)
     # every process plans from rank 0's measurement: the same counts everywhere
     speed = runner.main_only(device_speed, model)
     algorithm_info = QUANT_ALGORITHMS.get(algorithm)
     fixed_images = len(calibration) if isinstance(calibration, torch.Tensor) else None
-    synthetic = is_synthetic(calibration) and SYNTH_METHODS.get(calibration.lower()).loss is not None
+    synthetic = is_synthetic(calibration) and SYNTH_METHODS.get(calibration.lower()).optimised
+    if synthetic:  # a synthesis step's cost in passes differs from machine to machine: it is timed, not assumed
+        probe = SynthConfig(method=calibration.lower(), **{k: v for k, v in dict(synth_options or {}).items()
+                                                           if k in ("loss", "precision")})
+        speed = replace(speed, synthesis_step=runner.main_only(synthesis_step_seconds, model, probe))
 
     def cost(scale: float) -> tuple[float, dict[str, int]]:
         sized = preset.scaled(scale)
         images = calibration_images or fixed_images or sized.calibration_images
         counts = {"images": images}
-        passes = CALIBRATE_PASSES * images
+        passes = fixed_passes + CALIBRATE_PASSES * images
         if synthetic:
             counts["synthesis steps"] = int({**sized.synth, **dict(synth_options or {})}.get("iters", 0))
-            passes += SYNTH_STEP_PASSES * counts["synthesis steps"] * images
+            passes += speed.synthesis_step / speed.seconds_per_image * counts["synthesis steps"] * images
         of = lambda name: algorithm_settings(QUANT_ALGORITHMS.get(name), sized, settings.get(name), seed=seed)  # noqa: E731
         if algorithm_info.cost is not None:
             run = of(algorithm)
@@ -250,8 +257,9 @@ def quantize(
         algorithm = default_algorithm(prepared.report)
     budget_plan = None
     if time_budget is not None or model.gflops() > REFERENCE_GFLOPS:
+        sensitivity = SENSITIVITY_PASSES_PER_LAYER * len(prepared.report.quantized) if size_budget is not None else 0
         budget_plan = _time_plan(model, chosen, algorithm, calibration, calibration_images, settings,
-                                 synth_options, time_budget, seed, runner=runner)
+                                 synth_options, time_budget, seed, runner=runner, fixed_passes=sensitivity)
         chosen = chosen.scaled(budget_plan.scale)
     settings_resolver(chosen, settings, seed=seed)(algorithm)  # what this run uses, also checked before synthesis
     if size_budget is not None:
