@@ -149,6 +149,11 @@ def measured_once(what: str, model, measure: Callable[[], float], *, field: str,
     return value
 
 
+def probe_batch(device) -> int:
+    """The batch a speed probe measures on ``device``: enough to fill a GPU, small enough to be quick on a CPU."""
+    return 32 if device.type == "cuda" else 8
+
+
 def median_seconds(times: list[float]) -> float:
     """The median of ``times`` (the upper one of an even count): one slow pass does not move a plan."""
     ordered = sorted(times)
@@ -161,7 +166,7 @@ def device_speed(model, *, batch_size: int | None = None, repeats: int = 3) -> D
     import torch  # why: `import hub_dfq` (which reads the presets) stays free of torch
 
     device = model.device
-    batch = batch_size or (32 if device.type == "cuda" else 8)
+    batch = batch_size or probe_batch(device)
 
     def measure() -> float:
         x = model.example_input(batch).normal_(generator=torch.Generator(device).manual_seed(0))

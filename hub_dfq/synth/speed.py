@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..budget import measured_once, median_seconds
+from ..budget import measured_once, median_seconds, probe_batch
 from ..models.vision_model import VisionModel
 from .config import SynthConfig
 from .generator import BatchGenerator
@@ -26,8 +26,7 @@ def synthesis_step_seconds(model: VisionModel, config: SynthConfig, *, batch_siz
                            steps: int = 3) -> float:
     """Seconds one optimisation step of one image costs ``config``'s method on ``model`` (on its device), measured
     once per model shape, device, thread count, method, BN loss and precision, then read from the cache."""
-    device = model.device
-    batch = batch_size or (32 if device.type == "cuda" else 8)
+    batch = batch_size or probe_batch(model.device)
 
     def measure() -> float:
         probe = dataclasses.replace(config, num_images=batch, batch_size=batch, iters=steps + 1)
