@@ -9,7 +9,16 @@ from torch import nn
 
 import hub_dfq
 from hub_dfq.quant.config import QuantScheme
-from hub_dfq.quant.gptq import GPTQConfig, HessianStats, float_target, gptq_rounding, layer_columns, search_scales
+from hub_dfq.quant.gptq import (
+    GPTQConfig,
+    HessianStats,
+    damped,
+    float_target,
+    gptq_rounding,
+    layer_columns,
+    refine_rounding,
+    search_scales,
+)
 from hub_dfq.quant.modules import QuantConv1d, QuantConv2d, QuantLinear
 from hub_dfq.quant.quantizers import weight_qrange
 
@@ -147,6 +156,26 @@ def test_gptq_output_error_is_below_nearest_rounding(act_order):
     assert error(ints) < 0.6 * error(nearest)
 
 
+def test_refined_rounding_lowers_gptqs_error_and_stays_on_the_grid():
+    """Coordinate descent after GPTQ: every move lowers the damped output error, so it ends at or below GPTQ's,
+    and on correlated inputs strictly below; the integers stay in range."""
+    w, x, h = _correlated_problem(groups=4, rows=16, k=27)
+    qmin, qmax = weight_qrange(4)
+    scale = w.abs().amax(-1) / qmax
+    hd = damped(h, 0.01)
+    gptq = torch.clamp(torch.round(gptq_rounding(w, h, scale, qmin, qmax)), qmin, qmax).double()
+    refined = refine_rounding(w, hd, scale, gptq, qmin, qmax, sweeps=4)
+    assert torch.equal(refined, refined.round()) and refined.min() >= qmin and refined.max() <= qmax
+
+    def error(q):
+        delta = w.double() - q * scale.double()[..., None]
+        return torch.einsum("grk,gkl,grl->gr", delta, hd, delta)
+
+    assert (error(refined) <= error(gptq) + 1e-12).all()
+    assert error(refined).sum() < 0.99 * error(gptq).sum()
+    assert torch.equal(refine_rounding(w, hd, scale, gptq, qmin, qmax, sweeps=0), gptq)
+
+
 def test_scale_search_never_does_worse_than_the_observer_step():
     w, _, h = _correlated_problem(groups=2, rows=8, k=9)
     qmin, qmax = weight_qrange(3)
@@ -168,6 +197,8 @@ def test_bad_settings():
         GPTQConfig(damp=0)
     with pytest.raises(ConfigError, match="scale_search"):
         GPTQConfig(scale_search="mse")
+    with pytest.raises(ConfigError, match="refine"):
+        GPTQConfig(refine=-1)
 
 
 @pytest.fixture(scope="module")

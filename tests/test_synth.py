@@ -38,7 +38,7 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "generation.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["gaussian", "inception", "bns", "bns+i"])
+@pytest.mark.parametrize("method", ["gaussian", "inception", "bns", "bns+p", "bns+i"])
 def test_each_method_gives_valid_images_and_labels(model, tmp_path, method):
     out = tmp_path / "out"
     ds = synthesize(model, method, 20, out_dir=out, **FAST)
@@ -95,6 +95,23 @@ def test_l2_loss_lowers_the_zeroq_distance(model, tmp_path):
     synthesize(model, "bns", 16, loss="l2", iters=40, batch_size=16, out_dir=tmp_path / "o", progress=False)
     div = manifest(tmp_path / "o")["bn_divergence"]
     assert div["metric"] == "l2" and div["end"]["total"] < div["start"]["total"] / 3
+
+
+def test_bns_plus_priors_images_are_smooth_and_still_match_the_statistics(model, tmp_path):
+    """bns+p trades a little of the BN match for photograph-like smoothness: far lower total variation than bns
+    from the same start, and still a fraction of the Gaussian start's divergence."""
+    from hub_dfq.synth.priors import total_variation
+
+    runs = {}
+    for method in ("bns", "bns+p"):
+        ds = synthesize(model, method, 16, iters=60, batch_size=16, out_dir=tmp_path / method,
+                        progress=False)
+        pixels = torch.stack([model.preprocess(image) for image in ds["image"]])
+        runs[method] = (float(total_variation(pixels)), manifest(tmp_path / method))
+    assert runs["bns+p"][0] < 0.5 * runs["bns"][0], runs
+    stored = runs["bns+p"][1]
+    assert stored["arguments"]["priors"]["tv_weight"] == 8.0  # the method's default, recorded
+    assert stored["bn_divergence"]["end"]["total"] < stored["bn_divergence"]["start"]["total"] / 5
 
 
 def test_bns_plus_i_images_are_classified_as_their_target(model, tmp_path):
@@ -220,7 +237,7 @@ def test_output_folder_of_another_run_is_refused(model, tmp_path):
 def test_bad_arguments(model, tmp_path):
     with pytest.raises(ConfigError, match="positive"):
         synthesize(model, "bns", 0, out_dir=tmp_path / "a")
-    with pytest.raises(ConfigError, match="unknown method 'deepdream'.*gaussian, inception, bns, bns\\+i"):
+    with pytest.raises(ConfigError, match="unknown method 'deepdream'.*gaussian, inception, bns, bns\\+p, bns\\+i"):
         synthesize(model, "deepdream", 4, out_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match="unknown loss 'l1'"):
         synthesize(model, "bns", 4, loss="l1", out_dir=tmp_path / "a")

@@ -156,6 +156,18 @@ def test_regularizers_and_warmup_keep_the_stored_priors_mapping():
         SynthConfig(method="bns", num_images=4, warmup=0.2, regularizers=Priors(warmup=0.1))
 
 
+def test_tv_weight_defaults_to_the_methods_own():
+    """Each method's total-variation weight unless one is given: the stored settings (and cache keys) of the methods
+    from before bns+p are unchanged."""
+    assert SynthConfig(method="inception", num_images=4).regularizers.tv_weight == 0.05
+    assert SynthConfig(method="bns", num_images=4).regularizers.tv_weight == 0.05
+    assert SynthConfig(method="bns+p", num_images=4).regularizers.tv_weight == 8.0
+    given = SynthConfig(method="bns+p", num_images=4, regularizers=Regularizers(tv_weight=2.0))
+    assert given.regularizers.tv_weight == 2.0 and SynthConfig.from_dict(given.to_dict()) == given
+    with pytest.raises(ConfigError, match="tv_weight"):
+        SynthConfig(method="bns+p", num_images=4, regularizers=Regularizers(tv_weight=-1.0))
+
+
 def test_affine_moments_with_a_clamp_is_bn_then_relu6_in_one_node():
     """A timm BN+ReLU6 runs as one autograd node in the loop: same output and input gradient as the two layers."""
     from hub_dfq.bnstats import affine_moments

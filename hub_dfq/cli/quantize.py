@@ -13,7 +13,7 @@ from ..deprecation import warn_deprecated
 from ..errors import ConfigError, PublishError
 from ..outputs import check_folder, reserve_folder
 from ..quant.placement import strictest
-from ..quant.registry import ACT_OBSERVERS, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
+from ..quant.registry import ACT_OBSERVERS, DEFAULT_CALIBRATION, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
 from ..registry import resolve
 from ..synth.registry import SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
@@ -55,13 +55,13 @@ def register(sub) -> None:
         "quantize", help="quantize a model to W/A bits, calibrated on synthetic (default) or real images",
         description="Quantize a classifier (BN folded, per-channel weights, per-tensor activations, first/last "
         "layer 8-bit) and report full-precision vs quantized top-1. Without --calibration DATA, BN-statistics "
-        "synthetic images are generated on the fly (cached).")
+        "synthetic images (smoothed by image priors) are generated on the fly (cached).")
     add_model_arguments(parser)
     parser.add_argument("--weights", type=int, default=4, help="weight bits, 2-8 (default 4)")
     parser.add_argument("--activations", type=int, default=4, help="activation bits, 2-8 (default 4)")
-    parser.add_argument("--calibration", default="bns",
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
                         help="a synthesis method (" + ", ".join(SYNTH_METHODS.names()) + ") or a dataset spec "
-                        "(default bns)")
+                        f"(default {DEFAULT_CALIBRATION}: BN statistics plus image priors)")
     parser.add_argument("--calibration-split", help="split of a calibration dataset")
     parser.add_argument("--calibration-images", "--calibration-size", dest="calibration_images", type=int,
                         help="calibration images (default: the preset's)")

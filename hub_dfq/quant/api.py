@@ -31,7 +31,7 @@ from .config import QuantConfig, QuantScheme
 from .data import calibration_tensor, is_synthetic
 from .model import QuantizedModel
 from .placement import PlacementRules
-from .registry import PRESETS, QUANT_ALGORITHMS, Preset
+from .registry import DEFAULT_CALIBRATION, PRESETS, QUANT_ALGORITHMS, Preset
 from .resume import load_quantizer_state, quantizer_state
 from .stages import AUTO, apply, calibrate, default_algorithm, freeze, prepare, quantization_fingerprint
 
@@ -140,7 +140,7 @@ def quantize(
     *,
     weights: int = 4,
     activations: int = 4,
-    calibration: Any = "bns",
+    calibration: Any = DEFAULT_CALIBRATION,
     calibration_images: int | None = None,
     algorithm: str = AUTO,
     preset: str = "fast",
@@ -181,8 +181,8 @@ def quantize(
         model: a :class:`VisionModel` or a spec for :func:`hub_dfq.load_model`.
         weights: weight bit width (2-8).
         activations: activation bit width (2-8).
-        calibration: a registered synthesis method (``"bns"``, ``"bns+i"``, ``"inception"``,
-            ``"gaussian"``, generated on the fly and cached), a dataset spec, an
+        calibration: a registered synthesis method (``"bns+p"``, the default: BNS with image priors; ``"bns"``,
+            ``"bns+i"``, ``"inception"``, ``"gaussian"``, generated on the fly and cached), a dataset spec, an
             :class:`~hub_dfq.ImageData`, a ``datasets.Dataset`` or a tensor of normalised inputs.
         calibration_images: images to calibrate with (default: the preset's; all rows of a tensor).
         algorithm: a registered quantization algorithm: ``"calibrate"`` (ranges only), ``"gptq"``

@@ -57,6 +57,10 @@ class GPTQConfig:
         target: ``"float"`` fits the full-precision layer's output on full-precision inputs, so each layer also
             corrects the error the quantized layers and activations before it left in its inputs (GPTAQ, Li et
             al. 2025); ``"quantized"`` fits the layer's own float output on its quantized inputs (GPTQ).
+        refine: sweeps of greedy coordinate descent over the rounded integers after GPTQ's single pass (each
+            sweep tries one step up or down for every weight and keeps it when the layer's damped output error
+            falls; CDQuant, Nair & Suggala 2024): GPTQ rounds each column once and never revisits it. Lite0 W4A8:
+            real images -3.2 -> -2.2 points, bns+p images -4.2 -> -4.0; CIFAR ResNet-20 / -44: -0.05 / +0.19.
         batch_size: images per forward pass while collecting the Hessians.
         seed: unused (GPTQ draws nothing at random); kept so every algorithm takes the run's seed.
     """
@@ -65,6 +69,7 @@ class GPTQConfig:
     act_order: bool = True
     scale_search: str = "hessian"
     target: str = "float"
+    refine: int = 4
     batch_size: int = 32
     seed: int = 0
 
@@ -75,6 +80,8 @@ class GPTQConfig:
             raise ConfigError(f"GPTQ scale_search must be 'hessian' or 'keep', got {self.scale_search!r}")
         if self.target not in ("float", "quantized"):
             raise ConfigError(f"GPTQ target must be 'float' or 'quantized', got {self.target!r}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ConfigError(f"GPTQ refine must be a non-negative integer (sweeps), got {self.refine!r}")
         if self.batch_size <= 0:
             raise ConfigError(f"GPTQ batch_size must be > 0, got {self.batch_size!r}")
 
@@ -170,6 +177,53 @@ def search_scales(weight: torch.Tensor, hessian_diag: torch.Tensor, scale: torch
     return best
 
 
+def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` per group, in float64, with always-zero inputs (a dead channel, a whole dead
+    group) given a unit diagonal."""
+    h = hessian.double().clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    diag.masked_fill_(diag <= 0, 1.0)
+    return h + torch.diag_embed((damp * diag.mean(1))[:, None].expand(-1, h.shape[-1]))
+
+
+def refine_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, integers: torch.Tensor,
+                    qmin: int, qmax: int, *, sweeps: int) -> torch.Tensor:
+    """Greedy coordinate descent on ``(W - Q s) H (W - Q s)^T``: move single integers by one step while that lowers
+    the error (every move does, so the error never rises above the start's).
+
+    Args:
+        weight: ``(groups, R, K)`` the weights to approximate.
+        hessian: ``(groups, K, K)`` the (damped) Hessian.
+        scale: ``(groups, R)`` steps.
+        integers: ``(groups, R, K)`` the starting integers (GPTQ's).
+        sweeps: passes over the columns at most (stops early when one changes nothing).
+
+    Returns:
+        ``(groups, R, K)`` integers in ``[qmin, qmax]``.
+    """
+    h = hessian.double()
+    q = integers.double().clone()
+    s = scale.double()
+    grad = torch.bmm(q * s[..., None] - weight.double(), h)  # (W_q - W) H: half the error's gradient in W_q
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    for _ in range(sweeps):
+        moved = False
+        for k in range(q.shape[-1]):
+            curvature = s.square() * diag[:, k, None]
+            slope = 2.0 * s * grad[:, :, k]
+            step = torch.zeros_like(slope)  # at most one direction lowers a convex 1-D quadratic
+            step = torch.where((slope + curvature < 0) & (q[:, :, k] < qmax), 1.0, step)
+            step = torch.where((curvature - slope < 0) & (q[:, :, k] > qmin), -1.0, step)
+            if not step.any():
+                continue
+            moved = True
+            q[:, :, k] += step
+            grad += (step * s)[..., None] * h[:, k, None, :]
+        if not moved:
+            break
+    return q
+
+
 def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, *,
                   damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
     """Round ``weight`` column by column, compensating each column's error on the rest.
@@ -220,10 +274,7 @@ def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
 def float_target(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, *, damp: float) -> torch.Tensor:
     """``W + W D H^-1``: the least-squares weights taking the inputs ``X`` to ``W X_float`` (``D = (X_float - X) X^T``),
     with ``H`` damped as GPTQ damps it. Equal to ``W`` when the inputs are the full-precision ones."""
-    h = hessian.double().clone()
-    diag = torch.diagonal(h, dim1=1, dim2=2)
-    diag.masked_fill_(diag <= 0, 1.0)  # an input that is always zero (a dead channel, a whole dead group)
-    h = h + torch.diag_embed((damp * diag.mean(1))[:, None].expand(-1, h.shape[-1]))
+    h = damped(hessian, damp)
     w = weight.double()
     correction = torch.linalg.solve(h, torch.bmm(drift.double().transpose(1, 2), w.transpose(1, 2))).transpose(1, 2)
     return (w + correction).to(weight.dtype)
@@ -247,6 +298,11 @@ def gptq_layer(layer: QuantModule, stats: HessianStats, cfg: GPTQConfig) -> dict
         wq.set_scale(scale.reshape(-1))
         scale = wq.scale.detach().float().reshape(groups, rows)
     start = gptq_rounding(w, h, scale, wq.qmin, wq.qmax, damp=cfg.damp, act_order=cfg.act_order)
+    if cfg.refine:
+        chosen = refine_rounding(w, damped(h, cfg.damp), scale, torch.clamp(torch.round(start), wq.qmin, wq.qmax),
+                                 wq.qmin, wq.qmax, sweeps=cfg.refine).float()
+        # the refined integers, with the start's pull towards its other neighbour kept for learned rounding
+        start = chosen + torch.clamp(start - chosen, -0.49, 0.49)
     wq.set_start(start.reshape(layer.weight.shape))
 
     def output_error(integers: torch.Tensor) -> float:
@@ -330,9 +386,14 @@ def walk_batches(block: Block, walk: BlockWalk, cfg: GPTQConfig) -> Batches:
 GPTQ_PASSES = 6.5
 
 
+# One sweep of `refine` over every layer of Lite0 (CPU, 2 threads) costs about as much as this many float
+# forward+backward passes of one image (4 sweeps: 25 s at 0.09 s per pass); it does not grow with the images.
+REFINE_PASSES_PER_SWEEP = 70
+
+
 def cost(settings: GPTQConfig, images: int, settings_of=None) -> float:
     """Float forward+backward passes of one image that GPTQ on ``images`` images costs (:mod:`hub_dfq.budget`)."""
-    return GPTQ_PASSES * images
+    return GPTQ_PASSES * images + REFINE_PASSES_PER_SWEEP * settings.refine
 
 
 def run_gptq(context) -> dict[str, Any]:

@@ -28,7 +28,8 @@ class Regularizers:
     """What a method adds to its main loss term: image priors, augmentations and auxiliary loss weights.
 
     Args:
-        tv_weight: weight of the (squared) total variation of the image (inception).
+        tv_weight: weight of the (squared) total variation of the image (inception, bns+p); ``None``: the method's
+            default (:attr:`~hub_dfq.synth.registry.SynthMethod.tv_weight`).
         l2_weight: weight of the mean squared input (inception).
         jitter: maximal random translation in pixels per step (inception); ``None`` picks
             1/16 of the image side.
@@ -38,7 +39,7 @@ class Regularizers:
             ``priors={"warmup": ...}`` still work, with a warning).
     """
 
-    tv_weight: float = 0.05
+    tv_weight: float | None = None
     l2_weight: float = 1e-3
     jitter: int | None = None
     flip: bool = True
@@ -129,6 +130,10 @@ class SynthConfig:
         object.__setattr__(self, "shard_size", shard)
         if self.precision == "auto":
             object.__setattr__(self, "precision", "bf16" if fast_bf16() else "fp32")
+        if self.regularizers.tv_weight is None:
+            object.__setattr__(self, "regularizers", replace(self.regularizers, tv_weight=method.tv_weight))
+        elif not (math.isfinite(self.regularizers.tv_weight) and self.regularizers.tv_weight >= 0):
+            raise ConfigError(f"`tv_weight` must be a number >= 0, got {self.regularizers.tv_weight}")
 
     def _absorb_legacy_warmup(self) -> None:
         """Take a warm-up given the old way, inside the regularizers (``Priors(warmup=...)``)."""

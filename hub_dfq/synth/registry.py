@@ -42,6 +42,8 @@ class SynthMethod:
             otherwise the label is the model's prediction on the stored image.
         iters: default optimisation steps per batch.
         lr: default peak Adam learning rate (normalised input space).
+        tv_weight: default weight of the image's total variation, for methods whose loss reads it (bns+p scales
+            it by the image side over 224).
         hyperparameters: :class:`~hub_dfq.synth.config.Regularizers` fields the method reads (shown on the card).
         version: bump whenever the method's output bytes change; part of every cache key.
     """
@@ -56,6 +58,7 @@ class SynthMethod:
     class_targets: bool = False
     iters: int = 200
     lr: float = 1.0
+    tv_weight: float = 0.05
     hyperparameters: tuple[str, ...] = ()
     version: int = 1
 
@@ -97,6 +100,15 @@ register_synth_method(SynthMethod(
                 "and standard deviation match the layer's running statistics (BN-Statistics). Labels are the model's "
                 "predictions.",
     loss="hub_dfq.synth.objectives:bns_loss", needs_bn=True))
+register_synth_method(SynthMethod(
+    "bns+p",
+    summary="BN-Statistics plus image priors: total variation, random jitter and flips (as DeepInversion)",
+    description="Inputs optimised (Adam) to match every BatchNorm layer's running mean and standard deviation (as "
+                "bns) while a total-variation penalty keeps neighbouring pixels close and each step sees the batch "
+                "randomly shifted and flipped, so the images are smooth like photographs rather than noise-like. "
+                "Labels are the model's predictions.",
+    loss="hub_dfq.synth.objectives:bns_prior_loss", augment="hub_dfq.synth.priors:jitter_flip", needs_bn=True,
+    tv_weight=8.0, hyperparameters=("tv_weight", "jitter", "flip"), version=2))
 register_synth_method(SynthMethod(
     "bns+i",
     summary="BN-Statistics plus cross-entropy towards class-balanced targets (BNS+I)",
