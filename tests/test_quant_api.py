@@ -76,7 +76,10 @@ def test_distill_runs_and_freezes_integer_weights(model, real_128):
                               settings={"distill": DistillConfig(iters=3, batch_size=8)})
     state = qmodel.integer_state()
     assert state["layer1.0.conv1.weight_int"].dtype == torch.int8
-    assert state["layer1.0.conv1.weight_int"].abs().max() <= 7
+    # the default asymmetric grid: each channel's 16 levels [low, low + 15] contain zero
+    integers = state["layer1.0.conv1.weight_int"].flatten(1).int()
+    low = qmodel.module.get_submodule("layer1.0.conv1").weight_quantizer.low.int()[:, None]
+    assert (low <= 0).all() and (integers >= low).all() and (integers <= low + 15).all()
     assert state["layer1.0.conv1.bias_int"].dtype == torch.int32
     assert len(qmodel.history["distill_loss"]) == 1
 

@@ -13,7 +13,14 @@ from ..deprecation import warn_deprecated
 from ..errors import ConfigError, PublishError
 from ..outputs import check_folder, reserve_folder
 from ..quant.placement import strictest
-from ..quant.registry import ACT_OBSERVERS, DEFAULT_CALIBRATION, PRESETS, QUANT_ALGORITHMS, WEIGHT_OBSERVERS
+from ..quant.registry import (
+    ACT_OBSERVERS,
+    DEFAULT_CALIBRATION,
+    PRESETS,
+    QUANT_ALGORITHMS,
+    WEIGHT_GRIDS,
+    WEIGHT_OBSERVERS,
+)
 from ..registry import resolve
 from ..synth.registry import SYNTH_METHODS
 from .launch import add_launch_option, is_main_process, place, relaunch, world_rank
@@ -78,6 +85,9 @@ def register(sub) -> None:
                         help="weight ranges: " + choices_help(WEIGHT_OBSERVERS, "mse"))
     parser.add_argument("--act-observer", choices=ACT_OBSERVERS.names(), default="mse",
                         help="activation ranges: " + choices_help(ACT_OBSERVERS, "mse"))
+    parser.add_argument("--weight-grid", choices=WEIGHT_GRIDS, default="asymmetric",
+                        help="integer grid of weights below 8 bits: 'asymmetric' (default; all 2^bits levels over "
+                             "each output channel's range, zero exact) or 'symmetric' (narrow range around zero)")
     parser.add_argument("--override", dest="overrides", action="append", type=_override, default=[],
                         metavar="GLOB:FIELD=V,...",
                         help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
@@ -186,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
                       calibration_images=args.calibration_images, algorithm=args.algorithm, preset=args.preset,
                       first_last_bits=args.first_last_bits, residual_bits=args.residual_bits,
                       weight_observer=args.weight_observer, act_observer=args.act_observer,
-                      overrides=dict(args.overrides), exclude=args.exclude, size_budget=args.size_budget,
+                      weight_grid=args.weight_grid, overrides=dict(args.overrides), exclude=args.exclude,
+                      size_budget=args.size_budget,
                       time_budget=args.time_budget, seed=args.seed, progress=args.progress,
                       placement=strictest([b.placement for b in backends]) if backends else None)
     quant_seconds = time.perf_counter() - start

@@ -38,7 +38,7 @@ from ..models.loader import build_architecture
 from ..models.vision_model import ModelSource, VisionModel
 from ..publish import PushResult
 from ..quant.config import QuantConfig
-from ..quant.model import WEIGHT_INT_SUFFIX, QuantizedModel
+from ..quant.model import WEIGHT_INT_SUFFIX, WEIGHT_LOW_SUFFIX, QuantizedModel
 from ..quant.modules import act_quantizers, quant_layers
 from ..quant.packing import container_bits
 from ..quant.placement import strictest
@@ -89,6 +89,7 @@ def quantization_config(qmodel: QuantizedModel, *, calibration_repo: str | None 
         "first_last_bits": cfg.first_last_bits,
         "residual_bits": cfg.residual_bits,
         "weight_observer": cfg.default.weight_observer,
+        "weight_grid": cfg.default.weight_grid,
         "act_observer": cfg.default.act_observer,
         "algorithm": qmodel.algorithm,
         "algorithm_config": qmodel.algorithm_config,
@@ -255,10 +256,19 @@ def _check_consistent(folder: Path, qc: dict[str, Any], tensors: dict[str, torch
             raise CheckpointError(f"{folder}: layer {name} stores {stored.numel()} values for {numel} weights, which "
                                   f"is not {wq.bits}-bit packing as the config says: {damaged}")
         if wq.weight_int is not None:
-            low, high = int(wq.weight_int.min()), int(wq.weight_int.max())
-            if low < wq.qmin or high > wq.qmax:
+            qmin, qmax = wq.bounds(wq.weight_int)
+            # the envelope too: a damaged asymmetric `low` would shift every integer with it
+            outside = (wq.weight_int < qmin) | (wq.weight_int > qmax) | (wq.weight_int < wq.qmin) | \
+                (wq.weight_int > wq.qmax)
+            if outside.any():
+                low, high = int(wq.weight_int.min()), int(wq.weight_int.max())
+                grid = f"{wq.qmin}..{wq.qmax}" if wq.symmetric else "[low, low + 2^bits - 1] of each channel"
                 raise CheckpointError(f"{folder}: layer {name} holds integer weights {low}..{high}, outside the "
-                                      f"{wq.bits}-bit range {wq.qmin}..{wq.qmax} its config gives: {damaged}")
+                                      f"{wq.bits}-bit range {grid} its config gives: {damaged}")
+        if (f"{name}{WEIGHT_LOW_SUFFIX}" in tensors) == wq.symmetric:
+            have, grid_has = ("stores", "does not have") if wq.symmetric else ("does not store", "needs")
+            raise CheckpointError(f"{folder}: layer {name} {have} the lowest integer of each channel, which its "
+                                  f"{wq.bits}-bit {wq.grid} weight grid {grid_has}: {damaged}")
         if (wq.scale.detach() <= 0).any():
             raise CheckpointError(f"{folder}: layer {name} has a weight scale of {float(wq.scale.min())}; scales must "
                                   f"be positive: {damaged}")

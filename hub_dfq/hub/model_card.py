@@ -208,6 +208,8 @@ def render_model_card(
         weights=w,
         activations=a,
         weight_observer=cfg.default.weight_observer,
+        weight_grid=("asymmetric below 8 bits (each channel's integers span its own range; zero exact)"
+                     if cfg.default.weight_grid == "asymmetric" else "symmetric"),
         act_observer=cfg.default.act_observer,
         first_last=f"{cfg.first_last_bits}-bit" if cfg.first_last_bits else "quantized like the rest",
         residual=f"{cfg.residual_bits}-bit operands" if cfg.residual_bits else f"{a}-bit operands",

@@ -27,10 +27,10 @@ from ..errors import ConfigError
 from ..progress import progress_enabled
 from .blocks import partition, run_block
 from .calibrate import quant_layers, quant_mode
-from .gptq import HessianStats, gptq_rounding, layer_columns, search_scales
-from .observers import weight_scale
+from .gptq import HessianStats, clamp_rows, gptq_rounding, layer_columns, search_scales
+from .observers import asymmetric_grid, weight_scale
 from .packing import container_bits
-from .quantizers import weight_qrange
+from .quantizers import weight_qrange, weight_span
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,11 @@ def parse_size(value: Any, *, float_bytes: int) -> int:
 
 
 def layer_bytes(layer: nn.Module, bits: int) -> int:
-    """Bytes of ``layer``'s packed integer weights at ``bits`` (as checkpoints store them)."""
-    return math.ceil(layer.weight.numel() * container_bits(bits) / 8)
+    """Bytes of ``layer``'s packed integer weights at ``bits`` (as checkpoints store them), with an asymmetric grid's
+    lowest integer per output channel (one byte each) below 8 bits."""
+    packed = math.ceil(layer.weight.numel() * container_bits(bits) / 8)
+    asymmetric = layer.scheme.weight_grid == "asymmetric" and bits < 8
+    return packed + (layer.weight_quantizer.scale.numel() if asymmetric else 0)
 
 
 def checkpoint_bytes(module: nn.Module, bits: dict[str, int] | None = None) -> int:
@@ -84,7 +87,7 @@ def checkpoint_bytes(module: nn.Module, bits: dict[str, int] | None = None) -> i
         owner, _, attr = name.rpartition(".")
         if attr == "weight" and owner in quantized:
             continue
-        if attr == "weight_int":
+        if attr in ("weight_int", "low") and owner.endswith("weight_quantizer"):  # counted by layer_bytes
             continue
         total += tensor.numel() * tensor.element_size()
     for name, layer in quantized.items():
@@ -127,14 +130,20 @@ def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _rounded_weight(layer: nn.Module, stats: HessianStats, bits: int) -> torch.Tensor:
-    """``layer``'s weight rounded to ``bits`` by GPTQ from its float inputs' Hessian (dequantized)."""
-    qmin, qmax = weight_qrange(bits)
+    """``layer``'s weight rounded to ``bits`` by GPTQ from its float inputs' Hessian (dequantized), on the grid the
+    layer would have at those bits."""
     groups = 1 if not hasattr(layer, "groups") else int(layer.groups)
     w = layer.weight.detach().float().reshape(groups, layer.weight.shape[0] // groups, -1)
-    scale = weight_scale(layer.weight, bits, method=layer.scheme.weight_observer).reshape(groups, -1)
-    scale = search_scales(w, torch.diagonal(stats.hessian, dim1=1, dim2=2).float(), scale, qmin, qmax)
+    importance = torch.diagonal(stats.hessian, dim1=1, dim2=2).float()
+    if layer.scheme.weight_grid == "asymmetric" and bits < 8:
+        scale, qmin = asymmetric_grid(w, bits, importance=importance)
+        qmax = qmin + weight_span(bits)
+    else:
+        qmin, qmax = weight_qrange(bits)
+        scale = weight_scale(layer.weight, bits, method=layer.scheme.weight_observer).reshape(groups, -1)
+        scale = search_scales(w, importance, scale, qmin, qmax)
     start = gptq_rounding(w, stats.hessian, scale, qmin, qmax)
-    q = torch.clamp(torch.round(start), qmin, qmax) * scale[..., None]
+    q = clamp_rows(torch.round(start), qmin, qmax) * scale[..., None]
     return q.reshape(layer.weight.shape).to(layer.weight.dtype)
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..progress import progress_enabled
 from .modules import act_quantizers, quant_layers
-from .observers import activation_range, new_collector, weight_scale
+from .observers import activation_range, new_collector, weight_grid
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def calibrate_weights(module: nn.Module) -> None:
     """Set every weight quantizer's per-channel scales with its scheme's observer (minmax or MSE)."""
     for _, layer in quant_layers(module):
         wq = layer.weight_quantizer
-        wq.set_scale(weight_scale(layer.weight, wq.bits, method=layer.scheme.weight_observer))
+        wq.set_grid(*weight_grid(layer.weight, wq.bits, method=layer.scheme.weight_observer, symmetric=wq.symmetric))
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from .placement import PlacementRules
-from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
+from .registry import ACT_OBSERVERS, WEIGHT_GRIDS, WEIGHT_OBSERVERS
 
 __all__ = ["QuantScheme", "QuantConfig", "MIN_BITS", "MAX_BITS", "GRAPH_VERSION"]
 
@@ -38,7 +38,7 @@ class QuantScheme:
     """How one layer is quantized.
 
     Args:
-        weights: weight bit width (2-8), symmetric, one scale per output channel.
+        weights: weight bit width (2-8), one scale per output channel.
         activations: bit width (2-8) of the activations entering the layer, one scale per tensor
             (unsigned after ReLU, asymmetric with a zero point otherwise).
         weight_observer: weight range finder, ``"minmax"`` or ``"mse"`` (or another registered one).
@@ -46,6 +46,9 @@ class QuantScheme:
             registered one).
         percentile: upper percentile kept by the ``"percentile"`` observer (the lower one mirrors it).
         enabled: ``False`` keeps the layer in full precision.
+        weight_grid: ``"asymmetric"`` (below 8 bits: integers in ``[low, low + 2^b - 1]`` per output channel, all
+            ``2^b`` levels over the channel's own range, zero exact; 8-bit weights stay symmetric) or ``"symmetric"``
+            (``[-(2^(b-1)-1), 2^(b-1)-1]``). Configs saved before asymmetric grids existed read as symmetric.
     """
 
     weights: int = 4
@@ -54,8 +57,11 @@ class QuantScheme:
     act_observer: str = "mse"
     percentile: float = 99.99
     enabled: bool = True
+    weight_grid: str = "asymmetric"
 
     def __post_init__(self) -> None:
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise ConfigError(f"unknown weight grid {self.weight_grid!r}: use one of {', '.join(WEIGHT_GRIDS)}")
         check_bits(self.weights, "weight bits")
         check_bits(self.activations, "activation bits")
         WEIGHT_OBSERVERS.get(self.weight_observer)
@@ -196,8 +202,11 @@ class QuantConfig:
         # fingerprints, and ones written before backends had rules read back the same
         default = dataclasses.replace(self.placement, name=PlacementRules().name) == PlacementRules()
         placement = {} if default else {"placement": self.placement.to_dict()}
+        scheme = dataclasses.asdict(self.default)
+        if scheme["weight_grid"] == "symmetric":  # why: checkpoints from before asymmetric grids keep their bytes
+            del scheme["weight_grid"]
         return {
-            "default": dataclasses.asdict(self.default),
+            "default": scheme,
             "first_last_bits": self.first_last_bits,
             "residual_bits": self.residual_bits,
             "overrides": {pattern: dict(change) for pattern, change in self.overrides},
@@ -217,8 +226,8 @@ class QuantConfig:
             raise ConfigError(f"unknown quantization config key(s) {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
         data.setdefault("graph_version", 1)
-        if "default" in data:
-            data["default"] = QuantScheme(**data["default"])
+        if "default" in data:  # saved without a grid: from before asymmetric grids, or symmetric (to_dict)
+            data["default"] = QuantScheme(**{"weight_grid": "symmetric", **data["default"]})
         return cls(**data)
 
     def to_json(self) -> str:

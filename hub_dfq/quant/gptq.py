@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from ..progress import progress_enabled
 from .blocks import Block, BlockWalk, module_device, partition
 from .calibrate import quant_layers, quant_mode
 from .modules import QuantLinear, QuantModule
+from .observers import asymmetric_grid
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,24 @@ def search_scales(weight: torch.Tensor, hessian_diag: torch.Tensor, scale: torch
     return best
 
 
+Bound = Union[int, torch.Tensor]
+
+
+def row_bounds(wq, groups: int, rows: int) -> tuple[Bound, Bound]:
+    """``wq``'s integer range per output channel as ``(groups, rows)`` tensors (ints on a symmetric grid)."""
+    low, high = wq.bounds()
+    if isinstance(low, int):
+        return low, high
+    return low.reshape(groups, rows), high.reshape(groups, rows)
+
+
+def clamp_rows(values: torch.Tensor, low: Bound, high: Bound) -> torch.Tensor:
+    """``values`` (``(groups, rows, K)``) clamped to each row's integer range (``(groups, rows)`` or ints)."""
+    if isinstance(low, int):
+        return torch.clamp(values, low, high)
+    return torch.clamp(values, low[..., None].to(values.dtype), high[..., None].to(values.dtype))
+
+
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """``H + damp * mean(diag H) * I`` per group, in float64, with always-zero inputs (a dead channel, a whole dead
     group) given a unit diagonal."""
@@ -187,7 +206,7 @@ def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def refine_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, integers: torch.Tensor,
-                    qmin: int, qmax: int, *, sweeps: int) -> torch.Tensor:
+                    qmin: Bound, qmax: Bound, *, sweeps: int) -> torch.Tensor:
     """Greedy coordinate descent on ``(W - Q s) H (W - Q s)^T``: move single integers by one step while that lowers
     the error (every move does, so the error never rises above the start's).
 
@@ -196,6 +215,7 @@ def refine_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Te
         hessian: ``(groups, K, K)`` the (damped) Hessian.
         scale: ``(groups, R)`` steps.
         integers: ``(groups, R, K)`` the starting integers (GPTQ's).
+        qmin, qmax: the integer range: ints, or ``(groups, R)`` tensors (one range per row, asymmetric grids).
         sweeps: passes over the columns at most (stops early when one changes nothing).
 
     Returns:
@@ -224,7 +244,7 @@ def refine_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Te
     return q
 
 
-def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, *,
+def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmin: Bound, qmax: Bound, *,
                   damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
     """Round ``weight`` column by column, compensating each column's error on the rest.
 
@@ -232,6 +252,7 @@ def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         weight: ``(groups, R, K)`` float weights.
         hessian: ``(groups, K, K)`` ``X X^T`` of the inputs.
         scale: ``(groups, R)`` step of each output channel.
+        qmin, qmax: the integer range: ints, or ``(groups, R)`` tensors (one range per row, asymmetric grids).
         damp: diagonal damping as a fraction of the mean diagonal.
         act_order: round columns in order of decreasing ``H_kk``.
 
@@ -258,6 +279,8 @@ def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     chol = torch.linalg.cholesky(h)
     u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     s = scale.double()
+    if not isinstance(qmin, int):
+        qmin, qmax = qmin.double(), qmax.double()
     start = torch.empty_like(w)
     for i in range(k):
         col = w[:, :, i] / s
@@ -292,15 +315,20 @@ def gptq_layer(layer: QuantModule, stats: HessianStats, cfg: GPTQConfig) -> dict
     h = stats.hessian
     if stats.drift is not None:  # the weights that map these inputs to the float layer's float output
         w = float_target(w, h, stats.drift, damp=cfg.damp)
-    scale = wq.scale.detach().float().reshape(groups, rows)
     if cfg.scale_search == "hessian":
-        scale = search_scales(w, torch.diagonal(h, dim1=1, dim2=2).float(), scale, wq.qmin, wq.qmax)
-        wq.set_scale(scale.reshape(-1))
-        scale = wq.scale.detach().float().reshape(groups, rows)
-    start = gptq_rounding(w, h, scale, wq.qmin, wq.qmax, damp=cfg.damp, act_order=cfg.act_order)
+        importance = torch.diagonal(h, dim1=1, dim2=2).float()
+        if wq.symmetric:
+            wq.set_scale(search_scales(w, importance, wq.scale.detach().float().reshape(groups, rows), wq.qmin,
+                                       wq.qmax).reshape(-1))
+        else:
+            scale, low = asymmetric_grid(w, wq.bits, importance=importance)
+            wq.set_grid(scale.reshape(-1), low.reshape(-1))
+    scale = wq.scale.detach().float().reshape(groups, rows)
+    low, high = row_bounds(wq, groups, rows)
+    start = gptq_rounding(w, h, scale, low, high, damp=cfg.damp, act_order=cfg.act_order)
     if cfg.refine:
-        chosen = refine_rounding(w, damped(h, cfg.damp), scale, torch.clamp(torch.round(start), wq.qmin, wq.qmax),
-                                 wq.qmin, wq.qmax, sweeps=cfg.refine).float()
+        chosen = refine_rounding(w, damped(h, cfg.damp), scale, clamp_rows(torch.round(start), low, high), low, high,
+                                 sweeps=cfg.refine).float()
         # the refined integers, with the start's pull towards its other neighbour kept for learned rounding
         start = chosen + torch.clamp(start - chosen, -0.49, 0.49)
     wq.set_start(start.reshape(layer.weight.shape))
@@ -309,8 +337,8 @@ def gptq_layer(layer: QuantModule, stats: HessianStats, cfg: GPTQConfig) -> dict
         delta = (w - integers * scale[..., None]).double()
         return float(torch.einsum("grk,gkl,grl->", delta, h, delta))
 
-    nearest = torch.clamp(torch.round(w / scale[..., None]), wq.qmin, wq.qmax)
-    return {"nearest": output_error(nearest), "gptq": output_error(torch.clamp(torch.round(start), wq.qmin, wq.qmax))}
+    nearest = clamp_rows(torch.round(w / scale[..., None]), low, high)
+    return {"nearest": output_error(nearest), "gptq": output_error(clamp_rows(torch.round(start), low, high))}
 
 
 Batches = Callable[[], Iterator[tuple[list[torch.Tensor], list[torch.Tensor] | None]]]

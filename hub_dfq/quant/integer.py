@@ -25,7 +25,8 @@ class IntegerLayer:
     Attributes:
         name: qualified module name in the quantized graph.
         kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.
-        bits: weight bit width (the integers lie in ``[-(2^(bits-1)-1), 2^(bits-1)-1]``).
+        bits: weight bit width (the integers lie in ``[-(2^(bits-1)-1), 2^(bits-1)-1]``, or below 8 bits on an
+            asymmetric grid in ``[low, low + 2^bits - 1]`` per channel, ``low <= 0``: plain int8 with zero point 0).
         weight_int: ``int8`` weights, the float layer's shape.
         weight_scale: ``float32`` step per output channel.
         bias_int: ``int32`` bias on the ``bias_scale`` grid, or ``None`` (no bias, or a float bias).

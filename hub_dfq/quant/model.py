@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["QuantizedModel", "rebuild_module", "WEIGHT_INT_SUFFIX"]
 
 WEIGHT_INT_SUFFIX = ".weight_quantizer.weight_int"
+WEIGHT_LOW_SUFFIX = ".weight_quantizer.low"  # an asymmetric grid's lowest integer per output channel
 
 
 @dataclass
@@ -189,7 +190,7 @@ class QuantizedModel:
             if not wq.frozen:
                 wq.freeze(layer.weight)
             state.pop(f"{name}.weight", None)  # rebuilt as weight_int * scale
-            state[f"{name}{WEIGHT_INT_SUFFIX}"] = pack(wq.weight_int, wq.bits)
+            state[f"{name}{WEIGHT_INT_SUFFIX}"] = pack(wq.weight_int, wq.bits, low=wq.low)
         return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
     @classmethod
@@ -280,14 +281,18 @@ def rebuild_module(float_module: nn.Module, config: QuantConfig, tensors: dict[s
         with torch.no_grad():
             for name, layer in quant_layers(gm):
                 wq = layer.weight_quantizer
-                wq.weight_int = unpack(tensors.pop(f"{name}{WEIGHT_INT_SUFFIX}"), wq.bits, layer.weight.shape)
+                low = tensors.pop(f"{name}{WEIGHT_LOW_SUFFIX}", None)
+                if low is not None and not wq.symmetric:  # one missing or extra: the loader's consistency check says
+                    wq.low.copy_(low)
+                wq.weight_int = unpack(tensors.pop(f"{name}{WEIGHT_INT_SUFFIX}"), wq.bits, layer.weight.shape,
+                                       low=wq.low)
                 wq.scale.copy_(tensors.pop(f"{name}.weight_quantizer.scale"))
                 layer.weight.copy_(wq.weight_int.to(layer.weight.dtype) * wq._view(wq.scale, layer.weight))
         missing, unexpected = gm.load_state_dict(tensors, strict=False)
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"the checkpoint does not match its architecture and quantization config: {err}") from err
     handled = {f"{name}{suffix}" for name, _ in quant_layers(gm)
-               for suffix in (".weight", WEIGHT_INT_SUFFIX, ".weight_quantizer.scale")}
+               for suffix in (".weight", WEIGHT_INT_SUFFIX, WEIGHT_LOW_SUFFIX, ".weight_quantizer.scale")}
     missing = [k for k in missing if k not in handled]
     if missing or unexpected:
         raise CheckpointError(f"the checkpoint does not match its architecture: missing {sorted(missing)[:5]}, "

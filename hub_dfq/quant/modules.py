@@ -80,7 +80,7 @@ class QuantModule:
 
     def _init_quant(self, scheme: QuantScheme, channels: int) -> None:
         self.scheme = scheme
-        self.weight_quantizer = WeightQuantizer(scheme.weights, channels)
+        self.weight_quantizer = WeightQuantizer(scheme.weights, channels, grid=scheme.weight_grid)
         self.__dict__["_input_quantizer"] = None  # a reference, not a child: it lives in the graph
 
     @property

@@ -1,7 +1,8 @@
 """Range finders: which interval each quantizer covers.
 
-Weights (per output channel, symmetric): ``minmax`` takes ``max|w|``; ``mse`` searches the clipping
-ratio that minimises the squared rounding-plus-clipping error of each channel.
+Weights (per output channel): ``minmax`` takes ``max|w|``; ``mse`` searches the clipping ratio that minimises the
+squared rounding-plus-clipping error of each channel. On an asymmetric grid (:func:`weight_grid`) both clip the
+channel's ``[min, max]`` (with ``min <= 0 <= max``) by one ratio: 1 for ``minmax``, searched otherwise.
 Activations (per tensor): an :class:`ActObserver` streams batches, keeps the running min/max and a
 fixed-size random sample of values (seeded, so ranges are reproducible); ``minmax``,
 ``percentile`` and ``mse`` are computed from those. An activation observer may bring its own collector
@@ -13,11 +14,11 @@ from __future__ import annotations
 import torch
 
 from ..registry import resolve
-from .quantizers import act_qrange, fake_quant, weight_qrange
+from .quantizers import act_qrange, fake_quant, weight_qrange, weight_span
 from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["weight_scale", "ActObserver", "new_collector", "activation_range", "minmax_weight_scale",
-           "mse_weight_scale", "minmax_range", "percentile_range", "mse_range"]
+__all__ = ["weight_scale", "weight_grid", "asymmetric_grid", "ActObserver", "new_collector", "activation_range",
+           "minmax_weight_scale", "mse_weight_scale", "minmax_range", "percentile_range", "mse_range"]
 
 _GRID = 100  # clipping ratios tried by the MSE searches
 
@@ -37,6 +38,46 @@ def weight_scale(weight: torch.Tensor, bits: int, *, method: str = "mse", channe
     fn = resolve(WEIGHT_OBSERVERS.get(method).fn)
     w = weight.detach().float().transpose(0, channel_dim).reshape(weight.shape[channel_dim], -1)
     return fn(w, bits)
+
+
+def weight_grid(weight: torch.Tensor, bits: int, *, method: str = "mse", channel_dim: int = 0,
+                symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-output-channel scales of a ``bits``-bit weight grid, and on an asymmetric grid each channel's lowest
+    integer (``None`` when symmetric): what :meth:`~hub_dfq.quant.quantizers.WeightQuantizer.set_grid` takes."""
+    if symmetric:
+        return weight_scale(weight, bits, method=method, channel_dim=channel_dim), None
+    WEIGHT_OBSERVERS.get(method)
+    w = weight.detach().float().transpose(0, channel_dim).reshape(weight.shape[channel_dim], -1)
+    return asymmetric_grid(w, bits, search=method != "minmax")
+
+
+def asymmetric_grid(w: torch.Tensor, bits: int, *, search: bool = True,
+                    importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w`` (``(..., rows, K)``), the step and lowest integer of a ``bits``-bit asymmetric grid over the
+    row's ``[min(w, 0), max(w, 0)]``, clipped by the ratio (1 down to 0.2) that minimises ``sum_k importance_k (w_k
+    - q(w_k))^2`` (``importance``: ``(..., K)``, default ones; GPTQ passes its Hessian's diagonal).
+
+    Returns:
+        ``(scale, low)``, both shaped like ``w`` without its last dimension (``low`` as float integers).
+    """
+    span = weight_span(bits)
+    w_low, w_high = w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
+    weight = torch.ones_like(w[..., :1, :]) if importance is None else importance.unsqueeze(-2)
+    best_scale = best_low = best_err = None
+    for i in range(_GRID if search else 1):
+        ratio = 1.0 - i / (_GRID * 1.25)
+        scale = (ratio * (w_high - w_low) / span).clamp_min(1e-8)
+        low = torch.round(ratio * w_low / scale).clamp(-span, 0)
+        q = torch.clamp(torch.round(w / scale[..., None]), low[..., None], (low + span)[..., None])
+        err = ((w - q * scale[..., None]).square() * weight).sum(dim=-1)
+        if best_err is None:
+            best_scale, best_low, best_err = scale, low, err
+            continue
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_low = torch.where(better, low, best_low)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_low
 
 
 def minmax_weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Fake-quantization on the integer grid: the values an integer implementation computes, in float.
 
-Weights: symmetric, one scale per output channel, integers in ``[-(2^(b-1)-1), 2^(b-1)-1]``
-(narrow range, so the grid is symmetric and zero is exact). Activations: one scale per tensor and
+Weights: one scale per output channel. A symmetric grid holds integers in ``[-(2^(b-1)-1), 2^(b-1)-1]`` (narrow
+range, so zero is exact); an asymmetric one (below 8 bits) holds ``[low, low + 2^b - 1]`` with a per-channel
+``low <= 0 <= low + 2^b - 1``: all ``2^b`` levels spread over the channel's own range, zero still exact, so the
+integers are plain ``int8`` weights with zero point 0 for integer kernels. Activations: one scale per tensor and
 an integer zero point, integers in ``[0, 2^b - 1]`` (zero point 0 for unsigned tensors after a
 ReLU). Dequantized values are ``(q - zero_point) * scale`` computed in float32, exactly what an
 integer graph's DequantizeLinear returns. Rounding is round-half-to-even, as in ONNX.
@@ -21,10 +23,12 @@ from torch import nn
 
 from ..errors import DivergedError
 from .integer import ActivationGrid
+from .registry import WEIGHT_GRIDS
 
 __all__ = [
     "round_ste",
     "weight_qrange",
+    "weight_span",
     "act_qrange",
     "fake_quant",
     "WeightQuantizer",
@@ -45,6 +49,11 @@ def weight_qrange(bits: int) -> tuple[int, int]:
     """Integer range of a ``bits``-bit symmetric narrow-range weight."""
     qmax = 2 ** (bits - 1) - 1
     return -qmax, qmax
+
+
+def weight_span(bits: int) -> int:
+    """Integer steps between the ends of a ``bits``-bit asymmetric weight grid (``2^b - 1``)."""
+    return 2**bits - 1
 
 
 def act_qrange(bits: int) -> tuple[int, int]:
@@ -110,7 +119,7 @@ def _rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel symmetric weight quantizer.
+    """Per-output-channel weight quantizer.
 
     States: ``"nearest"`` rounding (STE when training), ``"adaround"`` learned rounding (soft while
     :attr:`soft` is set, hard otherwise), and frozen: :meth:`freeze` stores the integer weights
@@ -120,13 +129,23 @@ class WeightQuantizer(nn.Module):
         bits: weight bit width.
         channels: output channels (one scale each).
         channel_dim: dimension of the output channels in the weight (0 for conv and linear).
+        grid: ``"symmetric"`` or ``"asymmetric"`` (per-channel integer range ``[low, low + 2^b - 1]``, kept in the
+            ``low`` buffer). 8-bit weights are always symmetric: int8 cannot hold an asymmetric 8-bit range.
     """
 
-    def __init__(self, bits: int, channels: int, *, channel_dim: int = 0):
+    def __init__(self, bits: int, channels: int, *, channel_dim: int = 0, grid: str = "symmetric"):
         super().__init__()
+        if grid not in WEIGHT_GRIDS:
+            raise ValueError(f"unknown weight grid {grid!r}: use one of {', '.join(WEIGHT_GRIDS)}")
         self.bits = bits
         self.channel_dim = channel_dim
-        self.qmin, self.qmax = weight_qrange(bits)
+        self.symmetric = grid == "symmetric" or bits >= 8
+        if self.symmetric:
+            self.qmin, self.qmax = weight_qrange(bits)
+            self.register_buffer("low", None)
+        else:  # qmin/qmax: the envelope of every channel's range
+            self.qmin, self.qmax = -weight_span(bits), weight_span(bits)
+            self.register_buffer("low", torch.full((channels,), -(2 ** (bits - 1) - 1), dtype=torch.int8))
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("weight_int", None)
         self.alpha: nn.Parameter | None = None
@@ -135,6 +154,30 @@ class WeightQuantizer(nn.Module):
         self.start: torch.Tensor | None = None
         self.soft = False
         self.enabled = True
+
+    @property
+    def grid(self) -> str:
+        return "symmetric" if self.symmetric else "asymmetric"
+
+    def bounds(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        """Each channel's integer range: ints (symmetric), or ``(channels,)`` tensors shaped to broadcast against
+        ``like`` (the weight, or anything with the output channels in :attr:`channel_dim`)."""
+        if self.symmetric:
+            return self.qmin, self.qmax
+        low = self.low.to(torch.float32)
+        if like is not None:
+            low = self._view(low, like)
+        return low, low + weight_span(self.bits)
+
+    def set_grid(self, scale: torch.Tensor, low: torch.Tensor | None = None) -> None:
+        """Set the per-channel scales (and, on an asymmetric grid, each channel's lowest integer)."""
+        self.set_scale(scale)
+        if not self.symmetric:
+            if low is None:
+                raise ValueError("an asymmetric weight grid needs each channel's lowest integer (`low`)")
+            low = low.detach().round().clamp(-weight_span(self.bits), 0)
+            with torch.no_grad():
+                self.low.copy_(low.reshape(self.low.shape).to(torch.int8))
 
     def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         shape = [1] * like.dim()
@@ -184,13 +227,14 @@ class WeightQuantizer(nn.Module):
         """The integers (as float) the weight maps to; differentiable when soft or training."""
         if self.frozen:
             return self.weight_int.to(weight.dtype)
+        low, high = self.bounds(weight)
         if self.alpha is not None:
             floor = torch.floor(self._scaled(weight))
             up = _rectified_sigmoid(self.alpha) if self.soft else (self.alpha >= 0).to(weight.dtype)
-            return torch.clamp(floor + up, self.qmin, self.qmax)
+            return torch.clamp(floor + up, low, high)
         if self.start is not None:
-            return torch.clamp(torch.round(self.start.to(weight.dtype)), self.qmin, self.qmax)
-        return torch.clamp(round_ste(weight / self._view(self.scale, weight)), self.qmin, self.qmax)
+            return torch.clamp(torch.round(self.start.to(weight.dtype)), low, high)
+        return torch.clamp(round_ste(weight / self._view(self.scale, weight)), low, high)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -223,7 +267,7 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "frozen" if self.frozen else "adaround" if self.alpha is not None else "nearest"
-        return f"bits={self.bits}, channels={self.scale.numel()}, {mode}"
+        return f"bits={self.bits}, channels={self.scale.numel()}, {self.grid}, {mode}"
 
 
 @functools.lru_cache(maxsize=None)  # why: called after every optimiser step, for a handful of (bound, qmax) pairs
