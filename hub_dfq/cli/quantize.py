@@ -207,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         "activations": args.activations,
         "first_last_bits": args.first_last_bits,
         "residual_bits": args.residual_bits,
+        "weight_grid": args.weight_grid,
         "calibration": args.calibration,
         "calibration_provenance": qmodel.calibration,
         "algorithm": qmodel.algorithm,
@@ -300,9 +301,10 @@ def _publish(args: argparse.Namespace, qmodel, evaluation: dict | None, summary:
 
 def _render(summary: dict, qmodel) -> str:
     fl = summary["first_last_bits"]
+    grid = f", {summary['weight_grid']} weight grid" if summary["weights"] < 8 else ""
     lines = [
         f"{summary['model']}: W{summary['weights']}A{summary['activations']} "
-        f"(first/last layer {'%d-bit' % fl if fl else 'same'}), {summary['algorithm']} ({summary['preset']}), "
+        f"(first/last layer {'%d-bit' % fl if fl else 'same'}{grid}), {summary['algorithm']} ({summary['preset']}), "
         f"calibrated on {summary['calibration']} ({qmodel.calibration.get('n', '?')} images)",
     ]
     if summary["fp_top1"] is not None:

@@ -164,7 +164,7 @@ class WeightQuantizer(nn.Module):
         ``like`` (the weight, or anything with the output channels in :attr:`channel_dim`)."""
         if self.symmetric:
             return self.qmin, self.qmax
-        low = self.low.to(torch.float32)
+        low = self.low.to(torch.float32 if like is None else like.dtype)
         if like is not None:
             low = self._view(low, like)
         return low, low + weight_span(self.bits)

@@ -75,7 +75,9 @@ class Observer:
 
     Args:
         name: what users type (``weight_observer=`` / ``act_observer=``).
-        kind: ``"weight"`` (``fn(weight_2d, bits) -> per-row scales``) or ``"activation"``
+        kind: ``"weight"`` (``fn(weight_2d, bits) -> per-row scales`` of a symmetric grid; on an asymmetric grid,
+            the default below 8 bits, ``minmax`` covers each channel's ``[min, max]`` and every other weight observer
+            the clipping of it with the least squared error) or ``"activation"``
             (``fn(collected, bits, signed=, percentile=) -> (low, high)``).
         summary: one line for the CLI help and the docs table.
         fn: the function, or its ``"module:attribute"`` path.
@@ -178,7 +180,7 @@ register_algorithm(QuantAlgorithm(
     cost="hub_dfq.quant.distill:cost",
     version=2))
 
-register_observer(Observer("minmax", "weight", "max |w| per output channel",
+register_observer(Observer("minmax", "weight", "max |w| per output channel ([min, max] on an asymmetric grid)",
                            fn="hub_dfq.quant.observers:minmax_weight_scale"))
 register_observer(Observer("mse", "weight", "clipping that minimises the squared rounding error per channel",
                            fn="hub_dfq.quant.observers:mse_weight_scale"))
