@@ -12,6 +12,7 @@ import hub_dfq
 from hub_dfq.errors import CheckpointError, ConfigError
 from hub_dfq.quant.config import QuantConfig, QuantScheme
 from hub_dfq.quant.gptq import clamp_rows, gptq_rounding, search_scales
+from hub_dfq.quant.modules import quant_layers
 from hub_dfq.quant.observers import asymmetric_grid, weight_grid
 from hub_dfq.quant.packing import pack, unpack
 from hub_dfq.quant.quantizers import WeightQuantizer, weight_qrange
@@ -117,6 +118,7 @@ def test_quantize_defaults_to_asymmetric_and_reloads_bit_exactly(asym_qmodel, tm
     out = hub_dfq.save_pretrained(asym_qmodel, tmp_path / "q")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["weight_grid"] == "asymmetric"
+    assert "per output channel, asymmetric below 8 bits" in (out / "README.md").read_text()
     again = hub_dfq.from_pretrained(str(out))
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(asym_qmodel(x), again(x))
@@ -147,3 +149,12 @@ def test_symmetric_grid_on_request(model):
     state = qmodel.integer_state()
     assert state["layer2.0.conv1.weight_int"].abs().max() <= 7
     assert qmodel.module.get_submodule("layer2.0.conv1").weight_quantizer.low is None
+
+
+def test_an_8bit_model_is_symmetric_and_its_card_says_so(model, tmp_path):
+    data = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    qmodel = hub_dfq.quantize(model, weights=8, activations=8, calibration=data, algorithm="calibrate", progress=False,
+                              resume=False)
+    assert all(layer.weight_quantizer.symmetric for _, layer in quant_layers(qmodel.module))
+    card = (hub_dfq.save_pretrained(qmodel, tmp_path / "q") / "README.md").read_text()
+    assert "per output channel, symmetric" in card and "asymmetric below" not in card

@@ -11,6 +11,7 @@ from .. import __version__
 from ..backends.registry import BACKENDS
 from ..deprecation import warn_deprecated
 from ..quant.model import QuantizedModel
+from ..quant.modules import quant_layers
 from ..quant.registry import QUANT_ALGORITHMS
 from ..synth.registry import SYNTH_METHODS
 
@@ -209,7 +210,8 @@ def render_model_card(
         activations=a,
         weight_observer=cfg.default.weight_observer,
         weight_grid=("asymmetric below 8 bits (each channel's integers span its own range; zero exact)"
-                     if cfg.default.weight_grid == "asymmetric" else "symmetric"),
+                     if any(not layer.weight_quantizer.symmetric for _, layer in quant_layers(qmodel.module))
+                     else "symmetric"),
         act_observer=cfg.default.act_observer,
         first_last=f"{cfg.first_last_bits}-bit" if cfg.first_last_bits else "quantized like the rest",
         residual=f"{cfg.residual_bits}-bit operands" if cfg.residual_bits else f"{a}-bit operands",

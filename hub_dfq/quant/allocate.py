@@ -27,10 +27,10 @@ from ..errors import ConfigError
 from ..progress import progress_enabled
 from .blocks import partition, run_block
 from .calibrate import quant_layers, quant_mode
-from .gptq import HessianStats, clamp_rows, gptq_rounding, layer_columns, search_scales
-from .observers import asymmetric_grid, weight_scale
+from .gptq import HessianStats, clamp_rows, gptq_rounding, hessian_grid, layer_columns
+from .observers import weight_scale
 from .packing import container_bits
-from .quantizers import weight_qrange, weight_span
+from .quantizers import asymmetric_at
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def layer_bytes(layer: nn.Module, bits: int) -> int:
     """Bytes of ``layer``'s packed integer weights at ``bits`` (as checkpoints store them), with an asymmetric grid's
     lowest integer per output channel (one byte each) below 8 bits."""
     packed = math.ceil(layer.weight.numel() * container_bits(bits) / 8)
-    asymmetric = layer.scheme.weight_grid == "asymmetric" and bits < 8
-    return packed + (layer.weight_quantizer.scale.numel() if asymmetric else 0)
+    low_bytes = layer.weight_quantizer.scale.numel() if asymmetric_at(layer.scheme.weight_grid, bits) else 0
+    return packed + low_bytes
 
 
 def checkpoint_bytes(module: nn.Module, bits: dict[str, int] | None = None) -> int:
@@ -134,14 +134,11 @@ def _rounded_weight(layer: nn.Module, stats: HessianStats, bits: int) -> torch.T
     layer would have at those bits."""
     groups = 1 if not hasattr(layer, "groups") else int(layer.groups)
     w = layer.weight.detach().float().reshape(groups, layer.weight.shape[0] // groups, -1)
-    importance = torch.diagonal(stats.hessian, dim1=1, dim2=2).float()
-    if layer.scheme.weight_grid == "asymmetric" and bits < 8:
-        scale, qmin = asymmetric_grid(w, bits, importance=importance)
-        qmax = qmin + weight_span(bits)
-    else:
-        qmin, qmax = weight_qrange(bits)
-        scale = weight_scale(layer.weight, bits, method=layer.scheme.weight_observer).reshape(groups, -1)
-        scale = search_scales(w, importance, scale, qmin, qmax)
+    symmetric = not asymmetric_at(layer.scheme.weight_grid, bits)
+    start_scale = weight_scale(layer.weight, bits, method=layer.scheme.weight_observer).reshape(groups, -1) \
+        if symmetric else None
+    scale, qmin, qmax = hessian_grid(w, torch.diagonal(stats.hessian, dim1=1, dim2=2).float(), bits,
+                                     symmetric=symmetric, scale=start_scale)
     start = gptq_rounding(w, stats.hessian, scale, qmin, qmax)
     q = clamp_rows(torch.round(start), qmin, qmax) * scale[..., None]
     return q.reshape(layer.weight.shape).to(layer.weight.dtype)

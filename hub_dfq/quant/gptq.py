@@ -34,6 +34,7 @@ from .blocks import Block, BlockWalk, module_device, partition
 from .calibrate import quant_layers, quant_mode
 from .modules import QuantLinear, QuantModule
 from .observers import asymmetric_grid
+from .quantizers import weight_qrange, weight_span
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,18 @@ def clamp_rows(values: torch.Tensor, low: Bound, high: Bound) -> torch.Tensor:
     return torch.clamp(values, low[..., None].to(values.dtype), high[..., None].to(values.dtype))
 
 
+def hessian_grid(weight: torch.Tensor, importance: torch.Tensor, bits: int, *, symmetric: bool,
+                 scale: torch.Tensor) -> tuple[torch.Tensor, Bound, Bound]:
+    """Each row's step and integer range for ``weight`` (``(groups, R, K)``), clipped to the least
+    ``importance``-weighted rounding error (``importance``: the Hessian's diagonal, ``(groups, K)``): a symmetric grid
+    searched down from ``scale`` (``(groups, R)``), or an asymmetric one over each row's own range."""
+    if symmetric:
+        qmin, qmax = weight_qrange(bits)
+        return search_scales(weight, importance, scale, qmin, qmax), qmin, qmax
+    step, low = asymmetric_grid(weight, bits, importance=importance)
+    return step, low, low + weight_span(bits)
+
+
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """``H + damp * mean(diag H) * I`` per group, in float64, with always-zero inputs (a dead channel, a whole dead
     group) given a unit diagonal."""
@@ -316,13 +329,9 @@ def gptq_layer(layer: QuantModule, stats: HessianStats, cfg: GPTQConfig) -> dict
     if stats.drift is not None:  # the weights that map these inputs to the float layer's float output
         w = float_target(w, h, stats.drift, damp=cfg.damp)
     if cfg.scale_search == "hessian":
-        importance = torch.diagonal(h, dim1=1, dim2=2).float()
-        if wq.symmetric:
-            wq.set_scale(search_scales(w, importance, wq.scale.detach().float().reshape(groups, rows), wq.qmin,
-                                       wq.qmax).reshape(-1))
-        else:
-            scale, low = asymmetric_grid(w, wq.bits, importance=importance)
-            wq.set_grid(scale.reshape(-1), low.reshape(-1))
+        scale, low, _ = hessian_grid(w, torch.diagonal(h, dim1=1, dim2=2).float(), wq.bits, symmetric=wq.symmetric,
+                                     scale=wq.scale.detach().float().reshape(groups, rows))
+        wq.set_grid(scale.reshape(-1), None if wq.symmetric else low.reshape(-1))
     scale = wq.scale.detach().float().reshape(groups, rows)
     low, high = row_bounds(wq, groups, rows)
     start = gptq_rounding(w, h, scale, low, high, damp=cfg.damp, act_order=cfg.act_order)

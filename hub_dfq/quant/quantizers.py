@@ -29,6 +29,7 @@ __all__ = [
     "round_ste",
     "weight_qrange",
     "weight_span",
+    "asymmetric_at",
     "act_qrange",
     "fake_quant",
     "WeightQuantizer",
@@ -54,6 +55,12 @@ def weight_qrange(bits: int) -> tuple[int, int]:
 def weight_span(bits: int) -> int:
     """Integer steps between the ends of a ``bits``-bit asymmetric weight grid (``2^b - 1``)."""
     return 2**bits - 1
+
+
+def asymmetric_at(grid: str, bits: int) -> bool:
+    """Whether a ``grid`` weight quantizer is asymmetric at ``bits`` (8-bit weights are always symmetric: int8
+    cannot hold an asymmetric 8-bit range)."""
+    return grid == "asymmetric" and bits < 8
 
 
 def act_qrange(bits: int) -> tuple[int, int]:
@@ -139,7 +146,7 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"unknown weight grid {grid!r}: use one of {', '.join(WEIGHT_GRIDS)}")
         self.bits = bits
         self.channel_dim = channel_dim
-        self.symmetric = grid == "symmetric" or bits >= 8
+        self.symmetric = not asymmetric_at(grid, bits)
         if self.symmetric:
             self.qmin, self.qmax = weight_qrange(bits)
             self.register_buffer("low", None)
