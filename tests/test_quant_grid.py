@@ -158,3 +158,55 @@ def test_an_8bit_model_is_symmetric_and_its_card_says_so(model, tmp_path):
     assert all(layer.weight_quantizer.symmetric for _, layer in quant_layers(qmodel.module))
     card = (hub_dfq.save_pretrained(qmodel, tmp_path / "q") / "README.md").read_text()
     assert "per output channel, symmetric" in card and "asymmetric below" not in card
+
+
+def _coarse_grid(w: torch.Tensor, bits: int):
+    """A plugin's asymmetric grid: each row's [min, max] unclipped, then one step coarser than it needs."""
+    scale, low = asymmetric_grid(w, bits, search=False)
+    return scale * 1.5, torch.ceil(low / 1.5)
+
+
+@pytest.fixture
+def coarse_observer():
+    from hub_dfq.quant.registry import WEIGHT_OBSERVERS, Observer, register_observer
+
+    register_observer(Observer("coarse", "weight", "a plugin (tests)", fn="hub_dfq.quant.observers:minmax_weight_scale",
+                               grid_fn=_coarse_grid))
+    register_observer(Observer("no-grid", "weight", "a plugin without grid_fn (tests)",
+                               fn="hub_dfq.quant.observers:minmax_weight_scale"))
+    yield
+    WEIGHT_OBSERVERS.unregister("coarse")
+    WEIGHT_OBSERVERS.unregister("no-grid")
+
+
+def test_a_registered_weight_observer_sets_the_asymmetric_grid(model, coarse_observer):
+    data = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grids = {}
+    for name in ("coarse", "no-grid", "mse"):
+        q = hub_dfq.quantize(model, weights=4, activations=8, calibration=data, algorithm="calibrate",
+                             weight_observer=name, progress=False)
+        layer = q.module.get_submodule("layer2.0.conv1")
+        wq = layer.weight_quantizer
+        grids[name] = (wq.scale.flatten().clone(), wq.low.flatten().float().clone())
+        if name == "coarse":
+            scale, low = _coarse_grid(layer.weight.detach().reshape(len(wq.scale.flatten()), -1), 4)
+            assert torch.allclose(grids[name][0], scale) and torch.equal(grids[name][1], low)
+    assert all(torch.equal(a, b) for a, b in zip(grids["no-grid"], grids["mse"]))  # without grid_fn: the mse grid
+    assert not torch.allclose(grids["coarse"][0], grids["mse"][0])
+
+
+def test_an_invalid_grid_from_an_observer_is_one_error(coarse_observer):
+    from hub_dfq.quant.registry import WEIGHT_OBSERVERS, Observer, register_observer
+
+    w = _skewed()
+    bad = {"positive low": lambda w, bits: (torch.ones(len(w)), torch.ones(len(w))),
+           "one grid for all rows": lambda w, bits: (torch.ones(1), torch.zeros(1)),
+           "zero step": lambda w, bits: (torch.zeros(len(w)), -torch.ones(len(w)))}
+    for fn in bad.values():
+        register_observer(Observer("coarse", "weight", "broken", fn="hub_dfq.quant.observers:minmax_weight_scale",
+                                   grid_fn=fn), overwrite=True)
+        with pytest.raises(ConfigError, match=r"weight observer 'coarse' returned an invalid asymmetric 4-bit grid: "
+                                              r"give one positive finite scale and one integer low in \[-15, 0\] per "
+                                              r"output channel \(64 channels\)"):
+            weight_grid(w, 4, method="coarse", symmetric=False)
+    assert "coarse" in WEIGHT_OBSERVERS

@@ -2,7 +2,8 @@
 
 Weights (per output channel): ``minmax`` takes ``max|w|``; ``mse`` searches the clipping ratio that minimises the
 squared rounding-plus-clipping error of each channel. On an asymmetric grid (:func:`weight_grid`) both clip the
-channel's ``[min, max]`` (with ``min <= 0 <= max``) by one ratio: 1 for ``minmax``, searched otherwise.
+channel's ``[min, max]`` (with ``min <= 0 <= max``) by one ratio: 1 for ``minmax``, searched for ``mse``; a
+registered observer gives its own (``Observer.grid_fn``).
 Activations (per tensor): an :class:`ActObserver` streams batches, keeps the running min/max and a
 fixed-size random sample of values (seeded, so ranges are reproducible); ``minmax``,
 ``percentile`` and ``mse`` are computed from those. An activation observer may bring its own collector
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import resolve
 from .quantizers import act_qrange, fake_quant, weight_qrange, weight_span
 from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["weight_scale", "weight_grid", "asymmetric_grid", "ActObserver", "new_collector", "activation_range",
+__all__ = ["weight_scale", "weight_grid", "asymmetric_grid", "minmax_weight_grid", "mse_weight_grid", "ActObserver", "new_collector", "activation_range",
            "minmax_weight_scale", "mse_weight_scale", "minmax_range", "percentile_range", "mse_range"]
 
 _GRID = 100  # clipping ratios tried by the MSE searches
@@ -46,9 +48,29 @@ def weight_grid(weight: torch.Tensor, bits: int, *, method: str = "mse", channel
     integer (``None`` when symmetric): what :meth:`~hub_dfq.quant.quantizers.WeightQuantizer.set_grid` takes."""
     if symmetric:
         return weight_scale(weight, bits, method=method, channel_dim=channel_dim), None
-    WEIGHT_OBSERVERS.get(method)
+    observer = WEIGHT_OBSERVERS.get(method)
     w = weight.detach().float().transpose(0, channel_dim).reshape(weight.shape[channel_dim], -1)
-    return asymmetric_grid(w, bits, search=method != "minmax")
+    scale, low = resolve(observer.grid_fn or mse_weight_grid)(w, bits)
+    scale, low = torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(low, dtype=torch.float32)
+    span = weight_span(bits)
+    rows = (w.shape[0],)
+    # why: a wrong grid from a plugin would only show as integers the checkpoint loader refuses, minutes later
+    if scale.shape != rows or low.shape != rows or not bool((scale > 0).all()) or not bool(scale.isfinite().all()) \
+            or not bool(((low <= 0) & (low >= -span) & (low == low.round())).all()):
+        raise ConfigError(f"weight observer {method!r} returned an invalid asymmetric {bits}-bit grid: give one "
+                          f"positive finite scale and one integer low in [-{span}, 0] per output channel "
+                          f"({rows[0]} channels)")
+    return scale, low
+
+
+def minmax_weight_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric grid over each row's ``[min(w, 0), max(w, 0)]``, unclipped."""
+    return asymmetric_grid(w, bits, search=False)
+
+
+def mse_weight_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping of each row's ``[min(w, 0), max(w, 0)]`` with the least squared rounding error."""
+    return asymmetric_grid(w, bits)
 
 
 def asymmetric_grid(w: torch.Tensor, bits: int, *, search: bool = True,

@@ -75,9 +75,7 @@ class Observer:
 
     Args:
         name: what users type (``weight_observer=`` / ``act_observer=``).
-        kind: ``"weight"`` (``fn(weight_2d, bits) -> per-row scales`` of a symmetric grid; on an asymmetric grid,
-            the default below 8 bits, ``minmax`` covers each channel's ``[min, max]`` and every other weight observer
-            the clipping of it with the least squared error) or ``"activation"``
+        kind: ``"weight"`` (``fn(weight_2d, bits) -> per-row scales`` of a symmetric grid) or ``"activation"``
             (``fn(collected, bits, signed=, percentile=) -> (low, high)``).
         summary: one line for the CLI help and the docs table.
         fn: the function, or its ``"module:attribute"`` path.
@@ -86,6 +84,10 @@ class Observer:
             ``"module:attribute"`` path. The default, :class:`~hub_dfq.quant.observers.ActObserver`, keeps the
             running min/max and a seeded sample of values; an observer that needs other statistics (a
             histogram) brings its own.
+        grid_fn: (weights) the observer on an asymmetric grid, the default below 8 bits: ``(weight_2d, bits) ->
+            (scale, low)`` per row, ``low`` the row's lowest integer (``-(2^bits - 1) <= low <= 0``), or its
+            ``"module:attribute"`` path. Without one, the clipping of each row's ``[min, max]`` with the least
+            squared error (:func:`~hub_dfq.quant.observers.mse_weight_grid`).
     """
 
     name: str
@@ -93,6 +95,7 @@ class Observer:
     summary: str
     fn: Callable[..., Any] | str
     collector: Callable[..., Any] | str | None = None
+    grid_fn: Callable[..., Any] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,10 @@ register_algorithm(QuantAlgorithm(
     version=2))
 
 register_observer(Observer("minmax", "weight", "max |w| per output channel ([min, max] on an asymmetric grid)",
-                           fn="hub_dfq.quant.observers:minmax_weight_scale"))
+                           fn="hub_dfq.quant.observers:minmax_weight_scale",
+                           grid_fn="hub_dfq.quant.observers:minmax_weight_grid"))
 register_observer(Observer("mse", "weight", "clipping that minimises the squared rounding error per channel",
-                           fn="hub_dfq.quant.observers:mse_weight_scale"))
+                           fn="hub_dfq.quant.observers:mse_weight_scale", grid_fn="hub_dfq.quant.observers:mse_weight_grid"))
 register_observer(Observer("minmax", "activation", "the observed minimum and maximum",
                            fn="hub_dfq.quant.observers:minmax_range"))
 register_observer(Observer("percentile", "activation", "the percentile-clipped range (99.99% by default)",
