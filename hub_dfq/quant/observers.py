@@ -19,7 +19,8 @@ from ..registry import resolve
 from .quantizers import act_qrange, fake_quant, weight_qrange, weight_span
 from .registry import ACT_OBSERVERS, WEIGHT_OBSERVERS
 
-__all__ = ["weight_scale", "weight_grid", "asymmetric_grid", "minmax_weight_grid", "mse_weight_grid", "ActObserver", "new_collector", "activation_range",
+__all__ = ["weight_scale", "weight_grid", "asymmetric_grid", "minmax_weight_grid", "mse_weight_grid", "ActObserver",
+           "new_collector", "activation_range",
            "minmax_weight_scale", "mse_weight_scale", "minmax_range", "percentile_range", "mse_range"]
 
 _GRID = 100  # clipping ratios tried by the MSE searches

@@ -187,7 +187,8 @@ register_observer(Observer("minmax", "weight", "max |w| per output channel ([min
                            fn="hub_dfq.quant.observers:minmax_weight_scale",
                            grid_fn="hub_dfq.quant.observers:minmax_weight_grid"))
 register_observer(Observer("mse", "weight", "clipping that minimises the squared rounding error per channel",
-                           fn="hub_dfq.quant.observers:mse_weight_scale", grid_fn="hub_dfq.quant.observers:mse_weight_grid"))
+                           fn="hub_dfq.quant.observers:mse_weight_scale",
+                           grid_fn="hub_dfq.quant.observers:mse_weight_grid"))
 register_observer(Observer("minmax", "activation", "the observed minimum and maximum",
                            fn="hub_dfq.quant.observers:minmax_range"))
 register_observer(Observer("percentile", "activation", "the percentile-clipped range (99.99% by default)",
