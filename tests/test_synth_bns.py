@@ -10,7 +10,7 @@ from hub_dfq.bnstats import batch_moments, gaussian_kl
 from hub_dfq.errors import ConfigError
 from hub_dfq.synth.bns import StatsBatchNorm, StopForward, bn_loss, swap_batchnorms
 from hub_dfq.synth.config import Priors, Regularizers, SynthConfig
-from hub_dfq.synth.priors import cosine_lr, jitter_flip, total_variation
+from hub_dfq.synth.priors import cosine_lr, jitter_flip, pink_noise, total_variation, white_noise
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -126,6 +126,44 @@ def test_priors_are_reproducible():
     b = jitter_flip(x, jitter=2, flip=True, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert total_variation(torch.ones(1, 3, 4, 4)) == 0
+
+
+def _lag_correlation(x: torch.Tensor, lag: int) -> float:
+    return float(torch.corrcoef(torch.stack([x[..., :, lag:].flatten(), x[..., :, :-lag].flatten()]))[0, 1])
+
+
+def test_pink_noise_has_a_photographs_correlations_and_white_noise_none():
+    """Pink noise: unit variance per image and channel, neighbouring pixels (and pixels 8 apart) strongly correlated,
+    colour channels correlated at 0.8; white noise: none of it. Both are drawn from the generator alone."""
+    pink = pink_noise((4, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    white = white_noise((4, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pink.std((2, 3)), torch.ones(4, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pink.mean((2, 3)), torch.zeros(4, 3), atol=1e-5, rtol=0)
+    assert _lag_correlation(pink, 1) > 0.8 and _lag_correlation(pink, 8) > 0.2
+    assert abs(_lag_correlation(white, 1)) < 0.05
+    channels = torch.corrcoef(pink.transpose(0, 1).flatten(1))
+    off_diagonal = channels[~torch.eye(3, dtype=torch.bool)]
+    assert 0.7 < float(off_diagonal.min()) and float(off_diagonal.max()) < 0.9, channels
+    again = pink_noise((4, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pink, again)
+    gray = pink_noise((2, 1, 31, 33), generator=torch.Generator().manual_seed(0))  # odd sides, one channel
+    assert gray.shape == (2, 1, 31, 33) and _lag_correlation(gray, 1) > 0.6
+
+
+def test_the_start_noise_defaults_to_the_methods_own_and_keeps_earlier_keys():
+    """bns+p starts from pink noise, the paper's methods from white; a white start is not stored, so the settings (and
+    cache keys) of runs from before the setting existed are unchanged; a pink one is stored and read back."""
+    assert SynthConfig(method="bns+p", num_images=4).regularizers.noise == "pink"
+    for method in ("bns", "bns+i", "inception", "gaussian"):
+        config = SynthConfig(method=method, num_images=4)
+        assert config.regularizers.noise == "white" and "noise" not in config.to_dict()["priors"]
+    assert SynthConfig.from_dict(SynthConfig(method="bns", num_images=4).to_dict()).regularizers.noise == "white"
+    pink = SynthConfig(method="bns", num_images=4, regularizers=Regularizers(noise="pink"))
+    assert pink.to_dict()["priors"]["noise"] == "pink" and SynthConfig.from_dict(pink.to_dict()) == pink
+    white = SynthConfig(method="bns+p", num_images=4, regularizers=Regularizers(noise="white"))
+    assert SynthConfig.from_dict(white.to_dict()) == white
+    with pytest.raises(ConfigError, match="unknown noise 'brown': use one of white, pink"):
+        SynthConfig(method="bns", num_images=4, regularizers=Regularizers(noise="brown"))
 
 
 def test_config_defaults_and_checks():

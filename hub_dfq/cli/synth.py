@@ -36,6 +36,9 @@ def register(sub) -> None:
     parser.add_argument("--loss", choices=BN_LOSSES.names(), default="rkl",
                         help="BN loss optimised: " + choices_help(BN_LOSSES, "rkl"))
     parser.add_argument("--lr", type=number(0.0, strict=True), help="peak Adam learning rate (default: the method's)")
+    parser.add_argument("--noise", choices=("white", "pink"),
+                        help="noise the images start from: white (the paper's) or pink (a photograph's 1/f spectrum); "
+                             "default: the method's (pink for bns+p, white for the others)")
     parser.add_argument("--seed", type=count(0, SEED_MAX), default=0, help="run seed (default 0)")
     parser.add_argument("--shard-size", type=count(1), default=1024, help="rows per parquet shard (default 1024)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -83,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
                                loss=args.loss, lr=args.lr, seed=args.seed, out_dir=args.out_dir, resume=args.resume,
                                overwrite=args.overwrite, shard_size=args.shard_size, precision=args.precision,
                                progress=args.progress, push_to_hub=args.push_to_hub, private=args.private,
-                               token=args.token)
+                               token=args.token, regularizers={"noise": args.noise} if args.noise else None)
     manifest = read_manifest(folder) or {}
     div = manifest.get("bn_divergence") or {}
     start, end = (div.get("start") or {}).get("total"), (div.get("end") or {}).get("total")

@@ -108,11 +108,13 @@ def render_card(manifest: dict[str, Any], *, repo_id: str | None = None, model_r
             hyper.append((_HYPERPARAMETER_LABELS.get(field, field), value))
     else:
         hyper = [("images", n), ("precision", args["precision"]), ("rows per shard", args["shard_size"])]
+    hyper.append(("initial noise", priors.get("noise", "white")))  # not stored when white (SynthConfig.to_dict)
     label_note = ("the target class each image was optimised towards (class-balanced)." if method.class_targets else
                   "the model's prediction on the stored image.")
     spec = model.get("repo_id") or model.get("spec")
     command = (f"hub-dfq synth {spec} --method {args['method']} --num-images {n} --iters {args['iters']} "
-               f"--batch-size {args['batch_size']} --loss {args['loss']} --lr {args['lr']:g} --seed {args['seed']} "
+               f"--batch-size {args['batch_size']} --loss {args['loss']} --lr {args['lr']:g} "
+               f"--noise {priors.get('noise', 'white')} --seed {args['seed']} "
                f"--shard-size {args['shard_size']} --precision {args['precision']} --out DIR")
     c, h, w = manifest["input_size"]
     wall = manifest.get("wall_time_s")

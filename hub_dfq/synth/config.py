@@ -14,6 +14,7 @@ from typing import Any
 from ..deprecation import renamed_arguments
 from ..errors import ConfigError
 from ..runtime import fast_bf16
+from .priors import NOISES
 from .registry import BN_LOSSES, PRECISIONS, SYNTH_METHODS, SynthMethod
 
 # why: planning 10^12 images (their shard names, their seeds) ran for ever before the first image: a typo, not a
@@ -35,6 +36,9 @@ class Regularizers:
             1/16 of the image side.
         flip: random horizontal flips per step (inception).
         ce_weight: weight of the cross-entropy towards the target class (bns+i).
+        noise: the noise the images start from: ``white`` (independent Gaussian values, the paper's) or ``pink``
+            (photographs' 1/f spectrum and correlated colour channels, :func:`~hub_dfq.synth.priors.pink_noise`);
+            ``None``: the method's default (:attr:`~hub_dfq.synth.registry.SynthMethod.noise`).
         warmup: deprecated here: the warm-up is :attr:`SynthConfig.warmup` (``Priors(warmup=...)`` and
             ``priors={"warmup": ...}`` still work, with a warning).
     """
@@ -44,6 +48,7 @@ class Regularizers:
     jitter: int | None = None
     flip: bool = True
     ce_weight: float = 0.5
+    noise: str | None = None
     warmup: InitVar[float | None] = None
 
     def __post_init__(self, warmup: float | None) -> None:
@@ -134,6 +139,10 @@ class SynthConfig:
             object.__setattr__(self, "regularizers", replace(self.regularizers, tv_weight=method.tv_weight))
         elif not (math.isfinite(self.regularizers.tv_weight) and self.regularizers.tv_weight >= 0):
             raise ConfigError(f"`tv_weight` must be a number >= 0, got {self.regularizers.tv_weight}")
+        if self.regularizers.noise is None:
+            object.__setattr__(self, "regularizers", replace(self.regularizers, noise=method.noise))
+        elif self.regularizers.noise not in NOISES:
+            raise ConfigError(f"unknown noise {self.regularizers.noise!r}: use one of {', '.join(NOISES)}")
 
     def _absorb_legacy_warmup(self) -> None:
         """Take a warm-up given the old way, inside the regularizers (``Priors(warmup=...)``)."""
@@ -165,6 +174,8 @@ class SynthConfig:
         """The stored form (``generation.json``, cache keys): the regularizers and the warm-up as ``"priors"``."""
         data = asdict(self)
         stored = {**data.pop("regularizers"), "warmup": data.pop("warmup")}
+        if stored["noise"] == "white":  # the start of every run before `noise` existed: their keys stay as they were
+            del stored["noise"]
         return {**data, "priors": stored}
 
     @classmethod
@@ -173,6 +184,7 @@ class SynthConfig:
         data = {("num_images" if k == "n" else k): v for k, v in data.items()}  # manifests before 0.2 said "n"
         values = {k: v for k, v in data.items() if k in known}
         stored = dict(data.get("priors", {}))
+        stored.setdefault("noise", "white")  # not stored: white (see to_dict)
         return cls(**values, warmup=stored.pop("warmup", _DEFAULT_WARMUP), regularizers=Regularizers(**stored))
 
 

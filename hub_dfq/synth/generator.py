@@ -27,7 +27,7 @@ from .bns import StopForward, bn_loss, swap_batchnorms
 from .config import SynthConfig
 from .loop_convs import prepare_loop_convs
 from .objectives import Step
-from .priors import cosine_lr
+from .priors import NOISES, cosine_lr
 from .registry import BN_LOSSES, SYNTH_METHODS, methods_for
 
 logger = logging.getLogger(__name__)
@@ -157,9 +157,10 @@ class BatchGenerator:
             return state.per_layer(), out
 
     def initial(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Gaussian N(0, 1) inputs in the normalised space, projected onto the valid box."""
+        """Unit-variance noise (white or pink) in the normalised space, projected onto the valid box."""
         shape = (batch, *self.model.input_size)
-        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        noise = NOISES[self.config.regularizers.noise]
+        x = noise(shape, generator=generator).to(self.device)
         return torch.maximum(torch.minimum(x, self.high), self.low)
 
     # ---- one batch ---------------------------------------------------------------------------

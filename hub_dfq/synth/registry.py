@@ -44,6 +44,7 @@ class SynthMethod:
         lr: default peak Adam learning rate (normalised input space).
         tv_weight: default weight of the image's total variation, for methods whose loss reads it (bns+p scales
             it by the image side over 224).
+        noise: default noise the images start from (``white`` or ``pink``; :class:`~hub_dfq.synth.config.Regularizers`).
         hyperparameters: :class:`~hub_dfq.synth.config.Regularizers` fields the method reads (shown on the card).
         version: bump whenever the method's output bytes change; part of every cache key.
     """
@@ -59,6 +60,7 @@ class SynthMethod:
     iters: int = 200
     lr: float = 1.0
     tv_weight: float = 0.05
+    noise: str = "white"
     hyperparameters: tuple[str, ...] = ()
     version: int = 1
 
@@ -102,13 +104,14 @@ register_synth_method(SynthMethod(
     loss="hub_dfq.synth.objectives:bns_loss", needs_bn=True))
 register_synth_method(SynthMethod(
     "bns+p",
-    summary="BN-Statistics plus image priors: total variation, random jitter and flips (as DeepInversion)",
+    summary="BN-Statistics plus image priors: a pink-noise start, total variation, random jitter and flips",
     description="Inputs optimised (Adam) to match every BatchNorm layer's running mean and standard deviation (as "
-                "bns) while a total-variation penalty keeps neighbouring pixels close and each step sees the batch "
-                "randomly shifted and flipped, so the images are smooth like photographs rather than noise-like. "
-                "Labels are the model's predictions.",
+                "bns), starting from pink noise (a photograph's 1/f spectrum and correlated colour channels, no "
+                "content) instead of white, while a total-variation penalty keeps neighbouring pixels close and each "
+                "step sees the batch randomly shifted and flipped (as DeepInversion), so the images are smooth like "
+                "photographs rather than noise-like. Labels are the model's predictions.",
     loss="hub_dfq.synth.objectives:bns_prior_loss", augment="hub_dfq.synth.priors:jitter_flip", needs_bn=True,
-    tv_weight=8.0, hyperparameters=("tv_weight", "jitter", "flip"), version=2))
+    tv_weight=8.0, noise="pink", hyperparameters=("tv_weight", "jitter", "flip"), version=3))
 register_synth_method(SynthMethod(
     "bns+i",
     summary="BN-Statistics plus cross-entropy towards class-balanced targets (BNS+I)",
