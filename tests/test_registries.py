@@ -18,6 +18,7 @@ from hub_dfq.errors import ConfigError, UnsupportedModelError
 from hub_dfq.quant.registry import (
     PRESETS,
     QUANT_ALGORITHMS,
+    Preset,
     QuantAlgorithm,
     register_algorithm,
 )
@@ -193,6 +194,21 @@ def test_presets_scale_along_the_ladder_with_floors():
     assert tiny.calibration_images == 64 and tiny.synth["iters"] == 50 and tiny.algorithms["reconstruct"]["iters"] == 50
     assert PRESETS.get("best").scaled(0.3).algorithms["distill"]["init"] == "reconstruct"
     assert PRESETS.get("best").seconds > fast.seconds
+
+
+def test_a_preset_can_give_one_algorithm_fewer_images_and_more_synthesis_steps():
+    best = PRESETS.get("best")
+    gptq = best.for_algorithm("gptq")
+    assert gptq.calibration_images < best.calibration_images and gptq.synth["iters"] > best.synth["iters"]
+    assert gptq.synth["batch_size"] == best.synth["batch_size"] and gptq.algorithms == best.algorithms
+    assert best.for_algorithm("reconstruct") is best and PRESETS.get("fast").for_algorithm("gptq").by_algorithm == {}
+    with pytest.raises(ValueError, match="may set calibration_images and synth, not iters"):
+        Preset("typo", summary="-", calibration_images=64, by_algorithm={"gptq": {"iters": 5}})
+    # what quantize calibrates with: the algorithm's own split of the budget
+    qmodel = hub_dfq.quantize("default", weights=4, activations=8, algorithm="gptq", preset="best",
+                              calibration="gaussian", progress=False)
+    assert qmodel.calibration["n"] == gptq.calibration_images
+    assert qmodel.calibration["synth_options"]["iters"] == gptq.synth["iters"]
 
 
 def test_quantize_plans_costly_models_for_the_device(monkeypatch):

@@ -42,7 +42,9 @@ def tables() -> dict[str, tuple[list[str], list[list[str]]]]:
         "Activation observers (`--act-observer`)": (["name", "range"], [[o.name, o.summary] for o in ACT_OBSERVERS]),
         "Presets (`--preset`)": (
             ["name", "budget", "calibration images", "algorithm settings"],
-            [[p.name, p.summary, str(p.calibration_images),
+            [[p.name, p.summary, str(p.calibration_images) + "".join(
+                f"; {k}: {c.get('calibration_images', p.calibration_images)} x "
+                f"{c.get('synth', {}).get('iters', p.synth.get('iters'))} steps" for k, c in p.by_algorithm.items()),
               "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in s.items()) for k, s in p.algorithms.items())]
              for p in PRESETS]),
         "Backends (`hub-dfq export --backend`)": (

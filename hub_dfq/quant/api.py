@@ -261,6 +261,7 @@ def quantize(
     prepared = prepare(model, cfg)
     if auto:
         algorithm = default_algorithm(prepared.report)
+    chosen = chosen.for_algorithm(algorithm)
     budget_plan = None
     if time_budget is not None or model.gflops() > REFERENCE_GFLOPS:
         sensitivity = SENSITIVITY_PASSES_PER_LAYER * len(prepared.report.quantized) if size_budget is not None else 0

@@ -110,6 +110,9 @@ class Preset:
         algorithms: ``{algorithm name: {setting: value}}``; algorithms not named use their defaults.
         seconds: the time a run should fit on the device it runs on (:mod:`hub_dfq.budget`): the counts above
             are ceilings, shrunk together where the measured device would need longer.
+        by_algorithm: ``{algorithm name: {"calibration_images": n, "synth": {...}}}``: the calibration set an
+            algorithm is given instead of the one above (an algorithm that gains more from better-matched synthetic
+            images than from more of them spends the same time on fewer images and more steps).
     """
 
     name: str
@@ -118,6 +121,22 @@ class Preset:
     synth: Mapping[str, Any] = field(default_factory=dict)
     algorithms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     seconds: float = 600.0
+    by_algorithm: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, change in self.by_algorithm.items():
+            unknown = set(change) - {"calibration_images", "synth"}
+            if unknown:
+                raise ValueError(f"preset {self.name!r}: by_algorithm[{name!r}] may set calibration_images and synth, "
+                                 f"not {', '.join(sorted(unknown))}")
+
+    def for_algorithm(self, name: str) -> "Preset":
+        """This budget as algorithm ``name`` runs it (:attr:`by_algorithm`; unchanged for other algorithms)."""
+        change = self.by_algorithm.get(name)
+        if not change:
+            return self
+        return replace(self, calibration_images=change.get("calibration_images", self.calibration_images),
+                       synth={**self.synth, **change.get("synth", {})}, by_algorithm={})
 
     def scaled(self, scale: float) -> "Preset":
         """This budget with every count multiplied by ``scale`` (:data:`hub_dfq.budget.LADDER`): images stay a
@@ -205,7 +224,11 @@ register_preset(Preset(
 # distillation starts from a reconstructed model. Synthesis keeps the fast preset's 200 steps:
 # images matched for 500 steps reached a 5x lower BN divergence yet calibrated worse (-0.59).
 register_preset(Preset(
-    "best", summary="up to 1,024 synthetic images and 1,000 reconstruction steps per block, fitted to 50 min",
+    "best", summary="up to 1,024 synthetic images (GPTQ: 256 with 4x the steps) and 1,000 reconstruction steps per "
+                    "block, fitted to 50 min",
     calibration_images=1024, synth={"iters": 200, "batch_size": 128}, seconds=3000,
     algorithms={"reconstruct": {"iters": 1000, "batch_size": 32},
-                "distill": {"iters": 1000, "batch_size": 64, "init": "reconstruct"}}))
+                "distill": {"iters": 1000, "batch_size": 64, "init": "reconstruct"}},
+    # GPTQ needs no fitting steps: the time goes into synthesis, and there steps pay where images did not
+    # (Lite0 W4A8: 704 images x 141 steps no better than 128 x 118; 96 x 250 closer to float than 96 x 84)
+    by_algorithm={"gptq": {"calibration_images": 256, "synth": {"iters": 800}}}))
