@@ -27,6 +27,15 @@ def _placement(rules) -> str:
     return "output quantizers where a float op reads a layer, after " + ", ".join(rules.fused_activations)
 
 
+def _calibration(preset) -> str:
+    """The preset's image count, then each algorithm's own split of it (images x synthesis steps)."""
+    cells = [str(preset.calibration_images)]
+    for name in preset.by_algorithm:
+        split = preset.for_algorithm(name)
+        cells.append(f"{name}: {split.calibration_images} x {split.synth.get('iters')} steps")
+    return "; ".join(cells)
+
+
 def tables() -> dict[str, tuple[list[str], list[list[str]]]]:
     """Title -> (header, rows) of every registry."""
     return {
@@ -42,9 +51,7 @@ def tables() -> dict[str, tuple[list[str], list[list[str]]]]:
         "Activation observers (`--act-observer`)": (["name", "range"], [[o.name, o.summary] for o in ACT_OBSERVERS]),
         "Presets (`--preset`)": (
             ["name", "budget", "calibration images", "algorithm settings"],
-            [[p.name, p.summary, str(p.calibration_images) + "".join(
-                f"; {k}: {c.get('calibration_images', p.calibration_images)} x "
-                f"{c.get('synth', {}).get('iters', p.synth.get('iters'))} steps" for k, c in p.by_algorithm.items()),
+            [[p.name, p.summary, _calibration(p),
               "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in s.items()) for k, s in p.algorithms.items())]
              for p in PRESETS]),
         "Backends (`hub-dfq export --backend`)": (
