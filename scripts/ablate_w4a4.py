@@ -28,6 +28,7 @@ Finished rows are kept in the JSON and skipped on a re-run. Module names follow 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import time
@@ -41,8 +42,6 @@ SHARED = ROOT.parent / "shared"
 GROUPS = {"none": {}, "dw": {"blocks.*.conv_dw": {"activations": 4}},
           "pwl": {"blocks.*.conv_pwl": {"activations": 4}, "blocks.0.0.conv_pw": {"activations": 4}},
           "pw": {"blocks.[1-9].*.conv_pw": {"activations": 4}}, "head": {"conv_head": {"activations": 4}}}
-SETTING_TYPES = {"iters": int, "batch_size": int, "lr_act": float, "lr_round": float, "round_weight": float,
-                 "drop_prob": float, "warmup": float}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +90,13 @@ def equalise_depthwise_inputs(module: torch.nn.Module, calibration: torch.Tensor
         conv.weight.div_(t.view(-1, 1, 1, 1))
 
 
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a word, e.g. init=nearest
+
+
 def run_row(spec: str, model, calibration, held, real_x, real_y, float_real, float_held) -> dict:
     import hub_dfq
 
@@ -99,11 +105,10 @@ def run_row(spec: str, model, calibration, held, real_x, real_y, float_real, flo
     group = options.pop("a4", "all")
     alpha = float(options.pop("eq", 0))
     observer = options.pop("obs", "mse")
-    unknown = sorted(set(options) - set(SETTING_TYPES)) + ([group] if group != "all" and group not in GROUPS else [])
-    if unknown:
-        raise SystemExit(f"row {spec!r}: unknown {unknown}; keys a4 ({', '.join(['all', *GROUPS])}), eq, obs, "
-                         f"{', '.join(SETTING_TYPES)}")
-    settings = {k: SETTING_TYPES[k](v) for k, v in options.items()}
+    if group != "all" and group not in GROUPS:
+        raise SystemExit(f"row {spec!r}: a4 must be one of all, {', '.join(GROUPS)}")
+    # the rest are the algorithm's settings: hub_dfq.quantize names any it does not know
+    settings = {k: _value(v) for k, v in options.items()}
     if algorithm == "reconstruct":
         settings.setdefault("iters", 75)
     vm = model
