@@ -10,7 +10,11 @@ data-free criterion, so a setting can be chosen without looking at real images. 
     gptq:a4=all            GPTQ at W4A4 (no reconstruction)
     gptq:a4=dw             GPTQ at W4A8 with 4-bit inputs on the depthwise convs only (also pw, pwl, head, none)
     gptq:obs=percentile    activation ranges from another observer (default mse)
-    reconstruct            W4A4 reconstruction, 75 fitting steps per block (iters=, lr_act=, lr_round=, ...)
+    reconstruct            W4A4 reconstruction, 75 fitting steps per block (iters=, lr_act=, lr_round=, lr_bias=,
+                           ...: any setting of the algorithm, as `hub-dfq quantize --setting` takes them)
+    distill:init=reconstruct,iters=100
+                           the same reconstruction, then distillation of the whole model on the same images;
+                           `reconstruct.NAME=VALUE` sets the reconstruction it starts from
     gptq:a4=all,eq=0.5     an ablation not in the product: before quantizing, scale each ReLU6 output channel
                            feeding a depthwise conv by (max_c' r_c' / r_c)^0.5 (r_c: the channel's largest value
                            on the calibration images) and divide the depthwise kernel by the same factor
@@ -19,7 +23,9 @@ data-free criterion, so a setting can be chosen without looking at real images. 
 
     python scripts/ablate_w4a4.py --rows gptq:a4=none gptq:a4=all gptq:a4=dw gptq:a4=pwl gptq:a4=pw \
         gptq:a4=head gptq:obs=percentile reconstruct reconstruct:lr_act=0.004 reconstruct:lr_act=0.00025 \
-        reconstruct:lr_round=0.03 gptq:a4=all,eq=1 gptq:a4=all,eq=0.5
+        reconstruct:lr_round=0.03 reconstruct:lr_bias=0.001 reconstruct:lr_bias=0.003 reconstruct:drop_prob=0.25 \
+        reconstruct:drop_prob=0.75 distill:init=reconstruct,iters=100,batch_size=32 gptq:a4=all,eq=1 \
+        gptq:a4=all,eq=0.5
 
 Finished rows are kept in the JSON and skipped on a re-run. Module names follow timm's EfficientNet blocks
 (`conv_pw` expansion, `conv_dw` depthwise, `conv_pwl` projection).
@@ -28,7 +34,6 @@ Finished rows are kept in the JSON and skipped on a re-run. Module names follow 
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import time
@@ -90,15 +95,9 @@ def equalise_depthwise_inputs(module: torch.nn.Module, calibration: torch.Tensor
         conv.weight.div_(t.view(-1, 1, 1, 1))
 
 
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a word, e.g. init=nearest
-
-
 def run_row(spec: str, model, calibration, held, real_x, real_y, float_real, float_held) -> dict:
     import hub_dfq
+    from hub_dfq.cli.quantize import setting_value
 
     algorithm, _, rest = spec.partition(":")
     options = dict(part.split("=") for part in rest.split(",") if part)
@@ -107,10 +106,13 @@ def run_row(spec: str, model, calibration, held, real_x, real_y, float_real, flo
     observer = options.pop("obs", "mse")
     if group != "all" and group not in GROUPS:
         raise SystemExit(f"row {spec!r}: a4 must be one of all, {', '.join(GROUPS)}")
-    # the rest are the algorithm's settings: hub_dfq.quantize names any it does not know
-    settings = {k: _value(v) for k, v in options.items()}
-    if algorithm == "reconstruct":
-        settings.setdefault("iters", 75)
+    # the rest are settings of the row's algorithm, or of another one it runs first when prefixed with its name
+    # (`distill:init=reconstruct,reconstruct.iters=150`): hub_dfq.quantize names any it does not know
+    settings: dict[str, dict] = {}
+    for key, value in options.items():
+        owner, _, name = key.rpartition(".")
+        settings.setdefault(owner or algorithm, {})[name] = setting_value(value)
+    settings.setdefault("reconstruct", {}).setdefault("iters", 75)
     vm = model
     moved = 0.0
     if alpha:
@@ -121,7 +123,7 @@ def run_row(spec: str, model, calibration, held, real_x, real_y, float_real, flo
     q = hub_dfq.quantize(vm, weights=4, activations=4 if group == "all" else 8, calibration=calibration,
                          algorithm=algorithm, overrides=GROUPS.get(group) or None, act_observer=observer,
                          progress=False, resume=False,
-                         settings={algorithm: settings} if settings else None)
+                         settings=settings)
     seconds = time.perf_counter() - start
     logits, held_logits = logits_of(q, real_x), logits_of(q, held)
     top1 = 100 * float((logits.argmax(1) == real_y).float().mean())

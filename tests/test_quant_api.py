@@ -71,6 +71,29 @@ def test_same_seed_same_quantized_weights(model, real_128):
     assert any(not torch.equal(first[k], other[k]) for k in first if k.endswith("scale"))
 
 
+def test_reconstruct_learns_the_biases_only_when_asked_and_undoes_them_with_the_fit(model, real_128):
+    def run(lr_bias, keep_start=False):
+        settings = {"reconstruct": ReconstructConfig(iters=20, batch_size=8, lr_bias=lr_bias, keep_start=keep_start)}
+        qmodel = hub_dfq.quantize(model, weights=4, activations=4, calibration=real_128[:32], algorithm="reconstruct",
+                                  settings=settings)
+        biases = {name: m.bias for name, m in qmodel.module.named_modules()
+                  if hasattr(m, "weight_quantizer") and m.bias is not None}
+        return qmodel, biases
+
+    _, folded = run(0.0)
+    _, learned = run(0.01)
+    assert folded.keys() == learned.keys() and len(folded) >= 20
+    assert all(not torch.equal(folded[k], learned[k]) for k in folded)
+    assert [p.requires_grad for p in folded.values()] == [p.requires_grad for p in learned.values()]
+    # 20 steps on 32 images end worse than GPTQ's start on every block: each block goes back to its start,
+    # the biases it learned included
+    kept, restored = run(1.0, keep_start=True)
+    assert all(r.get("kept") == "start" for r in kept.history["blocks"])
+    assert all(torch.equal(folded[k], restored[k]) for k in folded)
+    with pytest.raises(ConfigError, match="learning rates must be >= 0"):
+        ReconstructConfig(lr_bias=-1.0)
+
+
 def test_distill_runs_and_freezes_integer_weights(model, real_128):
     qmodel = hub_dfq.quantize(model, weights=4, activations=8, calibration=real_128[:32], algorithm="distill",
                               settings={"distill": DistillConfig(iters=3, batch_size=8)})
@@ -133,6 +156,9 @@ def test_bad_input(model):
         hub_dfq.quantize(model, algorithm="qat", calibration="gaussian")
     with pytest.raises(ConfigError, match="unknown preset"):
         hub_dfq.quantize(model, preset="slow", calibration="gaussian")
+    with pytest.raises(ConfigError, match="setting 'iters' of algorithm 'reconstruct' must be int, got 2.5"):
+        hub_dfq.quantize(model, algorithm="reconstruct", settings={"reconstruct": {"iters": 2.5}},
+                         calibration="gaussian")
     with pytest.raises(DatasetError, match="empty"):
         hub_dfq.quantize(model, calibration=_images("RGB", 32, 1).select([]))
     with pytest.raises(ConfigError, match="calibration tensor"):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import shlex
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ..backends.registry import BACKENDS
 from ..deprecation import warn_deprecated
@@ -57,6 +59,30 @@ def _override(text: str) -> tuple[str, dict[str, int | str]]:
     return pattern, change
 
 
+def setting_value(text: str) -> Any:
+    """A setting's value as Python reads it (``0.03``, ``(20, 2)``, ``None``), else the word itself (``nearest``)."""
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def _setting(text: str) -> tuple[str, str, Any]:
+    """``reconstruct.lr_bias=0.001`` -> ``("reconstruct", "lr_bias", 0.001)``."""
+    name, eq, value = text.partition("=")
+    algorithm, dot, key = name.strip().partition(".")
+    if not eq or not dot or not algorithm or not key:
+        raise argparse.ArgumentTypeError(f"setting must look like 'reconstruct.iters=500', got {text!r}")
+    return algorithm, key, setting_value(value)
+
+
+def _settings(items: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    settings: dict[str, dict[str, Any]] = {}
+    for algorithm, key, value in items:
+        settings.setdefault(algorithm, {})[key] = value
+    return settings
+
+
 def register(sub) -> None:
     parser = sub.add_parser(
         "quantize", help="quantize a model to W/A bits, calibrated on synthetic (default) or real images",
@@ -91,6 +117,10 @@ def register(sub) -> None:
     parser.add_argument("--override", dest="overrides", action="append", type=_override, default=[],
                         metavar="GLOB:FIELD=V,...",
                         help="per-module scheme change, e.g. 'layer3.*:weights=8' (repeatable)")
+    parser.add_argument("--setting", dest="settings", action="append", type=_setting, default=[],
+                        metavar="ALGORITHM.NAME=VALUE",
+                        help="change one setting of an algorithm over the preset's (repeatable), e.g. "
+                        "reconstruct.iters=500 or gptq.damp=0.05; an unknown name lists the known ones")
     parser.add_argument("--size-budget", metavar="SIZE",
                         help="mixed precision: the most bytes the checkpoint may take (3000000, 2.9MB) or a ratio "
                         "of the float32 checkpoint (0.16x, 16%%); each layer gets 2, 4 or 8-bit weights by its "
@@ -192,12 +222,13 @@ def _run(args: argparse.Namespace) -> int:
     if not is_synthetic(calibration):
         calibration = load_images(calibration, split=args.calibration_split, limit=args.calibration_images,
                                   token=args.token)
+    settings = _settings(args.settings)
     qmodel = quantize(model, weights=args.weights, activations=args.activations, calibration=calibration,
                       calibration_images=args.calibration_images, algorithm=args.algorithm, preset=args.preset,
                       first_last_bits=args.first_last_bits, residual_bits=args.residual_bits,
                       weight_observer=args.weight_observer, act_observer=args.act_observer,
                       weight_grid=args.weight_grid, overrides=dict(args.overrides), exclude=args.exclude,
-                      size_budget=args.size_budget,
+                      settings=settings, size_budget=args.size_budget,
                       time_budget=args.time_budget, seed=args.seed, progress=args.progress,
                       placement=strictest([b.placement for b in backends]) if backends else None)
     quant_seconds = time.perf_counter() - start
@@ -212,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         "calibration_provenance": qmodel.calibration,
         "algorithm": qmodel.algorithm,
         "preset": args.preset,
+        "settings": settings,
         "seed": args.seed,
         "backends": args.backends,
         "fingerprint": qmodel.history.get("fingerprint"),

@@ -8,6 +8,8 @@ preset (``Preset.algorithms[name]``) and the caller (``settings={name: dataclass
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -43,10 +45,37 @@ def algorithm_settings(algorithm: QuantAlgorithm, preset: Preset, override: Any 
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown} of algorithm {algorithm.name!r}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in dict(override or {}).items():
+            if not _fits(value, hints.get(key, Any)):
+                raise ConfigError(f"setting {key!r} of algorithm {algorithm.name!r} must be {_type_name(hints[key])}, "
+                                  f"got {value!r}")
         settings = cls(**values)
     if any(f.name == "seed" for f in dataclasses.fields(cls)):
         settings = dataclasses.replace(settings, seed=seed)
     return settings
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type (ints pass as floats, lists as tuples): the settings classes only
+    use scalars, optionals and fixed-length tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is tuple:
+        return (isinstance(value, (tuple, list)) and len(value) == len(args)
+                and all(_fits(v, a) for v, a in zip(value, args)))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str, type(None)):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
 
 
 def settings_resolver(preset: Preset, settings: Mapping[str, Any] | None, *, seed: int) -> Callable[[str], Any]:

@@ -42,6 +42,8 @@ class ReconstructConfig:
         batch_size: calibration images per step.
         lr_round: Adam learning rate of the rounding variables.
         lr_act: Adam learning rate of the activation step sizes.
+        lr_bias: Adam learning rate of the layers' (BN-folded) biases; 0 keeps them as folded. Learning them lets a
+            block cancel the mean shift its 4-bit activations' rounding and clipping add to every output channel.
         round_weight: weight of the rounding regulariser.
         warmup: fraction of the steps without the regulariser.
         beta: start and end of the regulariser's annealed exponent.
@@ -59,6 +61,7 @@ class ReconstructConfig:
     batch_size: int = 32
     lr_round: float = 1e-1
     lr_act: float = 1e-3
+    lr_bias: float = 0.0
     round_weight: float = 0.01
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
@@ -73,6 +76,8 @@ class ReconstructConfig:
             raise ConfigError(f"reconstruction needs `iters` > 0 and `batch_size` > 0, got {self.iters}, "
                               f"{self.batch_size}: with no step the model is only calibrated (use algorithm "
                               "'calibrate' for that)")
+        if min(self.lr_round, self.lr_act, self.lr_bias) < 0.0:
+            raise ConfigError("reconstruction learning rates must be >= 0")
         if not 0.0 <= self.drop_prob < 1.0 or not 0.0 <= self.warmup < 1.0:
             raise ConfigError("drop_prob and warmup must be in [0, 1)")
         if self.margin is not None and not 0.0 < self.margin < 0.5:
@@ -113,6 +118,12 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
         groups.append({"params": [layer.weight_quantizer.alpha for layer in layers], "lr": cfg.lr_round})
     if acts:
         groups.append({"params": [q.scale for q in acts], "lr": cfg.lr_act})
+    biases = [layer.bias for layer in layers if layer.bias is not None] if cfg.lr_bias > 0 else []
+    if biases:
+        groups.append({"params": biases, "lr": cfg.lr_bias})
+    grad_before = [b.requires_grad for b in biases]
+    for b in biases:
+        b.requires_grad_(True)
     optimizer = torch.optim.Adam(groups)
     # Rounding variables keep a constant rate: the regulariser is strongest at the end (small beta)
     # and must still be able to push them to 0 or 1. Step sizes follow a cosine decay.
@@ -153,6 +164,8 @@ def _fit_block(block: Block, inputs: dict[str, torch.Tensor], targets: dict[str,
         for layer in layers:
             layer.weight_quantizer.soft = False
             layer.weight_quantizer.freeze(layer.weight)
+        for b, flag in zip(biases, grad_before):
+            b.requires_grad_(flag)
         for q in acts:
             q.scale.requires_grad_(False)
             with torch.no_grad():
@@ -226,9 +239,11 @@ def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Ten
 
 @torch.no_grad()
 def _block_state(block: Block) -> dict[str, torch.Tensor]:
-    """What fitting changes in a block: each weight's integers as they would be frozen now, each step size."""
+    """What fitting changes in a block: each weight's integers as they would be frozen now, each bias, each step."""
     state = {f"{name}.weight_int": layer.weight_quantizer.integer_weight(layer.weight).round().to(torch.int8)
              for name, layer in quant_layers(block.module) if not layer.weight_quantizer.frozen}
+    state.update({f"{name}.bias": layer.bias.detach().clone() for name, layer in quant_layers(block.module)
+                  if not layer.weight_quantizer.frozen and layer.bias is not None})
     state.update({f"{name}.scale": q.scale.detach().clone() for name, q in act_quantizers(block.module)
                   if q.mode == "quant"})
     return state
@@ -239,6 +254,8 @@ def _restore_block_state(block: Block, state: dict[str, torch.Tensor]) -> None:
     for name, layer in quant_layers(block.module):
         if f"{name}.weight_int" in state:
             layer.weight_quantizer.weight_int = state[f"{name}.weight_int"]
+        if f"{name}.bias" in state:
+            layer.bias.copy_(state[f"{name}.bias"])
     for name, q in act_quantizers(block.module):
         if f"{name}.scale" in state:
             q.scale.copy_(state[f"{name}.scale"])
