@@ -29,7 +29,8 @@ def test_quantize_prints_summary_and_writes_json(tmp_path, capsys):
 
 def test_settings_from_the_command_line_reach_the_algorithm_and_the_checkpoint(tmp_path):
     code = main(["quantize", "default", "--weights", "4", "--activations", "4", "--calibration", "gaussian",
-                 "--calibration-size", "8", "--eval", "none", "--algorithm", "reconstruct", "--out", str(tmp_path / "q"),
+                 "--calibration-size", "8", "--eval", "none", "--algorithm", "reconstruct",
+                 "--out", str(tmp_path / "q"),
                  "--setting", "reconstruct.iters=3", "--setting", "reconstruct.batch_size=4",
                  "--setting", "reconstruct.lr_bias=0.002", "--setting", "reconstruct.init=nearest",
                  "--setting", "reconstruct.beta=(10, 2)", "--json", str(tmp_path / "r.json")])
