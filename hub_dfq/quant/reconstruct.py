@@ -240,10 +240,12 @@ def reconstruct(gm: fx.GraphModule, node_blocks: dict[str, str], data: torch.Ten
 @torch.no_grad()
 def _block_state(block: Block) -> dict[str, torch.Tensor]:
     """What fitting changes in a block: each weight's integers as they would be frozen now, each bias, each step."""
-    state = {f"{name}.weight_int": layer.weight_quantizer.integer_weight(layer.weight).round().to(torch.int8)
-             for name, layer in quant_layers(block.module) if not layer.weight_quantizer.frozen}
-    state.update({f"{name}.bias": layer.bias.detach().clone() for name, layer in quant_layers(block.module)
-                  if not layer.weight_quantizer.frozen and layer.bias is not None})
+    state = {}
+    for name, layer in quant_layers(block.module):
+        if not layer.weight_quantizer.frozen:
+            state[f"{name}.weight_int"] = layer.weight_quantizer.integer_weight(layer.weight).round().to(torch.int8)
+            if layer.bias is not None:
+                state[f"{name}.bias"] = layer.bias.detach().clone()
     state.update({f"{name}.scale": q.scale.detach().clone() for name, q in act_quantizers(block.module)
                   if q.mode == "quant"})
     return state
