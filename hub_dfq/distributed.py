@@ -18,6 +18,8 @@ reference measurement, a card) and that calls verbs which would otherwise wait f
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import logging
 import os
 import secrets
@@ -287,8 +289,21 @@ def _create() -> Distributed:
     from accelerate.state import PartialState
 
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    created = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    if created:
+        # why: torch.distributed.nn.functional (imported with torch._dynamo, so by timm and transformers) binds the
+        # group that exists when it is first imported into its functions' default arguments, which then keep it
+        # alive after destroy_process_group (below); imported before the group exists, those defaults are None
+        importlib.import_module("torch.distributed.nn.functional")
     # cpu=True makes accelerate form a gloo group of CPU processes (its default is to expect one GPU per process)
     state = PartialState(cpu=use_cpu, timeout=_timeout())
+    if created and torch.distributed.is_initialized():
+        # why: a group still alive when the interpreter finalises has its gloo threads joined at module teardown,
+        # while one of them may still be dropping a finished collective's tensors, which takes the GIL: Python
+        # then ends that thread inside C++ and the process aborts after all its work was done ("terminate called
+        # without an active exception", exit -6; about 1 run in 10 of the two-process tests). Destroying the
+        # group at exit joins those threads while the interpreter is still whole.
+        atexit.register(state.destroy_process_group)
     group = _AccelerateGroup(state)
     logger.info("hub-dfq runs as rank %d of %d on %s (%s)", group.rank, group.world_size, group.device,
                 state.distributed_type)

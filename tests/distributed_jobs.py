@@ -7,6 +7,7 @@ one process. Usage: ``python tests/distributed_jobs.py JOB OUT [ARG]`` with JOB 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -115,15 +116,31 @@ def refusals(out: Path, base: str) -> dict:
     return seen
 
 
+def record_threads_at_exit(path: Path) -> None:
+    """Write the names of the native threads still running when the interpreter starts tearing down.
+
+    Registered before the process group exists, this runs after every exit handler hub-dfq registers: a gloo
+    thread still alive then is joined during finalisation, which now and then aborts the process.
+    """
+    tasks = Path("/proc/self/task")
+
+    def record() -> None:
+        names = sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else None
+        path.write_text(json.dumps(names))
+
+    atexit.register(record)
+
+
 def main() -> None:
     job, out, arg = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    record_threads_at_exit(out / f"rank-{os.environ.get('RANK', '0')}.threads.json")
     rank = process_group().rank
     try:
         result = {"ok": True, **{"measure": measure, "refusals": refusals}[job](out, arg)}
     except Exception as err:  # noqa: BLE001 - reported to the test, which fails with the traceback
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{rank}.json").write_text(json.dumps(result, default=str))
 
 

@@ -282,6 +282,12 @@ def _results(out: Path, ranks: int = 2) -> list[dict]:
     results = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(ranks)]
     for r in results:
         assert r["ok"], r.get("traceback")
+    # hub-dfq ends the process group before the interpreter tears down: a gloo thread still running then would be
+    # joined during finalisation, which aborts a process now and then after all its work was done (exit -6)
+    for r in range(ranks):
+        threads = json.loads((out / f"rank-{r}.threads.json").read_text())
+        if threads is not None:
+            assert not [name for name in threads if "gloo" in name], threads
     return results
 
 
