@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Where W4A4 loses its points on an EfficientNet-Lite, and which settings move it (issue #18).
 
-Every row quantizes the model at 4-bit weights on the same synthetic calibration set (`bns+p`, N images x
-STEPS synthesis steps, seed S) and reports top-1 on the evaluation images (paired with float), agreement with
-float, the KL divergence from float there, and the KL from float on a *held-out* synthetic set (seed S + 1): a
-data-free criterion, so a setting can be chosen without looking at real images. A row is
+Every row quantizes the model at 4-bit weights on the same synthetic calibration set (`--method`, `bns+p` by
+default, N images x STEPS synthesis steps, seed S) and reports top-1 on the evaluation images (paired with
+float), agreement with float, the KL divergence from float there, and the KL from float on a *held-out*
+synthetic set (the same method, seed S + 1): a data-free criterion, so a setting can be chosen without looking
+at real images. A row is
 `ALGORITHM[:key=value,...]`:
 
     gptq:a4=all            GPTQ at W4A4 (no reconstruction)
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval", default=str(SHARED / "data" / "imagenet-sample" / "even-classes.parquet"),
                    help="a parquet file with `image` and `label` columns")
     p.add_argument("--rows", nargs="+", default=["gptq:a4=all", "reconstruct"])
+    p.add_argument("--method", default="bns+p", help="synthesis method of the calibration and held-out images")
     p.add_argument("--images", type=int, default=64, help="synthetic calibration images")
     p.add_argument("--steps", type=int, default=100, help="synthesis steps per image")
     p.add_argument("--seed", type=int, default=0)
@@ -149,10 +151,10 @@ def main(argv=None) -> None:
     real_x, _ = calibration_tensor(model, args.eval, size=None)
     real_y = torch.tensor(load_dataset("parquet", data_files=args.eval, split="train")["label"])
     synth = {"iters": args.steps, "progress": False}
-    calibration, _ = calibration_tensor(model, "bns+p", size=args.images, seed=args.seed, synth_options=synth)
-    held, _ = calibration_tensor(model, "bns+p", size=args.images, seed=args.seed + 1, synth_options=synth)
+    calibration, _ = calibration_tensor(model, args.method, size=args.images, seed=args.seed, synth_options=synth)
+    held, _ = calibration_tensor(model, args.method, size=args.images, seed=args.seed + 1, synth_options=synth)
     float_real, float_held = logits_of(model.module, real_x), logits_of(model.module, held)
-    setup = f"{args.model}|{args.eval}|bns+p {args.images}x{args.steps} seed {args.seed}"
+    setup = f"{args.model}|{args.eval}|{args.method} {args.images}x{args.steps} seed {args.seed}"
     for spec in args.rows:
         key = f"{setup}|{spec}"
         if key not in results:

@@ -119,8 +119,8 @@ def test_a_method_that_needs_bn_is_refused_for_a_model_without_bn(model):
             synthesize_folder(no_bn, "grey-bn", 4, progress=False)
     finally:
         SYNTH_METHODS.unregister("grey-bn")
-    with pytest.raises(ConfigError,
-                       match="unknown method 'nope': use one of gaussian, inception, bns, bns\\+p, bns\\+i, grey"):
+    known = "gaussian, inception, bns, bns\\+p, bns\\+d, bns\\+i, grey"
+    with pytest.raises(ConfigError, match=f"unknown method 'nope': use one of {known}"):
         synthesize_folder(model, "nope", 4)
 
 

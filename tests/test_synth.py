@@ -38,7 +38,7 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "generation.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["gaussian", "inception", "bns", "bns+p", "bns+i"])
+@pytest.mark.parametrize("method", ["gaussian", "inception", "bns", "bns+p", "bns+d", "bns+i"])
 def test_each_method_gives_valid_images_and_labels(model, tmp_path, method):
     out = tmp_path / "out"
     ds = synthesize(model, method, 20, out_dir=out, **FAST)
@@ -237,7 +237,8 @@ def test_output_folder_of_another_run_is_refused(model, tmp_path):
 def test_bad_arguments(model, tmp_path):
     with pytest.raises(ConfigError, match="positive"):
         synthesize(model, "bns", 0, out_dir=tmp_path / "a")
-    with pytest.raises(ConfigError, match="unknown method 'deepdream'.*gaussian, inception, bns, bns\\+p, bns\\+i"):
+    methods = "gaussian, inception, bns, bns\\+p, bns\\+d, bns\\+i"
+    with pytest.raises(ConfigError, match=f"unknown method 'deepdream'.*{methods}"):
         synthesize(model, "deepdream", 4, out_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match="unknown loss 'l1'"):
         synthesize(model, "bns", 4, loss="l1", out_dir=tmp_path / "a")

@@ -27,6 +27,7 @@ from .bns import StopForward, bn_loss, swap_batchnorms
 from .config import SynthConfig
 from .loop_convs import prepare_loop_convs
 from .objectives import Step
+from .parameterisation import parameterisation_for
 from .priors import NOISES, cosine_lr
 from .registry import BN_LOSSES, SYNTH_METHODS, methods_for
 
@@ -191,17 +192,19 @@ class BatchGenerator:
 
     def _optimise(self, x0, targets, generator, on_step, where):
         cfg, regularizers, method = self.config, self.config.regularizers, self.method
-        x = self._layout(x0.clone()).requires_grad_(True)
+        space = parameterisation_for(method.parameterisation, tuple(x0.shape[1:]), x0.device)
+        params = self._layout(space.to_params(x0.clone())).requires_grad_(True)
         # one fused kernel per step instead of a dozen elementwise passes over the batch
-        optimiser = torch.optim.Adam([x], lr=cfg.lr, fused=x.device.type in ("cpu", "cuda") or None)
+        optimiser = torch.optim.Adam([params], lr=cfg.lr, fused=params.device.type in ("cpu", "cuda") or None)
         losses: list[float] = []
         hooks = (bn_loss(self.loop_bn_layers, loss=cfg.loss, stop_after_last=not method.uses_logits)
                  if method.needs_bn else nullcontext())
-        with hooks as state, heap_reuse(x.device.type == "cpu"):
+        with hooks as state, heap_reuse(params.device.type == "cpu"):
             for step in range(cfg.iters):
                 for group in optimiser.param_groups:
                     group["lr"] = cosine_lr(step, cfg.iters, base=cfg.lr, warmup=cfg.warmup)
                 optimiser.zero_grad(set_to_none=True)
+                x = self._layout(space.to_images(params))
                 inputs = x
                 if self._augment is not None:
                     inputs = self._augment(x, jitter=self.jitter, flip=regularizers.flip, generator=generator)
@@ -223,10 +226,12 @@ class BatchGenerator:
                 loss.backward()
                 optimiser.step()
                 with torch.no_grad():
-                    x.clamp_(min=self.low, max=self.high)  # projected gradient: stay inside real pixels
+                    space.project(params, self.low, self.high)  # projected gradient: stay inside real pixels
                 losses.append(value)
                 if on_step is not None:
                     on_step(step, value)
+        with torch.no_grad():
+            x = self._layout(space.to_images(params))
         if not torch.isfinite(x).all():
             raise DivergedError(f"the {cfg.method} inputs became NaN/Inf{where}: lower the learning rate `lr` "
                                 f"({cfg.lr:g})")

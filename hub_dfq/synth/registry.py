@@ -45,6 +45,8 @@ class SynthMethod:
         tv_weight: default weight of the image's total variation, for methods whose loss reads it (bns+p scales
             it by the image side over 224).
         noise: default noise the images start from (``white`` or ``pink``; :class:`~hub_dfq.synth.config.Regularizers`).
+        parameterisation: what the optimiser moves: ``pixels``, or ``decorrelated`` (Fourier coefficients scaled by
+            ``1 / f`` and correlated colour channels, :mod:`hub_dfq.synth.parameterisation`).
         hyperparameters: :class:`~hub_dfq.synth.config.Regularizers` fields the method reads (shown on the card).
         version: bump whenever the method's output bytes change; part of every cache key.
     """
@@ -61,6 +63,7 @@ class SynthMethod:
     lr: float = 1.0
     tv_weight: float = 0.05
     noise: str = "white"
+    parameterisation: str = "pixels"
     hyperparameters: tuple[str, ...] = ()
     version: int = 1
 
@@ -112,6 +115,17 @@ register_synth_method(SynthMethod(
                 "photographs rather than noise-like. Labels are the model's predictions.",
     loss="hub_dfq.synth.objectives:bns_prior_loss", augment="hub_dfq.synth.priors:jitter_flip", needs_bn=True,
     tv_weight=8.0, noise="pink", hyperparameters=("tv_weight", "jitter", "flip"), version=3))
+register_synth_method(SynthMethod(
+    "bns+d",
+    summary="bns+p optimised in a decorrelated space: 1/f-scaled Fourier coefficients, correlated colour channels",
+    description="Inputs optimised (Adam) to match every BatchNorm layer's running mean and standard deviation under "
+                "the image priors of bns+p (a pink-noise start, total variation, random jitter and flips), with the "
+                "optimiser moving the image's Fourier coefficients scaled by 1/f and colour channels mixed to "
+                "correlate as in photographs (the decorrelated parameterisation of feature visualisation, Olah et al. "
+                "2017) instead of its pixels: every step's change has a photograph's spectrum, and the images keep "
+                "a photograph's large-scale structure and colour correlation. Labels are the model's predictions.",
+    loss="hub_dfq.synth.objectives:bns_prior_loss", augment="hub_dfq.synth.priors:jitter_flip", needs_bn=True,
+    tv_weight=8.0, noise="pink", parameterisation="decorrelated", hyperparameters=("tv_weight", "jitter", "flip")))
 register_synth_method(SynthMethod(
     "bns+i",
     summary="BN-Statistics plus cross-entropy towards class-balanced targets (BNS+I)",
