@@ -9,6 +9,7 @@ import torch
 
 from hub_dfq.synth.api import synthesize
 from hub_dfq.synth.parameterisation import DecorrelatedParameterisation, parameterisation_for
+from hub_dfq.synth.registry import SynthMethod
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
@@ -53,9 +54,11 @@ def test_projection_keeps_the_images_in_the_valid_box():
     assert (images >= low - 1e-4).all() and (images <= high + 1e-4).all()
 
 
-def test_unknown_parameterisation_is_named():
+def test_unknown_parameterisation_is_named_when_a_method_registers_it():
     with pytest.raises(ValueError, match="unknown parameterisation 'fourier'; known: pixels, decorrelated"):
         parameterisation_for("fourier", (3, 8, 8))
+    with pytest.raises(ValueError, match="method 'mine': unknown parameterisation 'fourier'"):
+        SynthMethod("mine", summary="", description="", parameterisation="fourier")
 
 
 def test_bns_d_matches_the_statistics_sooner_and_reruns_byte_identical(model, tmp_path):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..registry import Registry
+from .parameterisation import PARAMETERISATIONS
 
 __all__ = ["SynthMethod", "SYNTH_METHODS", "register_synth_method", "methods_for", "BNLoss", "BN_LOSSES",
            "register_bn_loss", "PRECISIONS", "BNLossSpec"]
@@ -66,6 +67,11 @@ class SynthMethod:
     parameterisation: str = "pixels"
     hyperparameters: tuple[str, ...] = ()
     version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.parameterisation not in PARAMETERISATIONS:  # a plugin's typo fails at registration, not mid-run
+            raise ValueError(f"synthesis method {self.name!r}: unknown parameterisation {self.parameterisation!r}; "
+                             f"known: {', '.join(PARAMETERISATIONS)}")
 
     @property
     def optimised(self) -> bool:
