@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .priors import PINK_COLOUR_CORRELATION
+from .registry import PARAMETERISATIONS
 
 __all__ = ["PixelParameterisation", "DecorrelatedParameterisation", "PARAMETERISATIONS",
            "parameterisation_for"]
@@ -86,8 +87,6 @@ class DecorrelatedParameterisation(PixelParameterisation):
     def project(self, params: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
         params.copy_(self.to_params(torch.maximum(torch.minimum(self.to_images(params), high), low)))
 
-
-PARAMETERISATIONS = ("pixels", "decorrelated")
 
 
 def parameterisation_for(name: str, shape: tuple[int, ...],

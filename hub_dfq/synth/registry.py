@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..registry import Registry
-from .parameterisation import PARAMETERISATIONS
 
 __all__ = ["SynthMethod", "SYNTH_METHODS", "register_synth_method", "methods_for", "BNLoss", "BN_LOSSES",
            "register_bn_loss", "PRECISIONS", "BNLossSpec"]
 
 PRECISIONS = ("auto", "fp32", "bf16")  # of the optimisation loop; "auto": bf16 where it is natively fast
+# what a method's optimiser moves (hub_dfq.synth.parameterisation; named here so that the CLI needs no torch)
+PARAMETERISATIONS = ("pixels", "decorrelated")
 
 
 @dataclass(frozen=True)
