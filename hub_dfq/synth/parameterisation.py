@@ -88,7 +88,6 @@ class DecorrelatedParameterisation(PixelParameterisation):
         params.copy_(self.to_params(torch.maximum(torch.minimum(self.to_images(params), high), low)))
 
 
-
 def parameterisation_for(name: str, shape: tuple[int, ...],
                          device: torch.device | None = None) -> PixelParameterisation:
     """The parameterisation registered as ``name`` for images of ``shape`` ``(C, H, W)``."""

@@ -13,7 +13,7 @@ and the docs table all read these descriptors. A new method is one function (a l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..registry import Registry
@@ -122,8 +122,8 @@ register_synth_method(SynthMethod(
                 "photographs rather than noise-like. Labels are the model's predictions.",
     loss="hub_dfq.synth.objectives:bns_prior_loss", augment="hub_dfq.synth.priors:jitter_flip", needs_bn=True,
     tv_weight=8.0, noise="pink", hyperparameters=("tv_weight", "jitter", "flip"), version=3))
-register_synth_method(SynthMethod(
-    "bns+d",
+register_synth_method(replace(  # bns+p's loss, priors and defaults; only what the optimiser moves differs
+    SYNTH_METHODS.get("bns+p"), name="bns+d",
     summary="bns+p optimised in a decorrelated space: 1/f-scaled Fourier coefficients, correlated colour channels",
     description="Inputs optimised (Adam) to match every BatchNorm layer's running mean and standard deviation under "
                 "the image priors of bns+p (a pink-noise start, total variation, random jitter and flips), with the "
@@ -131,8 +131,7 @@ register_synth_method(SynthMethod(
                 "correlate as in photographs (the decorrelated parameterisation of feature visualisation, Olah et al. "
                 "2017) instead of its pixels: every step's change has a photograph's spectrum, and the images keep "
                 "a photograph's large-scale structure and colour correlation. Labels are the model's predictions.",
-    loss="hub_dfq.synth.objectives:bns_prior_loss", augment="hub_dfq.synth.priors:jitter_flip", needs_bn=True,
-    tv_weight=8.0, noise="pink", parameterisation="decorrelated", hyperparameters=("tv_weight", "jitter", "flip")))
+    parameterisation="decorrelated", version=1))
 register_synth_method(SynthMethod(
     "bns+i",
     summary="BN-Statistics plus cross-entropy towards class-balanced targets (BNS+I)",
